@@ -1,0 +1,38 @@
+# memtier: `make demo` sets up from nothing and runs the main job; `make test` runs the checks.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.memtier-installed
+
+.PHONY: setup demo test lint typecheck unit clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@# torch first, from the pinned CPU build: a bare `torch` requirement would pull a multi-GB CUDA build
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@# DeepSpeed's async I/O wants libaio; best effort (memtier falls back to a thread pool without it)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libaio-dev >/dev/null 2>&1; then \
+	  (apt-get update -qq && apt-get install -y -qq libaio-dev) >/dev/null 2>&1 || echo "note: libaio-dev not installed; NVMe tier uses its thread-pool path"; fi
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/memtier probe --quick --out .memtier/local.yaml
+	$(VENV)/bin/memtier estimate --model llama-34m --cluster .memtier/local.yaml --seq 512 --micro-batch 4
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy planner optim
+
+unit: setup
+	$(VENV)/bin/pytest
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .memtier

@@ -1,0 +1,1 @@
+"""memtier launcher and command line."""

@@ -1,0 +1,167 @@
+"""The `memtier` command: parse, build, call. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+
+from planner.errors import InfeasibleError, SpecError
+
+VERBS = ("probe", "estimate", "plan", "launch", "bench")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_specs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="preset name (e.g. llama3-8b) or path to an HF config.json")
+    p.add_argument(
+        "--cluster", default="local", help="preset name (e.g. dgx-a100-8x80g), cluster YAML, or 'local'"
+    )
+    p.add_argument("--nodes", type=_positive_int, help="resize a multi-node preset to this many nodes")
+
+
+def _add_workload(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--global-batch", type=_positive_int, help="sequences per optimizer step (default: dp * micro-batch)"
+    )
+    p.add_argument("--micro-batch", type=_positive_int, help="sequences per rank per forward")
+    p.add_argument(
+        "--seq", type=_positive_int, default=None, help="sequence length (default 2048, capped by the model)"
+    )
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument(
+        "--optimizer", choices=["adamw", "sgd", "galore", "natural_galore", "frugal"], default="adamw"
+    )
+    p.add_argument("--rank", type=_positive_int, default=128, help="GaLore/FRUGAL projection rank")
+    p.add_argument(
+        "--no-flash", action="store_true", help="attention without a fused kernel (keeps the score matrix)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memtier",
+        description="Plan and run training of models that do not fit in accelerator memory.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("probe", help="measure this machine and write a cluster YAML")
+    p.add_argument("--out", help="write the ClusterSpec YAML here (default: print it)")
+    p.add_argument("--disk", help="directory whose disk bandwidth to measure (default: the temp dir)")
+    p.add_argument("--quick", action="store_true", help="smaller measurements (under a minute)")
+
+    p = sub.add_parser("estimate", help="memory and step-time breakdown of a model/workload/layout")
+    _add_specs(p)
+    _add_workload(p)
+    for name in ("tp", "pp", "dp", "cp"):
+        p.add_argument(f"--{name}", type=_positive_int, default=None)
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--offload", choices=["none", "optimizer", "optimizer+params"], default="none")
+    p.add_argument("--offload-tier", choices=["dram", "nvme", "cxl"], default="dram")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument(
+        "--chunked-loss", type=int, default=0, metavar="TOKENS", help="chunked cross-entropy chunk size"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the memory breakdown as a stacked bar chart")
+
+    p = sub.add_parser("plan", help="search layouts and solve placements: plan.json + emitted configs")
+    _add_specs(p)
+    _add_workload(p)
+    p.add_argument("--budget", help="device memory budget per device (e.g. 8GiB); default: device memory")
+    p.add_argument("--top", type=_positive_int, default=5)
+    p.add_argument("--out", help="directory for plan.json, ds_config.json, accelerate.yaml, launch.sh")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--time-limit", type=float, default=10.0, help="seconds per solver")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("launch", help="run a training script under torchrun with a plan applied")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--plan", help="plan.json to apply")
+    g.add_argument("--auto", action="store_true", help="plan for this machine first")
+    p.add_argument("--nproc", type=_positive_int, default=1)
+    p.add_argument("--nnodes", type=_positive_int, default=1)
+    p.add_argument("--rdzv-endpoint", default=None)
+    p.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
+    p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument("script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("bench", help="MFU and memory side by side with baselines")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/bench")
+    p.add_argument(
+        "--calibrate", action="store_true", help="write measured efficiencies back to the cluster YAML"
+    )
+    p.add_argument("--cluster", default="local")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    try:
+        return _dispatch(args)
+    except SpecError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"memtier {args.verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except InfeasibleError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"memtier {args.verb}: infeasible: {e}", file=sys.stderr)
+        for alt in e.alternatives:
+            print(f"  - {alt}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"memtier {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "probe":
+        from launch import probe
+        from planner.cluster import cluster_to_yaml
+        from planner.schema import atomic_write_text
+
+        text = cluster_to_yaml(probe.to_cluster(probe.probe(disk=args.disk, quick=args.quick)))
+        if args.out:
+            atomic_write_text(args.out, text)
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.verb == "estimate":
+        from launch import estimate
+
+        result = estimate.run(args)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(estimate.render(result))
+        if args.plot:
+            estimate.plot(result, args.plot)
+        return 0
+    print(f"memtier {args.verb}: not implemented yet in this version of memtier", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

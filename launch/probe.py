@@ -1,0 +1,301 @@
+"""`memtier probe`: measure this machine and describe it as a ClusterSpec.
+
+Measures cores and DRAM (psutil), achieved GEMM FLOP/s per dtype, memory copy
+bandwidth, CPU AdamW update rate, disk read/write bandwidth at a path (direct I/O
+where the filesystem allows), NUMA nodes (a CPU-less node is how CXL memory
+appears) and GPUs when present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from planner.cluster import ClusterSpec, CpuSpec, DeviceSpec, Link, Links, TierSpec
+from planner.errors import SpecError
+
+CACHE_PATH = os.path.join(os.path.expanduser("~"), ".cache", "memtier", "local.yaml")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    cores: int
+    dram_bytes: int
+    gemm_flops: dict[str, float]
+    copy_bandwidth: float
+    adam_params_per_s: float
+    disk_path: str
+    disk_free_bytes: int
+    disk_write_bandwidth: float
+    disk_read_bandwidth: float
+    disk_direct_io: bool
+    numa_nodes: tuple[dict[str, Any], ...]
+    gpus: tuple[dict[str, Any], ...]
+    seconds: float
+
+
+def _log(msg: str) -> None:
+    print(f"[probe] {msg}", file=sys.stderr, flush=True)
+
+
+def _best_time(fn: Callable[[], None], reps: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_gemm(dtype: str, n: int, reps: int) -> float:
+    import torch
+
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a = torch.randn(n, n).to(tdt)
+    b = torch.randn(n, n).to(tdt)
+    t = _best_time(lambda: torch.mm(a, b), reps)
+    return 2.0 * n**3 / t  # a GEMM of n x n by n x n is 2n^3 FLOPs
+
+
+def measure_copy(nbytes: int, reps: int) -> float:
+    import torch
+
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    t = _best_time(lambda: dst.copy_(src), reps)
+    return nbytes / t
+
+
+def measure_adam(numel: int, reps: int) -> float:
+    import torch
+
+    p = torch.nn.Parameter(torch.randn(numel))
+    p.grad = torch.randn(numel)
+    opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    t = _best_time(opt.step, reps)
+    return numel / t
+
+
+def measure_disk(path: str, nbytes: int) -> tuple[float, float, bool]:
+    """Sequential write then read bandwidth of one file at `path` (bytes/s), and whether O_DIRECT worked."""
+    block = 1 << 20
+    nbytes = max(block, nbytes // block * block)
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT requires
+    buf.write(os.urandom(block))
+    fd_, name = tempfile.mkstemp(prefix=".memtier-probe-", dir=path)
+    os.close(fd_)
+    direct = hasattr(os, "O_DIRECT")
+    try:
+        try:
+            fd = os.open(name, os.O_WRONLY | (os.O_DIRECT if direct else 0))
+        except OSError:
+            direct = False
+            fd = os.open(name, os.O_WRONLY)
+        t0 = time.perf_counter()
+        try:
+            for off in range(0, nbytes, block):
+                os.pwrite(fd, buf, off)
+        except OSError:
+            # a filesystem that accepts the flag but refuses the I/O (tmpfs): buffered instead
+            os.close(fd)
+            direct = False
+            fd = os.open(name, os.O_WRONLY)
+            t0 = time.perf_counter()
+            for off in range(0, nbytes, block):
+                os.pwrite(fd, buf, off)
+        os.fsync(fd)
+        write_s = time.perf_counter() - t0
+        os.close(fd)
+        if not direct:
+            # drop the page cache for this file so the read is not a memory copy
+            fd = os.open(name, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        fd = os.open(name, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        t0 = time.perf_counter()
+        for off in range(0, nbytes, block):
+            os.preadv(fd, [buf], off)
+        read_s = time.perf_counter() - t0
+        os.close(fd)
+    finally:
+        os.unlink(name)
+        buf.close()
+    return nbytes / write_s, nbytes / read_s, direct
+
+
+def numa_nodes() -> tuple[dict[str, Any], ...]:
+    nodes = []
+    for d in sorted(glob.glob("/sys/devices/system/node/node[0-9]*")):
+        node_id = int(os.path.basename(d)[4:])
+        try:
+            with open(os.path.join(d, "cpulist")) as fh:
+                cpus = fh.read().strip()
+            with open(os.path.join(d, "meminfo")) as fh:
+                total_kb = next(int(line.split()[-2]) for line in fh if "MemTotal" in line)
+        except (OSError, StopIteration, ValueError):
+            continue
+        nodes.append({"node": node_id, "cpus": cpus, "memory_bytes": total_kb * 1024, "cpu_less": cpus == ""})
+    return tuple(nodes)
+
+
+def gpus() -> tuple[dict[str, Any], ...]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ()
+    out = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        out.append({"index": i, "name": props.name, "memory_bytes": props.total_memory})
+    return tuple(out)
+
+
+def probe(*, disk: str | None = None, quick: bool = False) -> ProbeResult:
+    import torch
+
+    t_start = time.perf_counter()
+    disk = disk or tempfile.gettempdir()
+    if not os.path.isdir(disk):
+        raise SpecError("not a directory", field="--disk", source=disk)
+    if not os.access(disk, os.W_OK):
+        raise SpecError("directory is not writable", field="--disk", source=disk)
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    dram = psutil.virtual_memory().total
+    _log(
+        f"{cores} cores, {dram / 2**30:.1f} GiB DRAM, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
+    n, reps = (1024, 3) if quick else (2048, 5)
+    gemm: dict[str, float] = {}
+    for dt in ("fp32", "bf16"):
+        gemm[dt] = measure_gemm(dt, n, reps)
+        _log(f"GEMM {dt} {n}x{n}: {gemm[dt] / 1e9:.1f} GFLOP/s")
+    copy_bw = measure_copy((128 if quick else 512) << 20, reps)
+    _log(f"memory copy: {copy_bw / 1e9:.1f} GB/s")
+    adam = measure_adam((4 if quick else 16) << 20, reps)
+    _log(f"fused AdamW on CPU: {adam / 1e9:.2f} G params/s")
+    free = shutil.disk_usage(disk).free
+    wbw, rbw, direct = measure_disk(disk, (128 if quick else 1024) << 20)
+    _log(
+        f"disk at {disk}: write {wbw / 1e9:.2f} GB/s, read {rbw / 1e9:.2f} GB/s ({'direct' if direct else 'buffered'} I/O)"
+    )
+    nodes = numa_nodes()
+    cxl = [nd for nd in nodes if nd["cpu_less"]]
+    _log(f"NUMA nodes: {len(nodes)}, CPU-less (CXL): {len(cxl)}")
+    gpu = gpus()
+    _log(f"GPUs: {len(gpu)}" + "".join(f"\n[probe]   {g['index']}: {g['name']}" for g in gpu))
+    return ProbeResult(
+        cores=cores,
+        dram_bytes=dram,
+        gemm_flops=gemm,
+        copy_bandwidth=copy_bw,
+        adam_params_per_s=adam,
+        disk_path=os.path.abspath(disk),
+        disk_free_bytes=free,
+        disk_write_bandwidth=wbw,
+        disk_read_bandwidth=rbw,
+        disk_direct_io=direct,
+        numa_nodes=nodes,
+        gpus=gpu,
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+# Dense-transformer efficiency relative to the measured GEMM peak on CPU: the model
+# mixes GEMMs with memory-bound element-wise work. A starting value that
+# `memtier bench --calibrate` replaces with a measured one.
+CPU_MODEL_EFFICIENCY = 0.6
+
+
+def to_cluster(res: ProbeResult) -> ClusterSpec:
+    host = [
+        TierSpec(
+            kind="dram",
+            capacity=res.dram_bytes,
+            read_bandwidth=res.copy_bandwidth,
+            write_bandwidth=res.copy_bandwidth,
+            latency=1e-7,
+        ),
+        TierSpec(
+            kind="nvme",
+            capacity=res.disk_free_bytes,
+            read_bandwidth=res.disk_read_bandwidth,
+            write_bandwidth=res.disk_write_bandwidth,
+            latency=1e-4,
+            path=os.path.join(res.disk_path, "memtier-swap"),
+        ),
+    ]
+    for nd in res.numa_nodes:
+        if nd["cpu_less"]:
+            host.append(
+                TierSpec(
+                    kind="cxl",
+                    capacity=nd["memory_bytes"],
+                    read_bandwidth=res.copy_bandwidth / 2,
+                    write_bandwidth=res.copy_bandwidth / 2,
+                    latency=3e-7,
+                    numa_node=nd["node"],
+                )
+            )
+    if res.gpus:
+        dev = DeviceSpec(
+            kind=str(res.gpus[0]["name"]),
+            memory=int(res.gpus[0]["memory_bytes"]),
+            peak_flops=dict(res.gemm_flops),
+            efficiency=0.5,
+        )
+        per_node = len(res.gpus)
+    else:
+        # no accelerator: the device is the CPU; its pool is the live tensors of the step
+        dev = DeviceSpec(
+            kind="cpu",
+            memory=res.dram_bytes,
+            peak_flops=dict(res.gemm_flops),
+            efficiency=CPU_MODEL_EFFICIENCY,
+            host_link=Link(bandwidth=res.copy_bandwidth, latency=1e-7),
+        )
+        per_node = 1
+    return ClusterSpec(
+        name="local",
+        nodes=1,
+        devices_per_node=per_node,
+        device=dev,
+        links=Links(
+            intra_node=Link(bandwidth=res.copy_bandwidth, latency=1e-6),
+            inter_node=Link(bandwidth=1.25e9, latency=5e-5),
+        ),
+        host=tuple(host),
+        cpu=CpuSpec(
+            cores=res.cores, peak_flops=res.gemm_flops["fp32"], adam_params_per_s=res.adam_params_per_s
+        ),
+    )
+
+
+def local_cluster(*, refresh: bool = False) -> ClusterSpec:
+    """This machine: the cached probe result, or a quick probe written to the cache."""
+    from planner.cluster import cluster_to_yaml, load_cluster
+    from planner.schema import atomic_write_text
+
+    if not refresh and os.path.exists(CACHE_PATH):
+        try:
+            return load_cluster(CACHE_PATH)
+        except SpecError:
+            pass  # a stale cache from an older memtier: probe again
+    cluster = to_cluster(probe(quick=True))
+    atomic_write_text(CACHE_PATH, cluster_to_yaml(cluster))
+    return cluster
+
+
+def with_efficiency(cluster: ClusterSpec, efficiency: float) -> ClusterSpec:
+    return dataclasses.replace(cluster, device=dataclasses.replace(cluster.device, efficiency=efficiency))

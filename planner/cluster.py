@@ -1,0 +1,243 @@
+"""ClusterSpec: nodes x devices, per-link bandwidths, and the host tiers of each node.
+
+Links are heterogeneous: each pair of devices resolves to a bandwidth and latency
+through (1) a per-device-pair override, (2) a per-node-pair override, (3) the
+default of its topology level (same node or across nodes). A degraded NIC or a
+slow uplink between racks is an override, not a new level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+import numpy as np
+
+from planner.errors import SpecError
+
+_POS = {"positive": True}
+TierKind = Literal["dram", "cxl", "nvme"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link:
+    bandwidth: float = field(metadata={"unit": "bandwidth", "positive": True})  # bytes/s, one direction
+    latency: float = field(default=5e-6, metadata={"unit": "time", "min": 0})  # seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkOverride:
+    """`between: [n0, n3]` (every link between two nodes) or `[n0:d1, n1:d7]` (one device pair)."""
+
+    between: tuple[str, ...]
+    bandwidth: float = field(metadata={"unit": "bandwidth", "positive": True})
+    latency: float | None = field(default=None, metadata={"unit": "time", "min": 0})
+
+    def __post_init__(self) -> None:
+        if len(self.between) != 2:
+            raise ValueError(f"between needs two endpoints, got {len(self.between)}")
+        for end in self.between:
+            if not _ENDPOINT.match(end):
+                raise ValueError(f"endpoint {end!r} is not 'nN' or 'nN:dM'")
+
+
+_ENDPOINT = re.compile(r"^n(\d+)(?::d(\d+))?$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Links:
+    intra_node: Link
+    inter_node: Link
+    overrides: tuple[LinkOverride, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSpec:
+    kind: str
+    memory: int = field(metadata={"unit": "bytes", "positive": True})  # bytes per device
+    peak_flops: dict[str, float] = field(metadata={"unit": "flops", "positive": True})  # per dtype
+    # achieved / peak for dense transformer work; `memtier bench --calibrate` measures it
+    efficiency: float = field(default=0.5, metadata={"positive": True, "max": 1.0})
+    host_link: Link = field(default_factory=lambda: Link(bandwidth=25e9, latency=10e-6))  # host <-> device
+
+    def flops(self, dtype: str) -> float:
+        if dtype in self.peak_flops:
+            return self.peak_flops[dtype]
+        if dtype == "fp32" and "tf32" in self.peak_flops:
+            return self.peak_flops["tf32"]
+        raise SpecError(
+            f"no peak FLOP/s for dtype {dtype!r}; known: {', '.join(self.peak_flops)}",
+            field="device.peak_flops",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TierSpec:
+    kind: TierKind
+    capacity: int = field(metadata={"unit": "bytes", "positive": True})  # bytes per node
+    read_bandwidth: float = field(metadata={"unit": "bandwidth", "positive": True})
+    write_bandwidth: float = field(metadata={"unit": "bandwidth", "positive": True})
+    latency: float = field(default=1e-6, metadata={"unit": "time", "min": 0})
+    path: str | None = None  # nvme: a directory for swap files
+    numa_node: int | None = None  # cxl: the CPU-less NUMA node of the expander
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuSpec:
+    cores: int = field(default=32, metadata=_POS)
+    peak_flops: float = field(default=2e12, metadata={"unit": "flops", "positive": True})  # fp32 GEMM
+    adam_params_per_s: float = field(default=1.0e9, metadata=_POS)  # fused CPU AdamW update rate
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterSpec:
+    name: str
+    nodes: int = field(default=1, metadata=_POS)
+    devices_per_node: int = field(metadata=_POS)
+    device: DeviceSpec
+    links: Links
+    host: tuple[TierSpec, ...] = ()
+    cpu: CpuSpec = field(default_factory=CpuSpec)
+
+    def __post_init__(self) -> None:
+        for i, o in enumerate(self.links.overrides):
+            for end in o.between:
+                m = _ENDPOINT.match(end)
+                assert m is not None  # checked in LinkOverride
+                node, dev = int(m.group(1)), m.group(2)
+                if node >= self.nodes:
+                    raise ValueError(f"links.overrides[{i}]: node n{node} >= nodes({self.nodes})")
+                if dev is not None and int(dev) >= self.devices_per_node:
+                    raise ValueError(
+                        f"links.overrides[{i}]: device d{dev} >= devices_per_node({self.devices_per_node})"
+                    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def tier(self, kind: str) -> TierSpec | None:
+        return next((t for t in self.host if t.kind == kind), None)
+
+    def device_name(self, rank: int) -> str:
+        return f"n{rank // self.devices_per_node}:d{rank % self.devices_per_node}"
+
+    def with_nodes(self, nodes: int) -> ClusterSpec:
+        """The same fabric with `nodes` nodes; overrides naming nodes beyond it are dropped."""
+        if nodes < 1:
+            raise SpecError(f"must be positive, got {nodes}", field="--nodes")
+        kept = tuple(
+            o
+            for o in self.links.overrides
+            if all(int(_ENDPOINT.match(e).group(1)) < nodes for e in o.between)  # type: ignore[union-attr]
+        )
+        return dataclasses.replace(
+            self,
+            name=f"{self.name}" if nodes == self.nodes else f"{self.name}x{nodes}n",
+            nodes=nodes,
+            links=dataclasses.replace(self.links, overrides=kept),
+        )
+
+    # ---- link resolution ------------------------------------------------------------
+    def link(self, a: int, b: int) -> Link:
+        """The link between global device ranks a and b (a != b)."""
+        na, nb = a // self.devices_per_node, b // self.devices_per_node
+        da, db = a % self.devices_per_node, b % self.devices_per_node
+        base = self.links.intra_node if na == nb else self.links.inter_node
+        node_hit: LinkOverride | None = None
+        for o in self.links.overrides:
+            (n1, d1), (n2, d2) = (_parse(e) for e in o.between)
+            if d1 is not None and d2 is not None:
+                if {(n1, d1), (n2, d2)} == {(na, da), (nb, db)}:
+                    return Link(
+                        bandwidth=o.bandwidth, latency=o.latency if o.latency is not None else base.latency
+                    )
+            elif {n1, n2} == {na, nb} and (n1 != n2 or na == nb):
+                node_hit = o
+        if node_hit is not None:
+            lat = node_hit.latency if node_hit.latency is not None else base.latency
+            return Link(bandwidth=node_hit.bandwidth, latency=lat)
+        return base
+
+    @cached_property
+    def _matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        n, d = self.world_size, self.devices_per_node
+        node = np.arange(n) // d
+        same = node[:, None] == node[None, :]
+        bw = np.where(same, self.links.intra_node.bandwidth, self.links.inter_node.bandwidth).astype(float)
+        lat = np.where(same, self.links.intra_node.latency, self.links.inter_node.latency).astype(float)
+        node_over = [o for o in self.links.overrides if all(_parse(e)[1] is None for e in o.between)]
+        pair_over = [o for o in self.links.overrides if all(_parse(e)[1] is not None for e in o.between)]
+        for o in node_over:
+            (n1, _), (n2, _) = (_parse(e) for e in o.between)
+            mask = ((node[:, None] == n1) & (node[None, :] == n2)) | (
+                (node[:, None] == n2) & (node[None, :] == n1)
+            )
+            bw[mask] = o.bandwidth
+            if o.latency is not None:
+                lat[mask] = o.latency
+        for o in pair_over:
+            (n1, d1), (n2, d2) = (_parse(e) for e in o.between)
+            i, j = n1 * d + (d1 or 0), n2 * d + (d2 or 0)
+            bw[i, j] = bw[j, i] = o.bandwidth
+            if o.latency is not None:
+                lat[i, j] = lat[j, i] = o.latency
+        np.fill_diagonal(bw, np.inf)
+        np.fill_diagonal(lat, 0.0)
+        return bw, lat
+
+    def bandwidth_matrix(self) -> np.ndarray:
+        """bytes/s between every pair of global device ranks (inf on the diagonal)."""
+        return self._matrices[0]
+
+    def latency_matrix(self) -> np.ndarray:
+        return self._matrices[1]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "nodes": self.nodes,
+            "devices_per_node": self.devices_per_node,
+            "world_size": self.world_size,
+            "device": self.device.kind,
+            "device_memory_bytes": self.device.memory,
+            "peak_flops": dict(self.device.peak_flops),
+            "intra_node_bandwidth": self.links.intra_node.bandwidth,
+            "inter_node_bandwidth": self.links.inter_node.bandwidth,
+            "link_overrides": len(self.links.overrides),
+            "host_tiers": [
+                {
+                    "kind": t.kind,
+                    "capacity_bytes": t.capacity,
+                    "read_bw": t.read_bandwidth,
+                    "write_bw": t.write_bandwidth,
+                }
+                for t in self.host
+            ],
+        }
+
+
+def _parse(endpoint: str) -> tuple[int, int | None]:
+    m = _ENDPOINT.match(endpoint)
+    if m is None:
+        raise SpecError(f"bad endpoint {endpoint!r}", field="links.overrides.between")
+    return int(m.group(1)), (int(m.group(2)) if m.group(2) is not None else None)
+
+
+def load_cluster(path: str | os.PathLike[str]) -> ClusterSpec:
+    from planner.schema import build, load_mapping
+
+    p = os.fspath(path)
+    return build(ClusterSpec, load_mapping(p), source=p)
+
+
+def cluster_to_yaml(cluster: ClusterSpec) -> str:
+    import yaml
+
+    from planner.schema import to_plain
+
+    return yaml.safe_dump(to_plain(cluster), sort_keys=False)

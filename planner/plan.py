@@ -1,0 +1,217 @@
+"""The Plan: the one contract between the planner and the runtime.
+
+A frozen, JSON-serialisable record of every decision the planner made (parallel
+layout, per-layer activation policy, optimizer-state placement, loss, tiers) and of
+what it predicts (bytes per tier, step time, MFU). The runtime reads decisions
+from here and never re-derives them; benchmarks check `predicted`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from planner.cluster import ClusterSpec
+from planner.errors import SpecError
+from planner.model import ModelSpec
+from planner.schema import atomic_write_text, build, to_plain
+from planner.workload import Workload
+
+SCHEMA_VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+
+TierName = Literal["device", "dram", "cxl", "nvme"]
+_FRACTION = {"min": 0.0, "max": 1.0}
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    dp: int = field(default=1, metadata={"positive": True})
+    tp: int = field(default=1, metadata={"positive": True})
+    pp: int = field(default=1, metadata={"positive": True})
+    cp: int = field(default=1, metadata={"positive": True})
+    micro_batch: int = field(default=1, metadata={"positive": True})
+    grad_accum: int = field(default=1, metadata={"positive": True})
+    zero_stage: int = field(default=0, metadata={"min": 0, "max": 3})
+    sequence_parallel: bool = False
+    stage_layers: tuple[int, ...] = ()  # transformer blocks per pipeline stage
+    rank_to_device: tuple[str, ...] = ()  # logical rank -> "nN:dM"
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    def describe(self) -> str:
+        s = f"dp{self.dp} tp{self.tp} pp{self.pp}"
+        if self.cp > 1:
+            s += f" cp{self.cp}"
+        return s + f" mb{self.micro_batch} ga{self.grad_accum} z{self.zero_stage}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationPolicy:
+    """What happens to one transformer block's saved activations, as token fractions.
+
+    MEMO (Zhao et al. 2024) splits each block's activations along the sequence:
+    `swap_fraction` of the tokens go to `swap_tier` in forward and come back in
+    backward, `recompute_fraction` are dropped and recomputed, the rest stay.
+    """
+
+    layer: int = field(metadata={"min": 0})
+    keep_fraction: float = field(default=1.0, metadata=_FRACTION)
+    swap_fraction: float = field(default=0.0, metadata=_FRACTION)
+    recompute_fraction: float = field(default=0.0, metadata=_FRACTION)
+    swap_tier: TierName = "dram"
+    buffer_offsets: tuple[int, ...] = ()  # byte offsets in the reuse arena, per saved tensor
+
+    def __post_init__(self) -> None:
+        total = self.keep_fraction + self.swap_fraction + self.recompute_fraction
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"layer {self.layer}: keep({self.keep_fraction}) + swap({self.swap_fraction}) + "
+                f"recompute({self.recompute_fraction}) = {total} != 1"
+            )
+
+    @property
+    def kind(self) -> str:
+        if self.recompute_fraction >= 1 - _EPS:
+            return "recompute"
+        if self.swap_fraction >= 1 - _EPS:
+            return "swap"
+        if self.keep_fraction >= 1 - _EPS:
+            return "keep"
+        return "mixed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Subgroup:
+    index: int = field(metadata={"min": 0})
+    numel: int = field(metadata={"min": 0})
+    tier: TierName = "dram"  # where its fp32 master weights and moments live
+    update_side: Literal["cpu", "device"] = "cpu"  # expected side of its update
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerPlan:
+    kind: str = "adamw"
+    settings: dict[str, Any] = field(default_factory=dict)
+    offload: bool = False  # state lives off the device
+    tier: TierName = "device"
+    subgroup_size: int = field(default=0, metadata={"min": 0})  # elements per subgroup; 0: one per tensor
+    subgroups: tuple[Subgroup, ...] = ()
+    device_update_fraction: float = field(default=1.0, metadata=_FRACTION)  # expected per-step share
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossPlan:
+    kind: Literal["standard", "chunked"] = "standard"
+    chunk_size: int = field(default=0, metadata={"min": 0})  # tokens per chunk
+
+
+@dataclass(frozen=True, kw_only=True)
+class TierPlan:
+    kind: TierName
+    capacity_bytes: int = field(metadata={"min": 0})  # hard cap the runtime enforces
+    path: str | None = None
+    numa_node: int | None = None
+    direct_io: bool = True
+    block_bytes: int = field(default=1 << 20, metadata={"positive": True})
+    checksum: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SolverReport:
+    stage: str  # "layout", "activations", "buffers", "optimizer", ...
+    strategy: str  # "mip", "greedy", "keep_all", ...
+    status: str  # "optimal", "feasible", "time_limit", "infeasible", "fallback"
+    objective: float = 0.0
+    gap: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Predicted:
+    bytes_by_tier: dict[str, int] = field(default_factory=dict)  # per device (device) / per node (host tiers)
+    bytes_by_category: dict[str, int] = field(default_factory=dict)  # per device
+    peak_bytes: int = 0
+    step_time_s: float = 0.0
+    time_breakdown: dict[str, float] = field(default_factory=dict)
+    tflops_per_device: float = 0.0
+    mfu: float = 0.0
+    hfu: float = 0.0
+    solvers: tuple[SolverReport, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    schema_version: str = SCHEMA_VERSION
+    model: ModelSpec
+    cluster: ClusterSpec
+    workload: Workload
+    layout: Layout = field(default_factory=Layout)
+    activations: tuple[ActivationPolicy, ...] = ()
+    optimizer: OptimizerPlan = field(default_factory=OptimizerPlan)
+    loss: LossPlan = field(default_factory=LossPlan)
+    tiers: tuple[TierPlan, ...] = ()
+    predicted: Predicted = field(default_factory=Predicted)
+    notes: tuple[str, ...] = ()
+
+    def activation_policy(self, layer: int) -> ActivationPolicy:
+        for a in self.activations:
+            if a.layer == layer:
+                return a
+        return ActivationPolicy(layer=layer)
+
+    def tier(self, kind: str) -> TierPlan | None:
+        return next((t for t in self.tiers if t.kind == kind), None)
+
+    def replace(self, **changes: Any) -> Plan:
+        return dataclasses.replace(self, **changes)
+
+    # ---- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> Plan:
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if not isinstance(version, str):
+            raise SpecError(
+                "missing schema_version; is this a memtier plan?", field="schema_version", source=source
+            )
+        try:
+            major = int(version.split(".")[0])
+        except ValueError:
+            raise SpecError(
+                f"malformed schema_version {version!r}", field="schema_version", source=source
+            ) from None
+        if major != SUPPORTED_MAJOR:
+            raise SpecError(
+                f"plan schema {version} is not supported by this memtier (reads {SUPPORTED_MAJOR}.x); "
+                "re-run `memtier plan` with this version",
+                field="schema_version",
+                source=source,
+            )
+        return build(cls, data, source=source)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        from planner.schema import load_mapping
+
+        p = os.fspath(path)
+        return cls.from_dict(load_mapping(p), source=p)
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """The one call a training script makes to read its plan."""
+    return Plan.load(path)

@@ -1,0 +1,115 @@
+"""Bad input exits 2 with a message naming the file and the field; no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launch.cli import main
+from planner.cluster import cluster_to_yaml, load_cluster
+from planner.presets import resolve_cluster
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_verbs():
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for verb in ("probe", "estimate", "plan", "launch", "bench"):
+        assert verb in proc.stdout
+
+
+def test_estimate_summary_json(capsys):
+    code, out, _ = run(capsys, "estimate", "--model", "llama3-8b", "--cluster", "dgx-a100-8x80g", "--json")
+    assert code == 0
+    assert json.loads(out)["params"] == 8_030_261_248
+
+
+def test_unknown_model_preset(capsys):
+    code, _, err = run(capsys, "estimate", "--model", "llama3-7b", "--cluster", "dgx-a100-8x80g")
+    assert code == 2
+    assert "unknown model preset 'llama3-7b'" in err and "llama3-8b" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_cluster_preset(capsys):
+    code, _, err = run(capsys, "estimate", "--model", "gpt2", "--cluster", "dgx-b200")
+    assert code == 2 and "unknown cluster preset 'dgx-b200'" in err
+
+
+def test_malformed_yaml(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ndevice: [1, 2\nnodes: 1\n")
+    code, _, err = run(capsys, "estimate", "--model", "gpt2", "--cluster", str(path))
+    assert code == 2
+    assert f"{path}:" in err and "malformed YAML" in err
+
+
+def test_malformed_json_model(capsys, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"model_type": "llama",\n "hidden_size": }')
+    code, _, err = run(capsys, "estimate", "--model", str(path), "--cluster", "dgx-a100-8x80g")
+    assert code == 2 and f"{path}:2" in err and "malformed JSON" in err
+
+
+def _cluster_file(tmp_path, mutate):
+    data = yaml.safe_load(cluster_to_yaml(resolve_cluster("dgx-a100-8x80g")))
+    mutate(data)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_dotted(capsys, tmp_path):
+    path = _cluster_file(tmp_path, lambda d: d["links"]["inter_node"].update(bandwith="1GB/s"))
+    code, _, err = run(capsys, "estimate", "--model", "gpt2", "--cluster", str(path))
+    assert code == 2 and "links.inter_node.bandwith: unknown key" in err and str(path) in err
+
+
+def test_wrong_type(capsys, tmp_path):
+    path = _cluster_file(tmp_path, lambda d: d.update(devices_per_node="eight"))
+    code, _, err = run(capsys, "estimate", "--model", "gpt2", "--cluster", str(path))
+    assert code == 2 and "devices_per_node: expected an integer" in err
+
+
+def test_non_positive_size(capsys, tmp_path):
+    path = _cluster_file(tmp_path, lambda d: d["device"].update(memory=-5))
+    code, _, err = run(capsys, "estimate", "--model", "gpt2", "--cluster", str(path))
+    assert code == 2 and "device.memory: must be positive" in err
+
+
+def test_missing_file(capsys, tmp_path):
+    code, _, err = run(capsys, "estimate", "--model", "gpt2", "--cluster", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "nope.yaml: file not found" in err
+
+
+def test_debug_shows_traceback(capsys):
+    code, _, err = run(capsys, "--debug", "estimate", "--model", "nope", "--cluster", "dgx-a100-8x80g")
+    assert code == 2 and "Traceback" in err
+
+
+@pytest.mark.timeout(90)
+def test_probe_quick_writes_loadable_yaml(tmp_path):
+    out = tmp_path / "local.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "probe", "--quick", "--out", str(out), "--disk", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[probe] GEMM fp32" in proc.stderr  # progress lines
+    cluster = load_cluster(out)
+    assert cluster.device.peak_flops["fp32"] > 1e9
+    assert cluster.tier("nvme") is not None and cluster.tier("nvme").write_bandwidth > 0
+    assert not list(tmp_path.glob(".memtier-probe-*"))  # the probe file is gone
+
+
+def test_probe_bad_disk(capsys, tmp_path):
+    code, _, err = run(capsys, "probe", "--quick", "--disk", str(tmp_path / "missing"))
+    assert code == 2 and "--disk" in err and "not a directory" in err
