@@ -1,4 +1,4 @@
-"""`memtier estimate`: load and validate the specs, then report the cost models' breakdown."""
+"""`memtier estimate`: validate the specs and a layout, then report the cost models' breakdown."""
 
 from __future__ import annotations
 
@@ -6,17 +6,97 @@ import argparse
 from typing import Any
 
 from launch.specs import cluster_from_arg, model_from_arg
+from planner.cluster import ClusterSpec
+from planner.errors import LayoutError
+from planner.estimate import estimate
+from planner.memory import MemoryOptions, Offload
+from planner.model import ModelSpec
+from planner.plan import Layout
 from planner.units import fmt_bytes, fmt_count, fmt_rate
+from planner.workload import OptimizerSpec, Workload
+
+
+def workload_from_args(args: argparse.Namespace, model: ModelSpec, dp: int, default_dtype: str) -> Workload:
+    seq = args.seq or min(2048, model.max_position_embeddings)
+    mb = args.micro_batch or 1
+    return Workload(
+        global_batch=args.global_batch or mb * dp,
+        micro_batch=mb,
+        seq_len=seq,
+        dtype=args.dtype or default_dtype,
+        optimizer=OptimizerSpec(kind=args.optimizer, rank=args.rank),
+        flash_attention=not args.no_flash,
+    )
+
+
+def layout_from_args(args: argparse.Namespace, cluster: ClusterSpec) -> Layout:
+    tp, pp, cp = args.tp or 1, args.pp or 1, args.cp or 1
+    dp = args.dp
+    if dp is None:
+        if cluster.world_size % (tp * pp * cp):
+            raise LayoutError(
+                f"world_size({cluster.world_size}) % (tp({tp}) * pp({pp}) * cp({cp})) = "
+                f"{cluster.world_size % (tp * pp * cp)} != 0",
+                field="layout",
+            )
+        dp = cluster.world_size // (tp * pp * cp)
+    return Layout(tp=tp, pp=pp, cp=cp, dp=dp, zero_stage=args.zero, sequence_parallel=args.sequence_parallel)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model = model_from_arg(args.model)
     cluster = cluster_from_arg(args.cluster, args.nodes)
-    return {"params": model.params, "model": model.summary(), "cluster": cluster.summary()}
+    layout = layout_from_args(args, cluster)
+    default_dtype = "fp32" if cluster.device.kind == "cpu" else "bf16"
+    workload = workload_from_args(args, model, layout.dp, default_dtype)
+    mb = workload.micro_batch
+    per = mb * layout.dp
+    layout = Layout(
+        **{**layout.__dict__, "micro_batch": mb, "grad_accum": max(1, workload.global_batch // per)}
+    )
+    offload = Offload(
+        optimizer=args.offload != "none", params=args.offload == "optimizer+params", tier=args.offload_tier
+    )
+    options = MemoryOptions(recompute=args.recompute, offload=offload, loss_chunk_tokens=args.chunked_loss)
+    est = estimate(model, cluster, workload, layout, options)
+    mem, t = est.memory, est.time
+    return {
+        "params": model.params,
+        "model": model.summary(),
+        "cluster": cluster.summary(),
+        "workload": {
+            "global_batch": workload.global_batch,
+            "micro_batch": mb,
+            "seq_len": workload.seq_len,
+            "dtype": workload.dtype,
+            "optimizer": workload.optimizer.kind,
+        },
+        "layout": {**layout.__dict__, "describe": layout.describe(), "recompute": args.recompute},
+        "memory": {
+            "per_device": mem.by_category(),
+            "per_tier": mem.by_tier(),
+            "peak_phase": mem.peak_phase,
+            "budget_bytes": est.budget_bytes,
+            "fits": est.fits,
+            "detail": mem.detail,
+        },
+        "time": {
+            "step_s": t.step_s,
+            "breakdown_s": t.breakdown(),
+            "bottleneck": t.bottleneck,
+            "links": t.links,
+        },
+        "throughput": {
+            "tflops_per_device": t.tflops_per_device,
+            "tokens_per_s": workload.tokens_per_step / t.step_s,
+        },
+        "mfu": t.mfu,
+        "hfu": t.hfu,
+    }
 
 
-def render(result: dict[str, Any]) -> str:
-    m, c = result["model"], result["cluster"]
+def render(r: dict[str, Any]) -> str:
+    m, c, w = r["model"], r["cluster"], r["workload"]
     lines = [
         f"model   {m['name']} ({m['family']}): {fmt_count(m['params'])} parameters ({m['params']:,} exact)",
         f"        {m['layers']} layers, hidden {m['hidden']}, heads {m['heads']} (kv {m['kv_heads']}, dim {m['head_dim']}),"
@@ -31,8 +111,58 @@ def render(result: dict[str, Any]) -> str:
             f"        host {t['kind']:5s} {fmt_bytes(t['capacity_bytes']):>10s}"
             f"  read {fmt_rate(t['read_bw'])}  write {fmt_rate(t['write_bw'])}"
         )
+    lines.append(
+        f"workload global batch {w['global_batch']} x seq {w['seq_len']}, micro-batch {w['micro_batch']},"
+        f" {w['dtype']}, {w['optimizer']}; layout {r['layout']['describe']}, recompute {r['layout']['recompute']}"
+    )
+    mem = r["memory"]
+    lines.append("")
+    lines.append(f"memory per device (peak in {mem['peak_phase']}):")
+    for k, v in mem["per_device"].items():
+        lines.append(f"  {k:18s} {fmt_bytes(v):>12s}")
+    for tier, v in mem["per_tier"].items():
+        if tier != "device":
+            lines.append(f"  offloaded to {tier:5s} {fmt_bytes(v):>12s}")
+    verdict = "fits" if mem["fits"] else "DOES NOT FIT"
+    lines.append(f"  budget             {fmt_bytes(mem['budget_bytes']):>12s}  ({verdict})")
+    t = r["time"]
+    lines.append("")
+    lines.append(f"step time {t['step_s']:.3f} s (bottleneck: {t['bottleneck']}):")
+    for k, v in t["breakdown_s"].items():
+        lines.append(f"  {k:22s} {v:10.4f} s")
+    th = r["throughput"]
+    lines.append(
+        f"throughput {th['tflops_per_device']:.1f} TFLOP/s per device, {th['tokens_per_s']:,.0f} tokens/s,"
+        f" MFU {100 * r['mfu']:.1f}%, HFU {100 * r['hfu']:.1f}%"
+    )
     return "\n".join(lines)
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    raise NotImplementedError("--plot arrives with the cost models (issue 3)")
+    """The per-device memory breakdown as a stacked bar, beside the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from planner.schema import atomic_write_bytes
+
+    cats = ["parameters", "gradients", "optimizer_states", "activations", "buffers"]
+    per = result["memory"]["per_device"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    bottom = 0.0
+    for cat in cats:
+        gib = per[cat] / 2**30
+        ax.bar([result["layout"]["describe"]], [gib], bottom=bottom, label=cat)
+        bottom += gib
+    ax.axhline(result["memory"]["budget_bytes"] / 2**30, color="k", linestyle="--", label="budget")
+    ax.set_ylabel("GiB per device")
+    ax.set_title(f"{result['model']['name']} on {result['cluster']['name']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -78,7 +78,9 @@ def closest_names(name: str, names: Sequence[str], n: int = 3) -> list[str]:
     import difflib
 
     prefixed = [k for k in names if k.startswith(name)]
-    close = prefixed + [k for k in difflib.get_close_matches(name, list(names), n=n, cutoff=0.4) if k not in prefixed]
+    close = prefixed + [
+        k for k in difflib.get_close_matches(name, list(names), n=n, cutoff=0.4) if k not in prefixed
+    ]
     if not close:
         close = [k for k in names if name.split("-")[0] in k]
     return close[:n]

@@ -215,13 +215,18 @@ def load_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write to a temp name in the same directory, fsync, then rename: never half-written."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write to a temp name in the same directory, fsync, then rename: never half-written."""
     p = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(p))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(p), dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)

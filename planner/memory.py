@@ -1,0 +1,420 @@
+"""Memory cost model: bytes per device of a training step, by category and by tier.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020, Sec. 3.1 and 5):
+mixed-precision Adam holds 2Ψ (16-bit params) + 2Ψ (16-bit grads) + KΨ (fp32 master
+weights, momentum, variance: K = 12); stage 1 partitions the K term over the
+data-parallel group, stage 2 also the gradients, stage 3 also the parameters.
+
+Activations are the tensors autograd saves for backward, counted per token of a
+block from the implementation the model runs (transformers' modules for the HF
+families, enumerated op by op), or for Megatron-style GPTs from Korthikanti et al.
+2022, eq. 2: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, with tensor and
+sequence parallelism dividing as in their Sec. 4.2.
+
+The step's peak is the largest of its phases (end of forward, start of backward
+through the loss, optimizer step), not a sum of everything ever allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from planner.model import ModelSpec
+from planner.plan import ActivationPolicy, Layout
+from planner.workload import Workload
+
+Recompute = Literal["none", "selective", "full"]
+FP32 = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class Offload:
+    """What lives off the device: optimizer state (ZeRO-Offload) and parameters (ZeRO-Infinity)."""
+
+    optimizer: bool = False
+    params: bool = False
+    tier: Literal["dram", "cxl", "nvme"] = "dram"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryOptions:
+    recompute: Recompute = "none"
+    offload: Offload = field(default_factory=Offload)
+    policies: tuple[ActivationPolicy, ...] = ()  # per-layer swap/recompute; overrides `recompute`
+    loss_chunk_tokens: int = 0  # chunked linear cross-entropy: 0 = standard loss
+    fragmentation: float = 0.0  # allocator allowance as a share of the peak (calibratable)
+    bucket_bytes: int = 0  # ZeRO reduce / all-gather buckets; 0 = DeepSpeed's default 5e8 elements
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStates:
+    """Per-device bytes of the model states (ZeRO paper accounting)."""
+
+    parameters: int
+    gradients: int
+    optimizer_states: int  # fp32 master copy (mixed precision) + optimizer moments
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_states
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryBreakdown:
+    """Per-device peak of a step, by category (bytes), and what lives in each host tier."""
+
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    activations: int  # saved for backward at the peak, all in-flight micro-batches
+    buffers: int  # logits and loss, communication buckets, transient workspace, fragmentation
+    peak_phase: str
+    host_bytes: dict[str, int] = field(default_factory=dict)  # tier -> bytes per device offloaded there
+    detail: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_states + self.activations + self.buffers
+
+    def by_category(self) -> dict[str, int]:
+        return {
+            "parameters": self.parameters,
+            "gradients": self.gradients,
+            "optimizer_states": self.optimizer_states,
+            "activations": self.activations,
+            "buffers": self.buffers,
+            "total": self.total,
+        }
+
+    def by_tier(self) -> dict[str, int]:
+        return {"device": self.total, **self.host_bytes}
+
+
+# ---- parameters per device ---------------------------------------------------------------
+
+
+def stage_layer_counts(model: ModelSpec, pp: int, stage_layers: tuple[int, ...] = ()) -> tuple[int, ...]:
+    if stage_layers:
+        return stage_layers
+    base, extra = divmod(model.num_layers, pp)
+    return tuple(base + (1 if i < extra else 0) for i in range(pp))
+
+
+def device_params(model: ModelSpec, layout: Layout, stage: int = 0) -> int:
+    """Parameters held by one device of pipeline `stage` (before ZeRO-3 partitioning).
+
+    Tensor parallelism shards the block matmuls and the embedding/head (vocab-parallel);
+    norms are replicated. The first stage holds the embedding, the last the head and final
+    norm (with pp == 1 one device holds both).
+    """
+    tp, pp = layout.tp, layout.pp
+    layers = stage_layer_counts(model, pp, layout.stage_layers)[stage]
+    vector = 2 * model.norm_params
+    block = (model.layer_params - vector) / tp + vector
+    total = layers * block
+    if stage == 0:
+        total += model.embedding_params / tp
+    if stage == pp - 1:
+        total += model.norm_params
+        if model.lm_head_params or pp > 1:
+            # an untied head, or a tied one that the last stage keeps a copy of
+            total += model.vocab_size * model.hidden_size / tp
+    return int(math.ceil(total))
+
+
+def optimizer_state_bytes_per_param(workload: Workload, model: ModelSpec | None = None) -> float:
+    """K in the ZeRO paper's 2Ψ + 2Ψ + KΨ, for the workload's optimizer and precision.
+
+    AdamW keeps two fp32 moments (8 B/param) and, in mixed precision, an fp32 master copy
+    (4 B/param): K = 12. SGD with momentum keeps one moment. GaLore keeps Adam moments of
+    the rank-r projection (r x n for an m x n weight, m >= n projected on the left) plus the
+    m x r projector (Zhao et al. 2024, Sec. 4); FRUGAL keeps Adam moments on a `density`
+    share (Zaitsev et al. 2024). For the low-rank ones the ratio depends on shapes, so the
+    model is needed.
+    """
+    opt = workload.optimizer
+    master = FP32 if workload.mixed_precision else 0
+    if opt.kind == "adamw":
+        return master + 2 * FP32
+    if opt.kind == "sgd":
+        return master + FP32
+    if model is None:
+        raise ValueError(f"optimizer {opt.kind!r} needs the model's shapes")
+    return master + low_rank_state_elems(model, workload) * FP32 / model.params
+
+
+def low_rank_state_elems(model: ModelSpec, workload: Workload) -> float:
+    """Optimizer-state elements of GaLore / Natural GaLore / FRUGAL for the whole model.
+
+    Matrices are projected; vectors (norms, biases) and embeddings keep full Adam moments
+    (as galore-torch is used in practice: projection on the transformer blocks' linears).
+    """
+    opt = workload.optimizer
+    elems = 0.0
+    for _, shape in model.layer_param_shapes():
+        if len(shape) == 2:
+            m, n = max(shape), min(shape)
+            r = min(opt.rank, n)
+            if opt.kind == "frugal":
+                # state-full Adam on a `density` share of the weight's rows
+                elems += 2 * opt.density * m * n
+            else:
+                # two moments of the r x m projected gradient + the n x r projector
+                elems += 2 * r * m + n * r
+                if opt.kind == "natural_galore":
+                    # Natural GaLore: a short history of low-rank gradients for the Fisher
+                    # (Woodbury) preconditioner: `history` r x m matrices
+                    elems += NATURAL_GALORE_HISTORY * r * m
+        else:
+            elems += 2 * shape[0]
+    elems *= model.num_layers
+    other = model.embedding_params + model.lm_head_params + model.norm_params
+    return elems + 2 * other
+
+
+NATURAL_GALORE_HISTORY = 4
+
+
+def model_states(model: ModelSpec, workload: Workload, layout: Layout, stage: int = 0) -> ModelStates:
+    """Per-device parameter, gradient and optimizer-state bytes under ZeRO stage 0..3."""
+    psi = device_params(model, layout, stage)
+    d = workload.dtype_bytes
+    dp, z = layout.dp * layout.cp, layout.zero_stage
+    k = optimizer_state_bytes_per_param(workload, model)
+    params = psi * d / (dp if z >= 3 else 1)
+    grads = psi * d / (dp if z >= 2 else 1)
+    opt = psi * k / (dp if z >= 1 else 1)
+    return ModelStates(parameters=int(params), gradients=int(grads), optimizer_states=int(opt))
+
+
+# ---- activations ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenCoefficients:
+    """Elements saved for backward per token of one block, split by how they shard.
+
+    `replicated` stays whole under tensor parallelism (divided by tp only with sequence
+    parallelism), `sharded` divides by tp, `per_sequence` is per token times the sequence
+    length (the s x s attention matrices of an unfused kernel), `fixed` is per block
+    (not per token: rotary tables).
+    """
+
+    replicated: float
+    sharded: float
+    per_sequence: float = 0.0
+    fixed: float = 0.0
+    mask_bytes_per_token: float = 0.0  # dropout masks (1 byte per element)
+
+
+def token_coefficients(model: ModelSpec, workload: Workload, *, dropout: bool = False) -> TokenCoefficients:
+    """Saved elements per token of one block, for the implementation this family runs.
+
+    Enumerated from transformers' modules (autograd's saved tensors, unique storages):
+      llama/mistral/qwen2 (RMSNorm, rotary, SDPA flash, SwiGLU): 6h + 2 + 2q + 2kv + a + 4f,
+        rotary cos/sin 2*s*d_head per block;
+      gpt2 (LayerNorm, fused qkv, GELU-tanh): 7h + 4 + (q + 2kv) + 5f + a, or with attention
+        dropout (math kernel) 3*a*s instead of a;
+      gpt_neox (parallel residual, partial rotary): 5h + 4 + (q + 2kv) + 2f + a;
+      gpt (Megatron, Korthikanti et al. 2022 eq. 2 in 16-bit): 34 s b h -> 10h replicated
+        (LayerNorms, inputs, dropout masks) + 24h sharded, + 5 a s with unfused attention.
+    """
+    h, q, kv, f, a = model.hidden_size, model.q_size, model.kv_size, model.ffn_hidden_size, model.num_heads
+    flash = workload.flash_attention and not dropout
+    if model.family in ("llama", "mistral", "qwen2"):
+        attn = a if flash else 2 * a * workload.seq_len  # lse, or softmax output + scores
+        return TokenCoefficients(
+            replicated=6 * h + 2, sharded=2 * q + 2 * kv + 4 * f + attn, fixed=2 * model.head_dim
+        )
+    if model.family == "gpt2":
+        attn = a if flash else 3 * a * workload.seq_len
+        return TokenCoefficients(replicated=7 * h + 4, sharded=q + 2 * kv + 5 * f + attn)
+    if model.family == "gpt_neox":
+        rot = model.head_dim // 4
+        return TokenCoefficients(replicated=5 * h + 4, sharded=q + 2 * kv + 2 * f + a, fixed=2 * rot)
+    # Megatron GPT, Korthikanti eq. 2, in 2-byte units: 34sbh = (10 + 24) sbh with masks
+    # (5 sbh of 1-byte masks: 2 dropouts of sbh... counted as half elements)
+    attn = 0.0 if flash else 2.5 * a * workload.seq_len
+    return TokenCoefficients(replicated=5 * h, sharded=12 * h + attn, mask_bytes_per_token=0.0)
+
+
+def block_saved_bytes(
+    model: ModelSpec, workload: Workload, *, micro_batch: int, tp: int = 1, sp: bool = False, cp: int = 1
+) -> int:
+    """Bytes one block saves for backward for one micro-batch on one device (no recompute)."""
+    c = token_coefficients(model, workload)
+    tokens = micro_batch * workload.seq_len / cp
+    rep = c.replicated / (tp if sp else 1)
+    shard = c.sharded / tp
+    # an unfused attention's s x s terms are per token x (local) sequence length
+    elems = tokens * (rep + shard) + c.fixed * workload.seq_len / cp
+    return int(elems * workload.dtype_bytes + tokens * c.mask_bytes_per_token)
+
+
+def block_input_bytes(
+    model: ModelSpec, workload: Workload, *, micro_batch: int, tp: int = 1, sp: bool = False, cp: int = 1
+) -> int:
+    """What a fully recomputed block keeps: its input hidden states (Korthikanti: 2sbh)."""
+    tokens = micro_batch * workload.seq_len / cp
+    return int(tokens * model.hidden_size / (tp if sp else 1) * workload.dtype_bytes)
+
+
+def logits_bytes(model: ModelSpec, workload: Workload, *, micro_batch: int, tp: int = 1, cp: int = 1) -> int:
+    """One copy of the logits, upcast to fp32 for the loss (tokens x vocab / tp x 4 B)."""
+    tokens = micro_batch * workload.seq_len / cp
+    return int(tokens * model.vocab_size / tp * FP32)
+
+
+def loss_peak_bytes(
+    model: ModelSpec, workload: Workload, *, micro_batch: int, tp: int = 1, cp: int = 1, chunk_tokens: int = 0
+) -> tuple[int, int]:
+    """(forward, backward) transient bytes of the LM head + loss.
+
+    Standard path (PyTorch cross_entropy = log_softmax + nll_loss): forward holds the logits
+    and the saved log-softmax output (2 copies; with 16-bit logits one more for the upcast);
+    backward through the loss holds the saved log-softmax, its incoming gradient and the
+    logits gradient (3 copies). Chunked linear cross-entropy (Wijmans et al. 2024) holds one
+    chunk's logits and their gradient instead.
+    """
+    one = logits_bytes(model, workload, micro_batch=micro_batch, tp=tp, cp=cp)
+    if chunk_tokens:
+        tokens = micro_batch * workload.seq_len / cp
+        chunk = int(one * min(1.0, chunk_tokens / tokens))
+        return 2 * chunk, 3 * chunk
+    upcast = one // 2 if workload.dtype_bytes == 2 else 0
+    return 2 * one + upcast, 3 * one
+
+
+def final_bytes(model: ModelSpec, workload: Workload, *, micro_batch: int, cp: int = 1) -> int:
+    """Saved by the final norm (input, normalised, output) per micro-batch."""
+    tokens = micro_batch * workload.seq_len / cp
+    return int(tokens * 3 * model.hidden_size * workload.dtype_bytes)
+
+
+def in_flight_microbatches(layout: Layout, stage: int) -> int:
+    """1F1B: stage k holds up to pp - k micro-batches' activations (Narayanan et al. 2021, Sec. 2.2)."""
+    return min(layout.pp - stage, layout.grad_accum) if layout.pp > 1 else 1
+
+
+def estimate_memory(
+    model: ModelSpec,
+    workload: Workload,
+    layout: Layout,
+    options: MemoryOptions | None = None,
+    *,
+    stage: int | None = None,
+) -> MemoryBreakdown:
+    """Peak bytes per device; with `stage=None` the worst pipeline stage."""
+    options = options or MemoryOptions()
+    if stage is None:
+        stages = range(layout.pp)
+        return max(
+            (estimate_memory(model, workload, layout, options, stage=s) for s in stages),
+            key=lambda m: m.total,
+        )
+
+    mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
+    states = model_states(model, workload, layout, stage)
+    host: dict[str, int] = {}
+    params, grads, opt = states.parameters, states.gradients, states.optimizer_states
+    if options.offload.optimizer:
+        host[options.offload.tier] = host.get(options.offload.tier, 0) + opt
+        opt = 0
+    if options.offload.params:
+        host[options.offload.tier] = host.get(options.offload.tier, 0) + params
+        params = 0
+
+    # per-block saved bytes under each layer's policy
+    layers = stage_layer_counts(model, layout.pp, layout.stage_layers)[stage]
+    first_layer = sum(stage_layer_counts(model, layout.pp, layout.stage_layers)[:stage])
+    saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
+    inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
+    policies = {p.layer: p for p in options.policies}
+    act_device = 0.0
+    act_swapped = 0.0
+    transient = 0  # a recomputed block's activations during its backward
+    for i in range(first_layer, first_layer + layers):
+        pol = policies.get(i)
+        if pol is None:
+            pol = ActivationPolicy(
+                layer=i,
+                keep_fraction=0.0 if options.recompute == "full" else 1.0,
+                recompute_fraction=1.0 if options.recompute == "full" else 0.0,
+            )
+        if options.recompute == "selective" and pol.layer not in policies:
+            # Korthikanti et al. 2022 selective recompute: drop the attention core (s x s terms)
+            c = token_coefficients(model, workload)
+            sel = saved - int(c.per_sequence * mb * workload.seq_len / cp / tp * workload.dtype_bytes)
+            act_device += sel
+            continue
+        act_device += pol.keep_fraction * saved + pol.recompute_fraction * inp
+        act_swapped += pol.swap_fraction * saved
+        if pol.recompute_fraction > 0 or pol.swap_fraction > 0:
+            transient = max(transient, saved)  # recomputed or fetched back: one block at a time
+    inflight = in_flight_microbatches(layout, stage)
+    last = stage == layout.pp - 1
+    final = final_bytes(model, workload, micro_batch=mb, cp=cp) if last else 0
+    activations = int((act_device + final) * inflight)
+    if act_swapped:
+        tier = options.policies[0].swap_tier if options.policies else "dram"
+        host[tier] = host.get(tier, 0) + int(act_swapped * inflight)
+    loss_fwd, loss_bwd = (
+        loss_peak_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp, chunk_tokens=options.loss_chunk_tokens)
+        if last
+        else (0, 0)
+    )
+    # ZeRO communication buckets (DeepSpeed default reduce/allgather bucket 5e8 elements),
+    # only when gradients are partitioned or reduced in buckets
+    bucket = 0
+    if layout.zero_stage >= 1 and layout.dp > 1:
+        bucket = options.bucket_bytes or int(
+            min(5e8, device_params(model, layout, stage)) * workload.dtype_bytes
+        )
+    # full-size gradients exist only after the block's backward ran: at the start of
+    # backward no gradient is allocated yet (set_to_none), at the optimizer step all are
+    phases = {
+        "forward": params + opt + activations + loss_fwd,
+        "backward": params + opt + activations + loss_bwd,
+        # a recomputed (or fetched-back) block during its own backward, loss buffers gone
+        "block_backward": params + opt + activations + transient,
+        "optimizer": params + grads + opt + bucket,
+    }
+    if layout.grad_accum > 1:
+        # accumulation keeps gradients alive through the next micro-batches
+        phases["forward"] += grads
+        phases["backward"] += grads
+    phase = max(phases, key=lambda k: phases[k])
+    peak = phases[phase]
+    in_grads = grads if phase == "optimizer" or layout.grad_accum > 1 else 0
+    in_acts = activations if phase != "optimizer" else 0
+    buffers = peak - params - opt - in_grads - in_acts
+    frag = int(peak * options.fragmentation)
+    return MemoryBreakdown(
+        parameters=params,
+        gradients=in_grads,
+        optimizer_states=opt,
+        activations=in_acts,
+        buffers=buffers + frag,
+        peak_phase=phase,
+        host_bytes=host,
+        detail={
+            "block_saved_bytes": saved,
+            "block_input_bytes": inp,
+            "in_flight_microbatches": inflight,
+            "logits_bytes": logits_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp) if last else 0,
+            "loss_forward_bytes": loss_fwd,
+            "loss_backward_bytes": loss_bwd,
+            "recompute_transient_bytes": transient,
+            "bucket_bytes": bucket,
+            "fragmentation_bytes": frag,
+            "all_gradients_bytes": grads,
+            **{f"phase_{k}": v for k, v in phases.items()},
+        },
+    )
+
+
+def with_policies(options: MemoryOptions, policies: tuple[ActivationPolicy, ...]) -> MemoryOptions:
+    return dataclasses.replace(options, policies=policies)

@@ -1,0 +1,187 @@
+"""Step-time model: compute, communication on the critical path, pipeline bubble, transfers.
+
+compute   = FLOPs / (device peak for the dtype x efficiency); efficiency per device kind,
+            set by `memtier bench --calibrate`.
+tensor parallel: 2 all-reduces of the block's b*s*h activations in forward and 2 in
+            backward (Shoeybi et al. 2019, Sec. 3); with sequence parallelism the same
+            volume as all-gather + reduce-scatter (Korthikanti et al. 2022, Sec. 4.2.2).
+            On the critical path.
+pipeline  = 1F1B: (m + p - 1) slots of one micro-batch's forward + backward per stage
+            (Narayanan et al. 2021, Sec. 2.2): bubble (p - 1) / m of the compute, plus
+            point-to-point sends of b*s*h activations at every boundary, on the path.
+data parallel: gradient all-reduce (ZeRO-1/2: reduce-scatter + all-gather, same volume;
+            ZeRO-3 adds a parameter all-gather in forward and backward: 1.5x, Rajbhandari
+            et al. 2020, Sec. 7.2.2) overlapped with backward except the last bucket.
+offload   = the CPU optimizer step (params / CPU AdamW rate) and the gradient down /
+            parameter up transfers over the host link (Ren et al. 2021, ZeRO-Offload);
+            NVMe-resident state is read and written once per step (Rajbhandari et al. 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.cluster import ClusterSpec
+from planner.comm import GroupLink, allgather_time, allreduce_time, p2p_time, worst_group_links
+from planner.flops import head_forward_flops, layer_forward_flops, model_flops_per_step
+from planner.memory import MemoryOptions, device_params, optimizer_state_bytes_per_param, stage_layer_counts
+from planner.model import ModelSpec
+from planner.plan import Layout
+from planner.workload import Workload
+
+# share of backward the data-parallel reduction can hide behind: all buckets but the
+# last overlap (PyTorch DDP / DeepSpeed bucketing); a calibration can refine it
+DP_OVERLAP = 0.8
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepTime:
+    compute_s: float  # forward + backward (+ recompute) of the slowest stage, all micro-batches
+    tp_comm_s: float
+    pp_comm_s: float
+    dp_comm_s: float  # total data-parallel collective time
+    dp_exposed_s: float  # the part not hidden behind backward
+    bubble_s: float
+    optimizer_s: float  # optimizer step, on device or on the CPU with transfers
+    swap_s: float  # exposed activation swap transfers
+    step_s: float
+    model_flops: float  # per step, whole model
+    hardware_flops: float  # with recompute
+    tflops_per_device: float  # achieved model TFLOP/s per device
+    mfu: float
+    hfu: float
+    links: dict[str, float] = field(default_factory=dict)  # slowest link bandwidth per group kind
+
+    def breakdown(self) -> dict[str, float]:
+        return {
+            "compute": self.compute_s,
+            "tensor_parallel_comm": self.tp_comm_s,
+            "pipeline_comm": self.pp_comm_s,
+            "data_parallel_exposed": self.dp_exposed_s,
+            "bubble": self.bubble_s,
+            "optimizer": self.optimizer_s,
+            "swap": self.swap_s,
+        }
+
+    @property
+    def bottleneck(self) -> str:
+        parts = self.breakdown()
+        return max(parts, key=lambda k: parts[k])
+
+
+def estimate_step_time(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    layout: Layout,
+    options: MemoryOptions | None = None,
+    *,
+    mapping: list[int] | None = None,
+    links: dict[str, GroupLink] | None = None,
+    swap_exposed_s: float = 0.0,
+) -> StepTime:
+    options = options or MemoryOptions()
+    dev = cluster.device
+    peak = dev.flops(workload.dtype)
+    rate = peak * dev.efficiency
+    tp, pp, cp, dp = layout.tp, layout.pp, layout.cp, layout.dp
+    mb, m = layout.micro_batch, layout.grad_accum
+    seq = workload.seq_len
+    d = workload.dtype_bytes
+    links = links or worst_group_links(layout, cluster, mapping)
+
+    # compute of one micro-batch on the slowest stage: its blocks (sharded by tp and cp)
+    counts = stage_layer_counts(model, pp, layout.stage_layers)
+    tokens = mb * seq
+    layer_f = layer_forward_flops(model, tokens, seq) / (tp * cp)
+    head_f = head_forward_flops(model, tokens) / (tp * cp)
+    recompute_layers = _recomputed_layers(model, options)
+    stage_times = []
+    stage_hw = []
+    for s, n in enumerate(counts):
+        f = n * layer_f + (head_f if s == pp - 1 else 0.0)
+        share = n / model.num_layers
+        hw = 3 * f + recompute_layers * share * layer_f
+        stage_hw.append(hw)
+        stage_times.append(hw / rate)
+    per_mb = max(stage_times)
+    compute = per_mb * m
+
+    # tensor parallel: 4 all-reduces of b*s*h/cp per block per micro-batch (2 fwd, 2 bwd),
+    # plus 2 more per recomputed block
+    act = tokens / cp * model.hidden_size * d
+    n_blocks = max(counts)
+    tp_per_mb = (4 * n_blocks + 2 * recompute_layers / pp) * allreduce_time(act, tp, links["tp"])
+    if cp > 1:
+        # ring attention: K and V of the local chunk pass around the cp ring, fwd and bwd
+        kv = tokens / cp * 2 * model.kv_size / tp * d
+        tp_per_mb += 2 * n_blocks * allgather_time(kv * cp, cp, links["cp"])
+    tp_comm = tp_per_mb * m
+
+    # pipeline: send activations fwd and their gradients bwd across each boundary
+    pp_comm = 0.0
+    bubble = 0.0
+    if pp > 1:
+        pp_per_mb = 2 * p2p_time(act / (tp if layout.sequence_parallel else 1), links["pp"])
+        pp_comm = pp_per_mb * m
+        bubble = (pp - 1) * (per_mb + tp_per_mb + pp_per_mb)
+
+    # data parallel over the dp (and cp) group: gradients of this device's parameters
+    psi = max(device_params(model, layout, s) for s in range(pp))
+    grad_bytes = psi * d
+    dp_n = dp * cp
+    dp_comm = allreduce_time(grad_bytes, dp_n, links["dp"])
+    if layout.zero_stage >= 3:
+        dp_comm += 2 * allgather_time(grad_bytes, dp_n, links["dp"]) * m / max(1, m)  # params fwd + bwd
+    backward = (2 / 3) * per_mb  # the last micro-batch's backward is what reduction can hide behind
+    dp_exposed = max(0.0, dp_comm - DP_OVERLAP * backward) if dp_n > 1 else 0.0
+
+    # optimizer step
+    shard = psi / (dp_n if layout.zero_stage >= 1 else 1)
+    if options.offload.optimizer:
+        cpu_step = shard / cluster.cpu.adam_params_per_s
+        link = dev.host_link.bandwidth
+        transfer = shard * d * 2 / link  # gradients down, parameters up
+        optimizer = cpu_step + transfer
+        tier = cluster.tier(options.offload.tier)
+        if options.offload.tier == "nvme" and tier is not None:
+            state = shard * optimizer_state_bytes_per_param(workload, model)
+            optimizer += state / tier.read_bandwidth + state / tier.write_bandwidth
+    else:
+        # element-wise update on the device: memory-bound, a few passes over params and state
+        # (at ~1/20 of the FLOP rate in bytes/s; negligible next to compute at scale)
+        optimizer = shard * (2 * d + optimizer_state_bytes_per_param(workload, model)) * 2 / (rate / 20)
+
+    step = compute + tp_comm + pp_comm + bubble + dp_exposed + optimizer + swap_exposed_s
+    world = layout.world_size
+    mflops = model_flops_per_step(model, workload.global_batch * seq, seq)
+    hflops = mflops + recompute_layers * layer_forward_flops(model, workload.global_batch * seq, seq)
+    achieved = mflops / step / world
+    return StepTime(
+        compute_s=compute,
+        tp_comm_s=tp_comm,
+        pp_comm_s=pp_comm,
+        dp_comm_s=dp_comm,
+        dp_exposed_s=dp_exposed,
+        bubble_s=bubble,
+        optimizer_s=optimizer,
+        swap_s=swap_exposed_s,
+        step_s=step,
+        model_flops=mflops,
+        hardware_flops=hflops,
+        tflops_per_device=achieved / 1e12,
+        # MFU counts model FLOPs only, HFU adds recompute (Korthikanti et al. 2022, App. A)
+        mfu=min(1.0, achieved / peak),
+        hfu=min(1.0, hflops / step / world / peak),
+        links={k: v.bandwidth for k, v in links.items()},
+    )
+
+
+def _recomputed_layers(model: ModelSpec, options: MemoryOptions) -> float:
+    if options.policies:
+        return sum(p.recompute_fraction for p in options.policies)
+    if options.recompute == "full":
+        return float(model.num_layers)
+    if options.recompute == "selective":
+        return 0.0  # the attention core only: small next to the block's matmuls
+    return 0.0
