@@ -225,18 +225,19 @@ def token_coefficients(model: ModelSpec, workload: Workload, *, dropout: bool = 
     h, q, kv, f, a = model.hidden_size, model.q_size, model.kv_size, model.ffn_hidden_size, model.num_heads
     flash = workload.flash_attention and not dropout
     if model.family in ("llama", "mistral", "qwen2"):
-        attn = a if flash else 2 * a * workload.seq_len  # lse, or softmax output + scores
+        attn: float = a if flash else 2 * a * workload.seq_len  # lse, or softmax output + scores
         return TokenCoefficients(
             replicated=6 * h + 2, sharded=2 * q + 2 * kv + 4 * f + attn, fixed=2 * model.head_dim
         )
     if model.family == "gpt2":
-        attn = a if flash else 3 * a * workload.seq_len
+        attn = float(a) if flash else 3.0 * a * workload.seq_len
         return TokenCoefficients(replicated=7 * h + 4, sharded=q + 2 * kv + 5 * f + attn)
     if model.family == "gpt_neox":
         rot = model.head_dim // 4
         return TokenCoefficients(replicated=5 * h + 4, sharded=q + 2 * kv + 2 * f + a, fixed=2 * rot)
-    # Megatron GPT, Korthikanti eq. 2, in 2-byte units: 34sbh = (10 + 24) sbh with masks
-    # (5 sbh of 1-byte masks: 2 dropouts of sbh... counted as half elements)
+    # Megatron GPT, Korthikanti et al. 2022 eq. 2 and Sec. 4.2: 34sbh bytes (16-bit, 1-byte
+    # dropout masks included) of which 10sbh stay whole under tp and 24sbh shard; in 2-byte
+    # elements per token: 5h + 12h. The unfused attention adds 5as^2b bytes = 2.5as elements.
     attn = 0.0 if flash else 2.5 * a * workload.seq_len
     return TokenCoefficients(replicated=5 * h, sharded=12 * h + attn, mask_bytes_per_token=0.0)
 
