@@ -30,7 +30,7 @@ typecheck: setup
 	$(VENV)/bin/mypy planner optim
 
 unit: setup
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
 

@@ -47,6 +47,10 @@ class MemoryOptions:
     loss_chunk_tokens: int = 0  # chunked linear cross-entropy: 0 = standard loss
     fragmentation: float = 0.0  # allocator allowance as a share of the peak (calibratable)
     bucket_bytes: int = 0  # ZeRO reduce / all-gather buckets; 0 = DeepSpeed's default 5e8 elements
+    # how the optimizer step runs: torch's AdamW is "foreach" on accelerators (temporaries
+    # as large as one moment), "single_tensor" on CPU (two temporaries of the largest
+    # tensor: sqrt and the division), "fused" (none)
+    optimizer_impl: Literal["foreach", "single_tensor", "fused"] = "foreach"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -374,6 +378,29 @@ def estimate_memory(
         bucket = options.bucket_bytes or int(
             min(5e8, device_params(model, layout, stage)) * workload.dtype_bytes
         )
+    # optimizer-step temporaries (see MemoryOptions.optimizer_impl), on the device when
+    # the step runs there
+    largest = max(model.vocab_size * model.hidden_size, model.ffn_hidden_size * model.hidden_size) / tp
+    opt_tmp = 0
+    if not options.offload.optimizer:
+        if options.optimizer_impl == "single_tensor":
+            opt_tmp = int(2 * largest * FP32)
+        elif options.optimizer_impl == "foreach":
+            opt_tmp = int(
+                device_params(model, layout, stage) * FP32 / (layout.dp if layout.zero_stage else 1)
+            )
+    # the embedding's backward materialises a dense vocab x hidden gradient (and, tied to
+    # the head, adds it to the head's gradient through one more buffer) while the other
+    # gradients already exist: the end of backward
+    emb_tmp = 0
+    if stage == 0:
+        emb_tmp = int(
+            (2 if model.tied_embeddings else 1)
+            * model.vocab_size
+            * model.hidden_size
+            / tp
+            * workload.dtype_bytes
+        )
     # full-size gradients exist only after the block's backward ran: at the start of
     # backward no gradient is allocated yet (set_to_none), at the optimizer step all are
     phases = {
@@ -381,7 +408,8 @@ def estimate_memory(
         "backward": params + opt + activations + loss_bwd,
         # a recomputed (or fetched-back) block during its own backward, loss buffers gone
         "block_backward": params + opt + activations + transient,
-        "optimizer": params + grads + opt + bucket,
+        "backward_end": params + opt + grads + emb_tmp,
+        "optimizer": params + grads + opt + bucket + opt_tmp,
     }
     if layout.grad_accum > 1:
         # accumulation keeps gradients alive through the next micro-batches
@@ -389,8 +417,8 @@ def estimate_memory(
         phases["backward"] += grads
     phase = max(phases, key=lambda k: phases[k])
     peak = phases[phase]
-    in_grads = grads if phase == "optimizer" or layout.grad_accum > 1 else 0
-    in_acts = activations if phase != "optimizer" else 0
+    in_grads = grads if phase in ("optimizer", "backward_end") or layout.grad_accum > 1 else 0
+    in_acts = activations if phase in ("forward", "backward", "block_backward") else 0
     buffers = peak - params - opt - in_grads - in_acts
     frag = int(peak * options.fragmentation)
     return MemoryBreakdown(
@@ -410,6 +438,8 @@ def estimate_memory(
             "loss_backward_bytes": loss_bwd,
             "recompute_transient_bytes": transient,
             "bucket_bytes": bucket,
+            "optimizer_temp_bytes": opt_tmp,
+            "embedding_backward_bytes": emb_tmp,
             "fragmentation_bytes": frag,
             "all_gradients_bytes": grads,
             **{f"phase_{k}": v for k, v in phases.items()},

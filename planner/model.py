@@ -278,3 +278,53 @@ def _load_json(p: str) -> dict[str, Any]:
             raise SpecError("expected a JSON object", source=p, line=1)
         return data
     return load_mapping(p)
+
+
+def to_hf_config_dict(spec: ModelSpec, *, dropout: float = 0.0) -> dict[str, Any]:
+    """The fields of an HF `config.json` that builds this model (for `transformers.AutoConfig.for_model`)."""
+    if spec.family in ("llama", "mistral", "qwen2"):
+        d: dict[str, Any] = {
+            "model_type": spec.family,
+            "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.ffn_hidden_size,
+            "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "num_key_value_heads": spec.num_kv_heads,
+            "head_dim": spec.head_dim,
+            "vocab_size": spec.vocab_size,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "tie_word_embeddings": spec.tied_embeddings,
+            "hidden_act": spec.activation,
+            "attention_dropout": dropout,
+        }
+        if spec.family == "llama":
+            d["attention_bias"] = spec.qkv_bias
+            d["mlp_bias"] = spec.mlp_bias
+        return d
+    if spec.family in ("gpt2", "gpt"):
+        return {
+            "model_type": "gpt2",
+            "n_embd": spec.hidden_size,
+            "n_layer": spec.num_layers,
+            "n_head": spec.num_heads,
+            "n_inner": spec.ffn_hidden_size,
+            "vocab_size": spec.vocab_size,
+            "n_positions": spec.max_position_embeddings,
+            "tie_word_embeddings": spec.tied_embeddings,
+            "attn_pdrop": dropout,
+            "resid_pdrop": dropout,
+            "embd_pdrop": dropout,
+        }
+    if spec.family == "gpt_neox":
+        return {
+            "model_type": "gpt_neox",
+            "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.ffn_hidden_size,
+            "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "vocab_size": spec.vocab_size,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "tie_word_embeddings": spec.tied_embeddings,
+            "attention_bias": spec.qkv_bias,
+        }
+    raise SpecError(f"no HF config for family {spec.family!r}", field="family")

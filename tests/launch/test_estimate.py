@@ -1,0 +1,63 @@
+"""`memtier estimate`: the JSON contract, the plot, and layouts that cannot work (exit 2)."""
+
+import json
+
+from launch.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_keys(capsys):
+    code, out, _ = run(capsys, "estimate", "--model", "llama3-70b", "--cluster", "dgx-a100-8x80g", "--nodes", "4",
+                       "--tp", "8", "--pp", "4", "--seq", "4096", "--global-batch", "64", "--recompute", "full", "--json")  # fmt: skip
+    assert code == 0
+    r = json.loads(out)
+    assert r["params"] == 70_553_706_496
+    per = r["memory"]["per_device"]
+    assert set(per) == {"parameters", "gradients", "optimizer_states", "activations", "buffers", "total"}
+    assert per["total"] == sum(v for k, v in per.items() if k != "total")
+    assert r["time"]["step_s"] > 0
+    assert 0 < r["mfu"] <= 1 and r["throughput"]["tflops_per_device"] > 0
+
+
+def test_offload_and_zero_lower_device_memory(capsys):
+    args = ["estimate", "--model", "llama2-7b", "--cluster", "dgx-a100-8x80g", "--seq", "2048", "--json"]
+    _, out, _ = run(capsys, *args)
+    base = json.loads(out)["memory"]["per_device"]["total"]
+    _, out, _ = run(capsys, *args, "--zero", "3")
+    z3 = json.loads(out)["memory"]["per_device"]["total"]
+    _, out, _ = run(capsys, *args, "--zero", "2", "--offload", "optimizer")
+    r = json.loads(out)
+    assert z3 < base and r["memory"]["per_device"]["total"] < base
+    assert r["memory"]["per_tier"]["dram"] > 0
+
+
+def test_table_and_plot(capsys, tmp_path):
+    png = tmp_path / "mem.png"
+    code, out, _ = run(capsys, "estimate", "--model", "llama2-7b", "--cluster", "rtx4090-nvme", "--seq", "1024",
+                       "--offload", "optimizer", "--recompute", "full", "--plot", str(png))  # fmt: skip
+    assert code == 0
+    assert "memory per device" in out and "step time" in out and "MFU" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_world_size_mismatch(capsys):
+    code, _, err = run(capsys, "estimate", "--model", "llama2-7b", "--cluster", "dgx-a100-8x80g",
+                       "--tp", "2", "--pp", "2", "--dp", "3")  # fmt: skip
+    assert code == 2
+    assert "tp(2) * pp(2) * dp(3) * cp(1) = 12 != world_size(8)" in err
+
+
+def test_heads_not_divisible_by_tp(capsys):
+    code, _, err = run(capsys, "estimate", "--model", "gpt2-xl", "--cluster", "dgx-a100-8x80g", "--tp", "8")
+    assert code == 2 and "num_heads(25) % tp(8) = 1 != 0" in err
+
+
+def test_batch_not_divisible(capsys):
+    code, _, err = run(capsys, "estimate", "--model", "llama2-7b", "--cluster", "dgx-a100-8x80g",
+                       "--global-batch", "12", "--micro-batch", "1")  # fmt: skip
+    assert code == 2 and "global_batch(12) % (micro_batch(1) * dp(8)) = 4 != 0" in err

@@ -1,0 +1,154 @@
+"""The memory model against DeepSpeed's estimators and against measured peaks of real steps."""
+
+import io
+import json
+import os
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from planner.memory import MemoryOptions, estimate_memory, model_states
+from planner.model import ModelSpec
+from planner.plan import ActivationPolicy, Layout
+from planner.presets import MODEL_PRESETS
+from planner.workload import OptimizerSpec, Workload
+from tests.helpers import hf_model, measure_step_peak
+
+MIXED = Workload(global_batch=8, seq_len=512, dtype="bf16")
+
+
+@pytest.mark.parametrize("n_gpus", [1, 4, 8])
+def test_zero_stages_follow_the_paper(n_gpus):
+    # Rajbhandari et al. 2020, Figure 1: 2Ψ + 2Ψ + KΨ with K = 12, partitioned by stage
+    spec = MODEL_PRESETS["llama2-7b"]
+    psi = spec.params
+    got = {z: model_states(spec, MIXED, Layout(dp=n_gpus, zero_stage=z)).total for z in range(4)}
+    assert got[0] == pytest.approx(16 * psi, abs=4)
+    assert got[1] == pytest.approx(4 * psi + 12 * psi / n_gpus, abs=4)
+    assert got[2] == pytest.approx(2 * psi + 14 * psi / n_gpus, abs=4)
+    assert got[3] == pytest.approx(16 * psi / n_gpus, abs=4)
+
+
+def _largest_layer(model: torch.nn.Module) -> int:
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+
+
+@pytest.mark.parametrize("nodes,per_node", [(1, 1), (1, 8), (4, 8)])
+def test_zero2_against_deepspeed(nodes, per_node):
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+        estimate_zero2_model_states_mem_needs_all_live,
+    )
+
+    spec = MODEL_PRESETS["llama-20m"]
+    model = hf_model(spec)
+    psi = sum(p.numel() for p in model.parameters())
+    assert psi == spec.params
+    with redirect_stdout(io.StringIO()) as out:
+        estimate_zero2_model_states_mem_needs_all_live(model, num_gpus_per_node=per_node, num_nodes=nodes)
+    assert "per GPU" in out.getvalue()
+    _, ds_gpu = estimate_zero2_model_states_mem_needs(psi, per_node, nodes, cpu_offload=False)
+    n = nodes * per_node
+    ours = model_states(spec, MIXED, Layout(dp=n, zero_stage=2)).total
+    # DeepSpeed's 18Ψ/N counts a partitioned fp32 gradient copy (4Ψ/N) that the paper's
+    # accounting (2Ψ + 14Ψ/N) does not: that is the whole difference
+    assert ds_gpu - ours == pytest.approx(4 * psi / n, abs=8)
+    # with CPU offload DeepSpeed keeps the 16-bit parameters on the GPU; so do we
+    ds_off_cpu, ds_off_gpu = estimate_zero2_model_states_mem_needs(psi, per_node, nodes, cpu_offload=True)
+    from planner.memory import Offload
+
+    mem = estimate_memory(
+        spec, MIXED, Layout(dp=n, zero_stage=2), MemoryOptions(offload=Offload(optimizer=True))
+    )
+    assert mem.parameters == pytest.approx(ds_off_gpu, abs=8)
+    # its CPU side multiplies by a 1.5 buffer factor; ours is the 12 B/param of state exactly
+    assert mem.host_bytes["dram"] == pytest.approx(12 * psi / n, abs=8)
+
+
+@pytest.mark.parametrize("n", [1, 8, 32])
+def test_zero3_against_deepspeed(n):
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        estimate_zero3_model_states_mem_needs_all_live,
+    )
+
+    spec = MODEL_PRESETS["llama-20m"]
+    model = hf_model(spec)
+    psi = spec.params
+    with redirect_stdout(io.StringIO()):
+        estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=n)
+    largest = _largest_layer(model)
+    _, ds_gpu, _ = estimate_zero3_model_states_mem_needs(psi, largest, n, 1, cpu_offload=False)
+    ours = model_states(spec, MIXED, Layout(dp=n, zero_stage=3)).total
+    # DeepSpeed: 4 x largest layer (its gathered 16-bit params + grads) + 18Ψ/N, the 18
+    # again holding a 4 B fp32 gradient partition; the paper's ZeRO-3 is 16Ψ/N
+    assert ds_gpu - ours == pytest.approx(4 * largest + 2 * psi / n, abs=8)
+
+
+def test_low_rank_optimizers_shrink_state():
+    spec = MODEL_PRESETS["llama2-7b"]
+    sizes = {
+        kind: model_states(
+            spec, MIXED.replace(optimizer=OptimizerSpec(kind=kind, rank=128)), Layout()
+        ).optimizer_states
+        for kind in ("adamw", "galore", "frugal", "sgd")
+    }
+    assert sizes["galore"] < sizes["adamw"] and sizes["frugal"] < sizes["adamw"]
+    assert sizes["sgd"] == pytest.approx(8 * spec.params, abs=8)
+
+
+# ---- predicted vs measured peak of real training steps on CPU -------------------------------
+
+SMALL_LLAMA = ModelSpec(name="t-llama", family="llama", num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2,
+                        ffn_hidden_size=352, vocab_size=2048, max_position_embeddings=512)  # fmt: skip
+SMALL_GPT2 = ModelSpec(name="t-gpt2", family="gpt2", num_layers=2, hidden_size=128, num_heads=4, ffn_hidden_size=512,
+                       vocab_size=2048, max_position_embeddings=512, position="learned", gated_mlp=False,
+                       activation="gelu_new", norm="layernorm", tied_embeddings=True, qkv_bias=True,
+                       attn_out_bias=True, mlp_bias=True)  # fmt: skip
+CASES = [
+    (spec, b, s, rc)
+    for spec in (SMALL_LLAMA, SMALL_GPT2)
+    for b in (1, 2, 4)
+    for s in (128, 256)
+    for rc in ("none", "full")
+]
+RESULTS: list[dict] = []
+
+
+@pytest.mark.parametrize("spec,b,s,rc", CASES, ids=[f"{c[0].name}-b{c[1]}-s{c[2]}-{c[3]}" for c in CASES])
+def test_peak_within_10_percent(spec, b, s, rc):
+    model = hf_model(spec)
+    if rc == "full":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, spec.vocab_size, (b, s))
+    measured = measure_step_peak(model, opt, ids)["Total"]
+    w = Workload(global_batch=b, micro_batch=b, seq_len=s, dtype="fp32")
+    # torch's AdamW on CPU runs its single-tensor path
+    pred = estimate_memory(
+        spec, w, Layout(micro_batch=b), MemoryOptions(recompute=rc, optimizer_impl="single_tensor")
+    )
+    RESULTS.append({"model": spec.name, "batch": b, "seq": s, "recompute": rc, "measured": measured,
+                    "predicted": pred.total, "ratio": pred.total / measured, "phase": pred.peak_phase})  # fmt: skip
+    assert pred.total == pytest.approx(measured, rel=0.10)
+
+
+def test_peak_falls_with_policies():
+    """Per-layer swap shares and recompute lower the predicted device peak monotonically."""
+    spec = MODEL_PRESETS["llama-34m"]
+    w = Workload(global_batch=4, micro_batch=4, seq_len=512, dtype="fp32")
+    peaks = []
+    for share in (0.0, 0.5, 1.0):
+        pols = tuple(
+            ActivationPolicy(layer=i, keep_fraction=1 - share, swap_fraction=share) for i in range(8)
+        )
+        peaks.append(estimate_memory(spec, w, Layout(micro_batch=4), MemoryOptions(policies=pols)).total)
+    assert peaks[0] > peaks[1] > peaks[2]
+
+
+def teardown_module(module):
+    if RESULTS and os.environ.get("MEMTIER_WRITE_RESULTS"):
+        path = os.path.join("benchmarks", "results", "memory_model_tests.json")
+        with open(path, "w") as fh:
+            json.dump(RESULTS, fh, indent=1)

@@ -1,0 +1,92 @@
+"""Step-time model: structure and ratios, never milliseconds."""
+
+import dataclasses
+
+import pytest
+
+from planner.comm import GroupLink, allreduce_time, groups, worst_group_links
+from planner.estimate import estimate
+from planner.memory import MemoryOptions, Offload
+from planner.plan import Layout
+from planner.presets import MODEL_PRESETS, resolve_cluster
+from planner.workload import Workload
+
+W = Workload(global_batch=64, micro_batch=1, seq_len=2048)
+
+
+def test_groups_partition_the_ranks():
+    layout = Layout(dp=2, tp=4, pp=2, cp=2)
+    g = groups(layout)
+    for kind, size in (("tp", 4), ("dp", 2), ("pp", 2), ("cp", 2)):
+        members = sorted(r for grp in g[kind] for r in grp)
+        assert members == list(range(32)) and all(len(x) == size for x in g[kind])
+    assert g["tp"][0] == [0, 1, 2, 3]  # tp innermost: on one node's fastest links
+
+
+def test_slowest_link_sets_the_group_time():
+    cluster = resolve_cluster("hetero-a100-32")
+    # dp across n0 and n2 crosses the slow uplink; across n0 and n1 it does not
+    fast = worst_group_links(Layout(dp=4, tp=8), cluster, mapping=list(range(32)))
+    assert fast["tp"].bandwidth == 300e9
+    # the dp ring n0-n1-n2-n3 closes over n3-n0, which crosses the slow uplink
+    assert fast["dp"].bandwidth == 6.25e9
+    swapped = list(range(8)) + list(range(16, 24)) + list(range(8, 16)) + list(range(24, 32))
+    other = worst_group_links(Layout(dp=4, tp=8), cluster, mapping=swapped)
+    assert other["dp"].bandwidth <= fast["dp"].bandwidth
+
+
+def test_allreduce_costs():
+    link = GroupLink(bandwidth=1e9, latency=0.0)
+    # ring: 2 (n-1)/n x B / bw
+    assert allreduce_time(1e9, 4, link) == pytest.approx(1.5)
+    assert allreduce_time(1e9, 1, link) == 0.0
+
+
+def test_bubble_follows_1f1b():
+    spec = MODEL_PRESETS["llama2-13b"]
+    cluster = resolve_cluster("dgx-a100-8x80g", nodes=4)
+    for m in (8, 32):
+        w = W.replace(global_batch=m)
+        e = estimate(spec, cluster, w, Layout(tp=8, pp=4, dp=1, grad_accum=m))
+        # bubble / (per-micro-batch work x m) = (p - 1) / m (Narayanan et al. 2021, Sec. 2.2)
+        t = e.time
+        assert t.bubble_s / (t.compute_s + t.tp_comm_s + t.pp_comm_s) == pytest.approx(3 / m, rel=1e-6)
+
+
+def test_mfu_and_hfu_bounded_and_ordered():
+    spec = MODEL_PRESETS["gpt3-175b"]
+    cluster = resolve_cluster("dgx-a100-8x80g", nodes=128)
+    w = Workload(global_batch=1536, seq_len=2048)
+    e = estimate(spec, cluster, w, Layout(tp=8, pp=16, dp=8, grad_accum=192), MemoryOptions(recompute="full"))
+    assert 0 < e.time.mfu < e.time.hfu <= 1.0
+    assert e.time.hfu / e.time.mfu == pytest.approx(4 / 3, rel=0.03)
+
+
+def test_slow_links_slow_the_step():
+    spec = MODEL_PRESETS["llama2-7b"]
+    base = resolve_cluster("dgx-a100-8x80g", nodes=4)
+    slow = dataclasses.replace(
+        base,
+        links=dataclasses.replace(
+            base.links, inter_node=dataclasses.replace(base.links.inter_node, bandwidth=2e9)
+        ),
+    )
+    layout = Layout(dp=32, micro_batch=1, grad_accum=2, zero_stage=1)
+    fast_t = estimate(spec, base, W, layout).time
+    slow_t = estimate(spec, slow, W, layout).time
+    assert slow_t.dp_comm_s > 5 * fast_t.dp_comm_s
+    assert slow_t.step_s > fast_t.step_s
+
+
+def test_offload_moves_the_optimizer_to_the_cpu():
+    spec = MODEL_PRESETS["llama2-7b"]
+    cluster = resolve_cluster("rtx4090-nvme")
+    w = Workload(global_batch=8, micro_batch=1, seq_len=1024)
+    layout = Layout(grad_accum=8)
+    host = estimate(spec, cluster, w, layout, MemoryOptions(offload=Offload(optimizer=True)))
+    nvme = estimate(spec, cluster, w, layout, MemoryOptions(offload=Offload(optimizer=True, tier="nvme")))
+    resident = estimate(spec, cluster, w, layout)
+    assert host.time.optimizer_s > resident.time.optimizer_s
+    assert nvme.time.optimizer_s > host.time.optimizer_s
+    assert host.memory.total < resident.memory.total
+    assert host.memory.host_bytes["dram"] == pytest.approx(12 * spec.params, rel=1e-6)
