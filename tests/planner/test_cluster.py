@@ -15,7 +15,14 @@ def test_presets_load_and_round_trip(name, tmp_path):
 
 
 def test_required_presets_exist():
-    for name in ("dgx-a100-8x80g", "dgx-h100-8", "a100-cluster-128", "rtx4090-nvme", "hetero-a100-32", "local"):
+    for name in (
+        "dgx-a100-8x80g",
+        "dgx-h100-8",
+        "a100-cluster-128",
+        "rtx4090-nvme",
+        "hetero-a100-32",
+        "local",
+    ):
         assert name in cluster_preset_names()
     assert resolve_cluster("a100-cluster-128").world_size == 128
 
