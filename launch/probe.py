@@ -297,6 +297,7 @@ def to_cluster(res: ProbeResult) -> ClusterSpec:
             peak_flops=dict(res.gemm_flops),
             efficiency=round(res.block_efficiency, 4),
             host_link=Link(bandwidth=res.copy_bandwidth, latency=1e-7),
+            memory_bandwidth=res.copy_bandwidth,
         )
         per_node = 1
     return ClusterSpec(

@@ -63,6 +63,9 @@ class DeviceSpec:
     # achieved / peak for dense transformer work; `memtier bench --calibrate` measures it
     efficiency: float = field(default=0.5, metadata={"positive": True, "max": 1.0})
     host_link: Link = field(default_factory=lambda: Link(bandwidth=25e9, latency=10e-6))  # host <-> device
+    # device memory bandwidth (HBM, or DRAM for a CPU): bounds element-wise work such as the
+    # loss over the logits and the optimizer update
+    memory_bandwidth: float = field(default=1.5e12, metadata={"unit": "bandwidth", "positive": True})
 
     def flops(self, dtype: str) -> float:
         if dtype in self.peak_flops:

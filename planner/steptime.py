@@ -32,6 +32,8 @@ from planner.workload import Workload
 # share of backward the data-parallel reduction can hide behind: all buckets but the
 # last overlap (PyTorch DDP / DeepSpeed bucketing); a calibration can refine it
 DP_OVERLAP = 0.8
+# passes over the fp32 logits of the standard loss (see estimate_step_time)
+LOSS_PASSES = 6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +98,10 @@ def estimate_step_time(
     layer_f = layer_forward_flops(model, tokens, seq) / (tp * cp)
     head_f = head_forward_flops(model, tokens) / (tp * cp)
     recompute_layers = _recomputed_layers(model, options)
+    # the loss over the logits is memory-bound: log-softmax forward (read, write), the
+    # loss and its backward (read the saved output, write the gradient) and the upcast,
+    # about LOSS_PASSES passes over tokens x vocab fp32 values per micro-batch
+    loss_s = LOSS_PASSES * tokens / cp * model.vocab_size / tp * 4 / dev.memory_bandwidth
     stage_times = []
     stage_hw = []
     for s, n in enumerate(counts):
@@ -103,7 +109,7 @@ def estimate_step_time(
         share = n / model.num_layers
         hw = 3 * f + recompute_layers * share * layer_f
         stage_hw.append(hw)
-        stage_times.append(hw / rate)
+        stage_times.append(hw / rate + (loss_s if s == pp - 1 else 0.0))
     per_mb = max(stage_times)
     compute = per_mb * m
 
@@ -147,10 +153,15 @@ def estimate_step_time(
         if options.offload.tier == "nvme" and tier is not None:
             state = shard * optimizer_state_bytes_per_param(workload, model)
             optimizer += state / tier.read_bandwidth + state / tier.write_bandwidth
+    elif dev.kind == "cpu":
+        # the device is the CPU: the update runs at the measured fused-AdamW rate
+        optimizer = shard / cluster.cpu.adam_params_per_s
     else:
-        # element-wise update on the device: memory-bound, a few passes over params and state
-        # (at ~1/20 of the FLOP rate in bytes/s; negligible next to compute at scale)
-        optimizer = shard * (2 * d + optimizer_state_bytes_per_param(workload, model)) * 2 / (rate / 20)
+        # element-wise update on the device, memory-bound: read params, grads and state,
+        # write params and state back
+        optimizer = (
+            shard * (3 * d + 2 * optimizer_state_bytes_per_param(workload, model)) / dev.memory_bandwidth
+        )
 
     step = compute + tp_comm + pp_comm + bubble + dp_exposed + optimizer + swap_exposed_s
     world = layout.world_size
