@@ -129,7 +129,7 @@ class SolverReport:
     strategy: str  # "mip", "greedy", "keep_all", ...
     status: str  # "optimal", "feasible", "time_limit", "infeasible", "fallback"
     objective: float = 0.0
-    gap: float = 0.0
+    gap: float | None = None  # relative optimality gap; None for heuristics (no bound)
     seconds: float = 0.0
 
 

@@ -158,7 +158,7 @@ class ActivationSolution:
             strategy=self.strategy,
             status=self.status,
             objective=self.objective_s,
-            gap=self.gap if self.gap is not None else 0.0,
+            gap=self.gap,
             seconds=self.seconds,
         )
 

@@ -111,7 +111,7 @@ class BufferSolution:
             strategy=self.strategy,
             status=self.status,
             objective=float(self.arena_bytes),
-            gap=self.gap if self.gap is not None else 0.0,
+            gap=self.gap,
             seconds=self.seconds,
         )
 
