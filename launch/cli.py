@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", default=None)
     p.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
     p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        help="this node's index in the plan's rank -> device map (default: $NODE_RANK or 0)",
+    )
+    p.add_argument("--model", default="llama-20m", help="--auto: model preset or HF config.json")
+    p.add_argument("--seq", type=_positive_int, default=256, help="--auto: sequence length")
+    p.add_argument("--micro-batch", type=_positive_int, default=4, help="--auto: sequences per rank")
+    p.add_argument("--budget", help="--auto: memory per rank (e.g. 2GiB); default: the machine's share")
+    p.add_argument("--plan-out", default=".memtier/auto", help="--auto: directory for the plan")
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
 
@@ -159,6 +170,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.plot:
             estimate.plot(result, args.plot)
         return 0
+    if args.verb == "plan":
+        from launch import plan
+
+        result = plan.run(args)
+        print(json.dumps(result, indent=2) if args.json else plan.render(result))
+        return 0
+    if args.verb == "launch":
+        from launch import run
+
+        return run.run_cli(args)
+    if args.verb == "bench":
+        from launch import bench
+
+        return bench.run_cli(args)
     print(f"memtier {args.verb}: not implemented yet in this version of memtier", file=sys.stderr)
     return 1
 

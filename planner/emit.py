@@ -1,0 +1,223 @@
+"""Configs a user launches from a Plan: ds_config.json, accelerate.yaml, launch.sh.
+
+- `ds_config.json` for DeepSpeed (keys from its config-json reference; checked by
+  `deepspeed.runtime.config.DeepSpeedConfig` in the tests). The batch is given as
+  micro-batch and gradient accumulation only: DeepSpeed derives train_batch_size from
+  its data-parallel world size, so the same file parses on one process and runs on
+  the planned world (micro_batch * grad_accum * dp = global batch).
+- `accelerate.yaml` for `accelerate launch --config_file` (DeepSpeed plugin pointing at
+  ds_config.json; loads with accelerate's `load_config_from_file`).
+- `launch.sh`: one torchrun per node. The plan's rank_to_device puts node-sized blocks
+  of logical ranks on physical nodes (`planner.mapping`): the node that hosts block k
+  starts with `--node-rank k`, and CUDA_VISIBLE_DEVICES lists its devices in local-rank
+  order, so torchrun's rank node_rank * D + local_rank lands on the planned device.
+
+`write_outputs` writes all four files under one directory, each to a temporary name
+in that directory and renamed into place (`planner.schema.atomic_write_text`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import yaml
+
+from planner.errors import SpecError
+from planner.plan import Plan
+from planner.schema import atomic_write_text
+
+DEFAULT_PORT = 29500
+# DeepSpeed's default reduce/all-gather bucket (5e8 elements), the figure the memory model assumes
+BUCKET_ELEMENTS = 500_000_000
+
+
+def _device_index(name: str) -> tuple[int, int]:
+    node, dev = name.split(":")
+    return int(node[1:]), int(dev[1:])
+
+
+def node_assignment(plan: Plan) -> list[tuple[int, list[int]]]:
+    """Per node rank k: (physical node, its local devices in local-rank order)."""
+    cluster, layout = plan.cluster, plan.layout
+    per = cluster.devices_per_node
+    names = layout.rank_to_device or tuple(cluster.device_name(r) for r in range(cluster.world_size))
+    if len(names) != cluster.world_size:
+        raise SpecError(
+            f"{len(names)} entries for {cluster.world_size} devices", field="layout.rank_to_device"
+        )
+    out = []
+    for k in range(cluster.nodes):
+        block = [_device_index(n) for n in names[k * per : (k + 1) * per]]
+        nodes = {n for n, _ in block}
+        if len(nodes) != 1:
+            raise SpecError(
+                f"logical ranks {k * per}..{(k + 1) * per - 1} span nodes {sorted(nodes)}; torchrun cannot"
+                " place them",
+                field="layout.rank_to_device",
+            )
+        out.append((block[0][0], [d for _, d in block]))
+    if len({n for n, _ in out}) != cluster.nodes:
+        raise SpecError("two node blocks on the same node", field="layout.rank_to_device")
+    return out
+
+
+def ds_config(plan: Plan) -> dict[str, Any]:
+    layout, workload, opt = plan.layout, plan.workload, plan.optimizer
+    zero: dict[str, Any] = {
+        "stage": layout.zero_stage,
+        "overlap_comm": layout.zero_stage > 0,
+        "contiguous_gradients": layout.zero_stage >= 2,
+        "reduce_bucket_size": BUCKET_ELEMENTS,
+        "allgather_bucket_size": BUCKET_ELEMENTS,
+    }
+    if opt.offload:
+        tier = plan.tier(opt.tier)
+        if opt.tier == "nvme":
+            zero["offload_optimizer"] = {"device": "nvme", "nvme_path": tier.path if tier else None}
+        else:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if layout.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 100,
+        "wall_clock_breakdown": False,
+        "zero_optimization": zero,
+    }
+    if workload.dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif workload.dtype == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if opt.kind in ("adamw", "sgd"):
+        params: dict[str, Any] = {k: opt.settings[k] for k in ("lr", "weight_decay") if k in opt.settings}
+        if opt.kind == "adamw":
+            params.update({k: opt.settings[k] for k in ("betas", "eps") if k in opt.settings})
+            if plan.cluster.device.kind == "cpu" and not opt.offload:
+                params["torch_adam"] = True  # DeepSpeed's FusedAdam needs CUDA
+        cfg["optimizer"] = {"type": "AdamW" if opt.kind == "adamw" else "SGD", "params": params}
+    # other optimizers (GaLore, FRUGAL) come from memtier's optim package as a client optimizer
+    recomputed = sum(1 for a in plan.activations if a.recompute_fraction > 0)
+    if recomputed:
+        cfg["activation_checkpointing"] = {
+            "partition_activations": layout.tp > 1,
+            "contiguous_memory_optimization": False,
+            "cpu_checkpointing": False,
+            "number_checkpoints": recomputed,
+            "synchronize_checkpoint_boundary": False,
+            "profile": False,
+        }
+    if layout.tp > 1:
+        cfg["tensor_parallel"] = {"autotp_size": layout.tp}
+    if layout.pp > 1:
+        # the split per stage is plan.layout.stage_layers (PipelineModule takes it in code)
+        cfg["pipeline"] = {"stages": layout.pp}
+    return cfg
+
+
+def mixed_precision(plan: Plan) -> str:
+    return {"bf16": "bf16", "fp16": "fp16"}.get(plan.workload.dtype, "no")
+
+
+def accelerate_config(plan: Plan, ds_config_path: str) -> dict[str, Any]:
+    cluster = plan.cluster
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {
+            "deepspeed_config_file": ds_config_path,
+            "deepspeed_multinode_launcher": "standard",
+            "zero3_init_flag": plan.layout.zero_stage == 3,
+        },
+        "machine_rank": 0,  # per node: `accelerate launch --machine_rank K` (launch.sh's node rank)
+        "main_training_function": "main",
+        "mixed_precision": mixed_precision(plan),
+        "num_machines": cluster.nodes,
+        "num_processes": cluster.world_size,
+        "main_process_port": DEFAULT_PORT,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": cluster.device.kind == "cpu",
+        "debug": False,
+    }
+
+
+def launch_script(plan: Plan) -> str:
+    """A bash script: `launch.sh NODE SCRIPT [ARGS...]`, NODE the physical node index of this host."""
+    cluster, layout, pred = plan.cluster, plan.layout, plan.predicted
+    assignment = node_assignment(plan)
+    per = cluster.devices_per_node
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# memtier plan: {plan.model.name} on {cluster.name} ({cluster.nodes} x {per} {cluster.device.kind})",
+        f"# layout {layout.describe()}, stage_layers {list(layout.stage_layers) or 'even'}",
+        f"# predicted {pred.step_time_s:.3f} s/step, {pred.tflops_per_device:.1f} TFLOP/s per device,"
+        f" MFU {100 * pred.mfu:.1f}%",
+        "#",
+        "# Run on every node:  ./launch.sh NODE train.py [args...]",
+        "#   NODE is this host's physical node index (n0 -> 0, n1 -> 1, ...).",
+        "#   MASTER_ADDR must name the host that runs node rank 0"
+        + (f" (physical node n{assignment[0][0]})." if cluster.nodes > 1 else "."),
+        "# The node rank and the device order below place each logical rank (tp innermost,",
+        "# then cp, dp, pp) on the device plan.json's rank_to_device gives it. The training",
+        "# script reads the plan from $MEMTIER_PLAN and DeepSpeed's config from $MEMTIER_DS_CONFIG.",
+        "set -euo pipefail",
+        'PLAN_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
+    ]
+    default = ':-0}"' if cluster.nodes == 1 else ':?usage: launch.sh NODE SCRIPT [ARGS...]}"'
+    lines.append(f'NODE="${{1{default}')
+    lines.append("if [ $# -gt 0 ]; then shift; fi")
+    lines.append('case "$NODE" in')
+    for rank, (node, devices) in enumerate(assignment):
+        visible = ",".join(str(d) for d in devices)
+        lines.append(f"  {node}) NODE_RANK={rank}; export CUDA_VISIBLE_DEVICES={visible} ;;")
+    lines.append(
+        f'  *) echo "launch.sh: node $NODE is not in this plan (0..{cluster.nodes - 1})" >&2; exit 2 ;;'
+    )
+    lines.append("esac")
+    lines += [
+        'export MEMTIER_PLAN="$PLAN_DIR/plan.json"',
+        'export MEMTIER_DS_CONFIG="$PLAN_DIR/ds_config.json"',
+    ]
+    torchrun = [
+        "torchrun",
+        f"--nnodes={cluster.nodes}",
+        f"--nproc-per-node={per}",
+        '--node-rank="$NODE_RANK"',
+    ]
+    if cluster.nodes == 1:
+        torchrun += ["--master-addr=127.0.0.1", f'--master-port="${{MASTER_PORT:-{DEFAULT_PORT}}}"']
+    else:
+        torchrun += [
+            '--master-addr="${MASTER_ADDR:?set MASTER_ADDR to the host of node rank 0}"',
+            f'--master-port="${{MASTER_PORT:-{DEFAULT_PORT}}}"',
+        ]
+    lines.append("exec " + " \\\n  ".join(torchrun) + ' \\\n  "$@"')
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(plan: Plan, out_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """plan.json, ds_config.json, accelerate.yaml and launch.sh under `out_dir`; returns their paths."""
+    import json
+
+    out = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SpecError("exists and is not a directory", field="--out", source=out)
+    os.makedirs(out, exist_ok=True)
+    paths = {
+        name: os.path.join(out, name)
+        for name in ("plan.json", "ds_config.json", "accelerate.yaml", "launch.sh")
+    }
+    plan.save(paths["plan.json"])
+    atomic_write_text(paths["ds_config.json"], json.dumps(ds_config(plan), indent=2) + "\n")
+    acc = accelerate_config(plan, paths["ds_config.json"])
+    atomic_write_text(paths["accelerate.yaml"], yaml.safe_dump(acc, sort_keys=False))
+    atomic_write_text(paths["launch.sh"], launch_script(plan))
+    # the temporary files are created 0600; give the results the modes the umask allows
+    umask = os.umask(0)
+    os.umask(umask)
+    for name, path in paths.items():
+        os.chmod(path, (0o777 if name == "launch.sh" else 0o666) & ~umask)
+    return paths

@@ -1,0 +1,349 @@
+"""make_plan: search the layouts, turn the winner into a Plan, or say why nothing fits.
+
+The Plan records every decision (layout with its rank-to-device map and pipeline
+split, per-layer activation policy, optimizer placement, tiers) and what the cost
+models predict for it, with one SolverReport per stage (layout search, optimizer
+placement, activation policy, rank mapping). When no layout fits, an
+InfeasibleError (exit 3) gives the smallest shortfall, with and without offload,
+and the nearest configurations that would fit (more devices, a smaller
+micro-batch, a shorter sequence, the device's whole memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from planner.cluster import ClusterSpec
+from planner.errors import InfeasibleError, LayoutError
+from planner.estimate import budget_bytes as usable_bytes
+from planner.mapping import AnnealSettings
+from planner.memory import MemoryOptions, Offload
+from planner.model import ModelSpec
+from planner.plan import (
+    ActivationPolicy,
+    OptimizerPlan,
+    Plan,
+    Predicted,
+    TierPlan,
+)
+from planner.search import (
+    Candidate,
+    SearchResult,
+    SearchSpace,
+    Shortfall,
+    least_memory,
+    parallel_shapes,
+    search,
+)
+from planner.stages import ACTIVATION_BASELINES, OPTIMIZER_BASELINES, Stage
+from planner.units import GiB, fmt_bytes, fmt_rate
+from planner.workload import Workload
+
+# how far the "more devices" alternative looks: up to this many times the nodes
+MAX_NODE_FACTOR = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanResult:
+    plan: Plan
+    chosen: Candidate
+    search: SearchResult
+    why: tuple[str, ...]  # why the chosen layout won, in sentences
+
+
+def make_plan(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    *,
+    budget: int | None = None,
+    space: SearchSpace | None = None,
+    optimizer_stages: Sequence[Stage] = OPTIMIZER_BASELINES,
+    activation_stages: Sequence[Stage] = ACTIVATION_BASELINES,
+    mapping_top: int = 4,
+    seed: int = 0,
+    time_limit_s: float = 10.0,
+    anneal: AnnealSettings | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PlanResult:
+    """The fastest layout that fits `budget` (default: the device's memory, less the headroom)."""
+    space = space or SearchSpace()
+    check_shapes(model, cluster, workload, space)
+    have = usable_bytes(cluster, workload, budget)
+    result = search(
+        model,
+        cluster,
+        workload,
+        budget_bytes=have,
+        space=space,
+        optimizer_stages=optimizer_stages,
+        activation_stages=activation_stages,
+        mapping_top=mapping_top,
+        seed=seed,
+        time_limit_s=time_limit_s,
+        anneal=anneal,
+        progress=progress,
+    )
+    if result.best is None:
+        raise infeasible_error(
+            model,
+            cluster,
+            workload,
+            budget=budget,
+            space=space,
+            optimizer_stages=optimizer_stages,
+            activation_stages=activation_stages,
+        )
+    chosen = result.best
+    why = explain(chosen, result)
+    plan = plan_from_candidate(model, cluster, workload, chosen, result, notes=why)
+    return PlanResult(plan=plan, chosen=chosen, search=result, why=why)
+
+
+def check_shapes(model: ModelSpec, cluster: ClusterSpec, workload: Workload, space: SearchSpace) -> None:
+    """Bad input (exit 2) when no parallel shape meets the hard constraints, whatever the memory."""
+    if next(iter(parallel_shapes(model, cluster, workload, space)), None) is not None:
+        return
+    mb = space.micro_batch or 1
+    raise LayoutError(
+        f"no tp * cp * pp * dp = world_size({cluster.world_size}) with tp dividing num_heads({model.num_heads}),"
+        f" pp <= num_layers({model.num_layers}) and micro_batch({mb}) * dp dividing"
+        f" global_batch({workload.global_batch}); raise the global batch or use fewer devices",
+        field="global_batch",
+    )
+
+
+# ---- candidate -> Plan ------------------------------------------------------------------
+
+
+def layer_policies(model: ModelSpec, options: MemoryOptions) -> tuple[ActivationPolicy, ...]:
+    """One explicit policy per block: the stage's per-layer policies, or its uniform choice."""
+    if options.policies:
+        given = {p.layer: p for p in options.policies}
+        return tuple(given.get(i, ActivationPolicy(layer=i)) for i in range(model.num_layers))
+    if options.recompute == "full":
+        return tuple(
+            ActivationPolicy(layer=i, keep_fraction=0.0, recompute_fraction=1.0)
+            for i in range(model.num_layers)
+        )
+    return tuple(ActivationPolicy(layer=i) for i in range(model.num_layers))
+
+
+def memory_options(plan: Plan) -> MemoryOptions:
+    """The MemoryOptions a Plan's decisions stand for (to re-cost a plan with the cost models)."""
+    offload = Offload()
+    tier = plan.optimizer.tier
+    if plan.optimizer.offload and tier != "device":
+        offload = Offload(optimizer=True, tier=tier)
+    return MemoryOptions(offload=offload, policies=plan.activations)
+
+
+def optimizer_settings(workload: Workload) -> dict[str, Any]:
+    opt = workload.optimizer
+    settings: dict[str, Any] = {
+        "lr": opt.lr,
+        "betas": list(opt.betas),
+        "eps": opt.eps,
+        "weight_decay": opt.weight_decay,
+    }
+    if opt.low_rank:
+        settings.update(rank=opt.rank, update_proj_gap=opt.update_proj_gap)
+        if opt.kind == "frugal":
+            settings["density"] = opt.density
+    return settings
+
+
+def plan_from_candidate(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    chosen: Candidate,
+    result: SearchResult | None = None,
+    *,
+    notes: Sequence[str] = (),
+) -> Plan:
+    layout = chosen.layout
+    if not layout.rank_to_device:
+        layout = dataclasses.replace(
+            layout, rank_to_device=tuple(cluster.device_name(r) for r in range(cluster.world_size))
+        )
+    offload = chosen.options.offload
+    tiers: tuple[TierPlan, ...] = ()
+    if offload.optimizer:
+        spec = cluster.tier(offload.tier)
+        if spec is not None:
+            tiers = (
+                TierPlan(
+                    kind=offload.tier, capacity_bytes=spec.capacity, path=spec.path, numa_node=spec.numa_node
+                ),
+            )
+    mem, t = chosen.memory, chosen.time
+    per_node = {tier: b * cluster.devices_per_node for tier, b in mem.host_bytes.items()}
+    solvers = []
+    if result is not None:
+        solvers.append(result.report)
+    solvers += [chosen.optimizer.report, chosen.activations.report]
+    if chosen.mapping is not None:
+        solvers.append(chosen.mapping.report)
+    return Plan(
+        model=model,
+        cluster=cluster,
+        workload=workload.replace(micro_batch=layout.micro_batch),
+        layout=layout,
+        activations=layer_policies(model, chosen.options),
+        optimizer=OptimizerPlan(
+            kind=workload.optimizer.kind,
+            settings=optimizer_settings(workload),
+            offload=offload.optimizer,
+            tier=offload.tier if offload.optimizer else "device",
+        ),
+        tiers=tiers,
+        predicted=Predicted(
+            bytes_by_tier={"device": mem.total, **per_node},
+            bytes_by_category=mem.by_category(),
+            peak_bytes=mem.total,
+            step_time_s=t.step_s,
+            time_breakdown=t.breakdown(),
+            tflops_per_device=t.tflops_per_device,
+            mfu=t.mfu,
+            hfu=t.hfu,
+            solvers=tuple(solvers),
+        ),
+        notes=tuple(notes),
+    )
+
+
+# ---- why it won ------------------------------------------------------------------------
+
+
+def _strategies(c: Candidate) -> str:
+    s = f"activations {c.activations.strategy}, ZeRO-{c.layout.zero_stage}"
+    return s + (", optimizer state offloaded to host" if c.optimizer.strategy == "offload" else "")
+
+
+def explain(chosen: Candidate, result: SearchResult) -> tuple[str, ...]:
+    """Why the chosen layout won: its numbers, what it saves against the runner-up, the mapping."""
+    t = chosen.time
+    lines = [
+        f"{chosen.describe()}: {t.step_s:.3f} s per step, {t.tflops_per_device:.1f} TFLOP/s per device"
+        f" (MFU {100 * t.mfu:.1f}%), peak {fmt_bytes(chosen.peak_bytes)} of {fmt_bytes(result.budget_bytes)}"
+        f" ({_strategies(chosen)}); bottleneck {t.bottleneck}."
+    ]
+    if len(result.ranked) > 1:
+        runner = result.ranked[1]
+        ours, theirs = chosen.time.breakdown(), runner.time.breakdown()
+        deltas = sorted(((theirs[k] - ours[k], k) for k in ours), reverse=True)
+        saved = [f"{k} {ours[k]:.3f} s vs {theirs[k]:.3f} s" for d, k in deltas[:2] if d > 1e-9]
+        pct = 100 * (runner.step_s / chosen.step_s - 1)
+        lines.append(
+            f"{pct:.1f}% faster than the runner-up {runner.describe()} ({runner.step_s:.3f} s)"
+            + (": " + "; ".join(saved) if saved else "")
+            + "."
+        )
+    else:
+        lines.append("the only layout that fits.")
+    links = ", ".join(f"{k} {fmt_rate(v)}" for k, v in t.links.items() if v != float("inf"))
+    if chosen.mapping is not None:
+        m = chosen.mapping
+        if m.is_default:
+            lines.append(
+                f"rank mapping: the default order is the best of {m.evaluated} mappings scored"
+                f" (slowest links: {links})."
+            )
+        else:
+            lines.append(
+                f"rank mapping: {100 * (m.gain - 1):.1f}% faster than the default order"
+                f" ({m.default_step_s:.3f} s -> {m.step_s:.3f} s, {m.evaluated} mappings scored;"
+                f" slowest links: {links})."
+            )
+    lines.append(
+        f"searched {result.shapes} parallel shapes, {result.configurations} configurations"
+        f" ({result.pruned_by_states} pruned by model-state memory before timing), {result.timed} timed,"
+        f" in {result.seconds:.2f} s."
+    )
+    return tuple(lines)
+
+
+# ---- nothing fits --------------------------------------------------------------------------
+
+
+def _leanest(lean: dict[str, Shortfall]) -> Shortfall | None:
+    return min(lean.values(), key=lambda s: s.need_bytes) if lean else None
+
+
+def infeasible_error(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    *,
+    budget: int | None,
+    space: SearchSpace,
+    optimizer_stages: Sequence[Stage] = OPTIMIZER_BASELINES,
+    activation_stages: Sequence[Stage] = ACTIVATION_BASELINES,
+) -> InfeasibleError:
+    have = usable_bytes(cluster, workload, budget)
+    kw: dict[str, Any] = {"optimizer_stages": optimizer_stages, "activation_stages": activation_stages}
+    lean = least_memory(model, cluster, workload, space=space, **kw)
+    best = _leanest(lean)
+    if best is None:
+        check_shapes(model, cluster, workload, space)  # raises: no shape at all
+        raise AssertionError("least_memory found nothing although a shape exists")
+    plain = lean.get("resident")
+    parts = []
+    if plain is not None:
+        parts.append(
+            f"the leanest layout ({plain.describe}, ZeRO-{plain.layout.zero_stage}) needs"
+            f" {fmt_bytes(plain.need_bytes)} per device, has {fmt_bytes(have)}"
+        )
+    off = lean.get("offload")
+    if off is not None:
+        parts.append(
+            f"with ZeRO-{off.layout.zero_stage} + optimizer offload ({off.describe}) it needs"
+            f" {fmt_bytes(off.need_bytes)}"
+        )
+    message = "no layout fits: " + "; ".join(parts)
+
+    def fits(c: ClusterSpec, w: Workload, s: SearchSpace, b: int | None) -> Shortfall | None:
+        found = _leanest(least_memory(model, c, w, space=s, **kw))
+        return found if found is not None and found.need_bytes <= usable_bytes(c, w, b) else None
+
+    alternatives = []
+    if space.micro_batch is not None and space.micro_batch > 1:
+        hit = fits(cluster, workload, dataclasses.replace(space, micro_batch=1), budget)
+        if hit is not None:
+            alternatives.append(
+                f"--micro-batch 1: {hit.describe} needs {fmt_bytes(hit.need_bytes)} per device"
+            )
+    factor = 2
+    while factor <= MAX_NODE_FACTOR:
+        bigger = cluster.with_nodes(cluster.nodes * factor)
+        hit = fits(bigger, workload, space, budget)
+        if hit is not None:
+            alternatives.append(
+                f"more devices: {bigger.nodes} nodes ({bigger.world_size} devices) fit with {hit.describe}"
+                f" at {fmt_bytes(hit.need_bytes)} per device"
+            )
+            break
+        factor *= 2
+    seq = workload.seq_len // 2
+    while seq >= 128:
+        hit = fits(cluster, workload.replace(seq_len=seq), space, budget)
+        if hit is not None:
+            alternatives.append(f"--seq {seq}: {hit.describe} needs {fmt_bytes(hit.need_bytes)} per device")
+            break
+        seq //= 2
+    if budget is not None and budget < cluster.device.memory:
+        hit = fits(cluster, workload, space, None)
+        if hit is not None:
+            alternatives.append(
+                f"the device's whole memory ({fmt_bytes(cluster.device.memory)}) instead of --budget"
+                f" {fmt_bytes(budget)}: {hit.describe} needs {fmt_bytes(hit.need_bytes)}"
+            )
+    if not alternatives:
+        alternatives.append(
+            f"a device with at least {fmt_bytes(best.need_bytes / (1 - workload.headroom) + GiB // 2)} of memory"
+        )
+    return InfeasibleError(message, need_bytes=best.need_bytes, have_bytes=have, alternatives=alternatives)
