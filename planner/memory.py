@@ -229,21 +229,26 @@ def token_coefficients(model: ModelSpec, workload: Workload, *, dropout: bool = 
     h, q, kv, f, a = model.hidden_size, model.q_size, model.kv_size, model.ffn_hidden_size, model.num_heads
     flash = workload.flash_attention and not dropout
     if model.family in ("llama", "mistral", "qwen2"):
-        attn: float = a if flash else 2 * a * workload.seq_len  # lse, or softmax output + scores
+        # flash keeps the log-sum-exp (a per token); unfused attention the softmax output and scores
         return TokenCoefficients(
-            replicated=6 * h + 2, sharded=2 * q + 2 * kv + 4 * f + attn, fixed=2 * model.head_dim
+            replicated=6 * h + 2,
+            sharded=2 * q + 2 * kv + 4 * f + (a if flash else 0),
+            per_sequence=0 if flash else 2 * a,
+            fixed=2 * model.head_dim,
         )
     if model.family == "gpt2":
-        attn = float(a) if flash else 3.0 * a * workload.seq_len
-        return TokenCoefficients(replicated=7 * h + 4, sharded=q + 2 * kv + 5 * f + attn)
+        return TokenCoefficients(
+            replicated=7 * h + 4,
+            sharded=q + 2 * kv + 5 * f + (a if flash else 0),
+            per_sequence=0 if flash else 3 * a,
+        )
     if model.family == "gpt_neox":
         rot = model.head_dim // 4
         return TokenCoefficients(replicated=5 * h + 4, sharded=q + 2 * kv + 2 * f + a, fixed=2 * rot)
     # Megatron GPT, Korthikanti et al. 2022 eq. 2 and Sec. 4.2: 34sbh bytes (16-bit, 1-byte
     # dropout masks included) of which 10sbh stay whole under tp and 24sbh shard; in 2-byte
     # elements per token: 5h + 12h. The unfused attention adds 5as^2b bytes = 2.5as elements.
-    attn = 0.0 if flash else 2.5 * a * workload.seq_len
-    return TokenCoefficients(replicated=5 * h, sharded=12 * h + attn, mask_bytes_per_token=0.0)
+    return TokenCoefficients(replicated=5 * h, sharded=12 * h, per_sequence=0 if flash else 2.5 * a)
 
 
 def block_saved_bytes(
@@ -253,7 +258,8 @@ def block_saved_bytes(
     c = token_coefficients(model, workload)
     tokens = micro_batch * workload.seq_len / cp
     rep = c.replicated / (tp if sp else 1)
-    shard = c.sharded / tp
+    # the s x s attention terms: per token, times the sequence each token attends over
+    shard = (c.sharded + c.per_sequence * workload.seq_len) / tp
     # an unfused attention's s x s terms are per token x (local) sequence length
     elems = tokens * (rep + shard) + c.fixed * workload.seq_len / cp
     return int(elems * workload.dtype_bytes + tokens * c.mask_bytes_per_token)
@@ -352,7 +358,8 @@ def estimate_memory(
         if options.recompute == "selective" and pol.layer not in policies:
             # Korthikanti et al. 2022 selective recompute: drop the attention core (s x s terms)
             c = token_coefficients(model, workload)
-            sel = saved - int(c.per_sequence * mb * workload.seq_len / cp / tp * workload.dtype_bytes)
+            tokens = mb * workload.seq_len / cp
+            sel = saved - int(tokens * c.per_sequence * workload.seq_len / tp * workload.dtype_bytes)
             act_device += sel
             continue
         act_device += pol.keep_fraction * saved + pol.recompute_fraction * inp

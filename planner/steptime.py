@@ -145,7 +145,8 @@ def estimate_step_time(
     # optimizer step
     shard = psi / (dp_n if layout.zero_stage >= 1 else 1)
     if options.offload.optimizer:
-        cpu_step = shard / cluster.cpu.adam_params_per_s
+        # the node's CPU runs the updates of all its devices at once
+        cpu_step = shard * cluster.devices_per_node / cluster.cpu.adam_params_per_s
         link = dev.host_link.bandwidth
         transfer = shard * d * 2 / link  # gradients down, parameters up
         optimizer = cpu_step + transfer

@@ -152,3 +152,23 @@ def teardown_module(module):
         path = os.path.join("benchmarks", "results", "memory_model_tests.json")
         with open(path, "w") as fh:
             json.dump(RESULTS, fh, indent=1)
+
+
+def test_selective_recompute_drops_the_attention_core():
+    """Korthikanti et al. 2022: selective recompute frees the 5as^2b term, nothing else."""
+    spec = MODEL_PRESETS["gpt3-175b"]
+    w = Workload(global_batch=8, seq_len=2048, flash_attention=False)
+    layout = Layout(tp=8, sequence_parallel=True)
+    none = estimate_memory(spec, w, layout, MemoryOptions(recompute="none")).detail["block_saved_bytes"]
+    # eq. 2 with tp and sp: s*b*h/t * (34 + 5*a*s/h) bytes per layer (16-bit)
+    s, b, h, a, t = 2048, 1, spec.hidden_size, spec.num_heads, 8
+    assert none == pytest.approx(s * b * h / t * (34 + 5 * a * s / h), rel=1e-6)
+
+    def backward_peak(workload, recompute):
+        return estimate_memory(spec, workload, layout, MemoryOptions(recompute=recompute)).detail[
+            "phase_backward"
+        ]
+
+    assert backward_peak(w, "full") < backward_peak(w, "selective") < backward_peak(w, "none")
+    flash = w.replace(flash_attention=True)
+    assert backward_peak(flash, "selective") == backward_peak(flash, "none")
