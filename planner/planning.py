@@ -38,7 +38,7 @@ from planner.search import (
     parallel_shapes,
     search,
 )
-from planner.stages import ACTIVATION_BASELINES, OPTIMIZER_BASELINES, Stage
+from planner.stages import ACTIVATION_STAGES, OPTIMIZER_BASELINES, Stage
 from planner.units import GiB, fmt_bytes, fmt_rate
 from planner.workload import Workload
 
@@ -62,7 +62,7 @@ def make_plan(
     budget: int | None = None,
     space: SearchSpace | None = None,
     optimizer_stages: Sequence[Stage] = OPTIMIZER_BASELINES,
-    activation_stages: Sequence[Stage] = ACTIVATION_BASELINES,
+    activation_stages: Sequence[Stage] = ACTIVATION_STAGES,
     mapping_top: int = 4,
     seed: int = 0,
     time_limit_s: float = 10.0,
@@ -282,7 +282,7 @@ def infeasible_error(
     budget: int | None,
     space: SearchSpace,
     optimizer_stages: Sequence[Stage] = OPTIMIZER_BASELINES,
-    activation_stages: Sequence[Stage] = ACTIVATION_BASELINES,
+    activation_stages: Sequence[Stage] = ACTIVATION_STAGES,
 ) -> InfeasibleError:
     have = usable_bytes(cluster, workload, budget)
     kw: dict[str, Any] = {"optimizer_stages": optimizer_stages, "activation_stages": activation_stages}

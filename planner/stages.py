@@ -339,3 +339,146 @@ class RecomputeBlock:
 
 OPTIMIZER_BASELINES: tuple[Stage, ...] = (OptimizerResident(), OptimizerOffload())
 ACTIVATION_BASELINES: tuple[Stage, ...] = (KeepAll(), RecomputeBlock(), RecomputeAll())
+
+
+# ---- the swap/recompute MIP as an activation strategy ------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationMip:
+    """MEMO's per-layer swap/recompute MIP (`planner.mip.activations`) behind the Stage protocol.
+
+    Per pipeline stage, each block becomes a `LayerCost` (saved and input bytes of the
+    micro-batches in flight, forward/backward/recompute seconds from the FLOP model), the
+    device bytes left for activations are the budget less what the step holds besides the
+    blocks' saved tensors, and the swap tier's bandwidth is the slower of the host link and
+    the tier. The exposed swap time, per micro-batch, becomes `added_time_s`; recompute
+    time reaches the step-time model through the policies' recompute fractions.
+    """
+
+    name: str = "swap_mip"
+    kind: StageKind = "activations"
+    expensive: bool = True
+    tier: Literal["dram", "cxl", "nvme"] = "dram"
+    strategy: str = "mip"  # or one of the MIP module's baselines ("greedy", ...)
+
+    def applies(self, inp: StageInput) -> bool:
+        return inp.cluster.tier(self.tier) is not None
+
+    def solve(self, inp: StageInput) -> StageResult:
+        from planner.flops import layer_forward_flops
+        from planner.memory import (
+            block_input_bytes,
+            block_saved_bytes,
+            in_flight_microbatches,
+            stage_layer_counts,
+        )
+        from planner.mip.activations import (
+            ActivationBudget,
+            ActivationSettings,
+            ActivationSolution,
+            LayerCost,
+            solve_activations,
+        )
+        from planner.mip.common import MipSettings
+
+        model, w, layout, cluster = inp.model, inp.workload, inp.layout, inp.cluster
+        tier = cluster.tier(self.tier)
+        if tier is None:  # applies() said so; keep mypy and -O honest
+            raise ValueError(f"cluster has no {self.tier} tier")
+        mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
+        saved = block_saved_bytes(model, w, micro_batch=mb, tp=tp, sp=sp, cp=cp)
+        inp_bytes = block_input_bytes(model, w, micro_batch=mb, tp=tp, sp=sp, cp=cp)
+        dev = cluster.device
+        rate = dev.flops(w.dtype) * dev.efficiency
+        fwd_s = layer_forward_flops(model, mb * w.seq_len, w.seq_len) / (tp * cp) / rate
+        per_node = cluster.devices_per_node
+        link = min(dev.host_link.bandwidth, tier.write_bandwidth / per_node)
+        link_in = min(dev.host_link.bandwidth, tier.read_bandwidth / per_node)
+        counts = stage_layer_counts(model, layout.pp, layout.stage_layers)
+        settings = ActivationSettings(mip=MipSettings(time_limit_s=min(5.0, inp.time_limit_s), gap_rel=1e-3))
+        tier_share = int(tier.capacity / per_node)
+        solutions = []
+        first = 0
+        for stage, n in enumerate(counts):
+            inflight = in_flight_microbatches(layout, stage)
+            layers = range(first, first + n)
+            first += n
+            costs = [
+                LayerCost(
+                    layer=i,
+                    act_bytes=saved * inflight,
+                    input_bytes=inp_bytes * inflight,
+                    fwd_time_s=fwd_s,
+                    bwd_time_s=2 * fwd_s,
+                    recompute_time_s=fwd_s,
+                )
+                for i in layers
+            ]
+            # what the step holds besides the blocks' saved tensors, while a block runs its
+            # backward: the stage's states and the final norm's tensors (the loss buffers are
+            # gone by then); the MIP bounds every block's backward peak against the rest
+            all_out = tuple(
+                ActivationPolicy(layer=i, keep_fraction=0.0, swap_fraction=1.0, swap_tier=self.tier)
+                for i in layers
+            )
+            rest = estimate_memory(
+                model, w, layout, dataclasses.replace(inp.options, policies=all_out), stage=stage
+            )
+            besides_block = rest.detail["phase_block_backward"] - saved
+            hi = inp.budget_bytes - besides_block
+            tail = max(rest.detail["phase_backward"], rest.detail["phase_forward"]) - besides_block
+
+            def attempt(device_bytes: int) -> tuple[ActivationSolution, bool]:
+                budget = ActivationBudget(
+                    device_bytes=max(0, device_bytes),
+                    tier_capacity_bytes=tier_share,
+                    tier_write_bps=link,
+                    tier_read_bps=link_in,
+                    tier=self.tier,
+                    tail_bytes=max(0, tail),
+                )
+                sol = solve_activations(costs, budget, strategy=self.strategy, settings=settings)
+                if not sol.fits:
+                    return sol, False
+                opts = dataclasses.replace(inp.options, recompute="none", policies=sol.policies)
+                return sol, estimate_memory(model, w, layout, opts, stage=stage).total <= inp.budget_bytes
+
+            # the loss's backward buffers meet the resident shares but not a block's transient,
+            # which the MIP's single budget cannot tell apart: the largest MIP budget whose
+            # plan fits the full model, by bisection (a few cheap solves)
+            sol, ok = attempt(hi)
+            if not ok and sol.fits:
+                lo, best = 0, None
+                for _ in range(6):
+                    mid = (lo + hi) // 2
+                    trial, fits = attempt(mid)
+                    if fits:
+                        lo, best = mid, trial
+                    elif trial.fits:
+                        hi = mid  # the MIP's plan keeps too much for the loss phase
+                    else:
+                        lo = mid  # too little for the MIP: even its leanest plan misses
+                if best is not None:
+                    sol, ok = best, True
+            if not ok:
+                short = sol.shortfall_bytes if not sol.fits else 0
+                return StageResult(
+                    kind="activations",
+                    strategy=self.name,
+                    options=inp.options,
+                    device_bytes=inp.budget_bytes + short,
+                    fits=False,
+                    report=sol.report(),
+                )
+            solutions.append(sol)
+        policies = tuple(p for sol in solutions for p in sol.policies)
+        options = dataclasses.replace(inp.options, recompute="none", policies=policies)
+        result = _activation_result(inp, self.name, options, estimate_memory(model, w, layout, options))
+        # the exposed transfer repeats for every micro-batch of the step; stages run in parallel
+        added = max(sol.exposed_transfer_s for sol in solutions) * layout.grad_accum
+        worst = max(solutions, key=lambda sol: sol.objective_s)
+        return dataclasses.replace(result, added_time_s=added, report=worst.report())
+
+
+ACTIVATION_STAGES: tuple[Stage, ...] = (*ACTIVATION_BASELINES, ActivationMip())

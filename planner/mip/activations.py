@@ -88,9 +88,12 @@ class ActivationBudget:
     tier_write_bps: float = 0.0  # device -> tier bandwidth, bytes/s (swap-out)
     tier_read_bps: float = 0.0  # tier -> device bandwidth, bytes/s (swap-in)
     tier: TierName = "dram"  # the one tier every swapped share goes to
+    # bytes alive at the loss (after the last block's forward, before any block's backward)
+    # besides the blocks' resident shares: the logits and the loss's backward buffers
+    tail_bytes: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("device_bytes", "tier_capacity_bytes"):
+        for name in ("device_bytes", "tier_capacity_bytes", "tail_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ActivationInputError(f"must be an integer >= 0 bytes, got {value!r}", field=name)
@@ -214,6 +217,7 @@ class PolicyCost:
     """What a set of per-layer fractions costs (arrays may carry a leading batch axis)."""
 
     layer_peaks: np.ndarray  # device bytes at block l's forward end / backward start
+    loss_peak: np.ndarray  # device bytes at the loss (resident shares + tail)
     device_bytes: np.ndarray  # max over layers of layer_peaks
     tier_bytes: np.ndarray
     recompute_s: np.ndarray
@@ -251,6 +255,9 @@ def _cost(
     swapped = s * act
     in_flight = np.concatenate([np.zeros_like(swapped[..., :1]), swapped[..., :-1]], axis=-1)
     peaks = before + act + in_flight
+    # at the loss: every block's resident share, the last block's swap-out still in flight,
+    # and the loss's own buffers (`ActivationBudget.tail_bytes`)
+    at_loss = resident.sum(axis=-1) + swapped[..., -1] + budget.tail_bytes
     recompute_s = (r * inst.rc).sum(axis=-1)
     if budget.can_swap:
         r_next = np.concatenate([r[..., 1:], np.zeros_like(r[..., :1])], axis=-1)
@@ -261,7 +268,8 @@ def _cost(
         exposed = np.zeros_like(recompute_s)
     return PolicyCost(
         layer_peaks=peaks,
-        device_bytes=peaks.max(axis=-1),
+        loss_peak=at_loss,
+        device_bytes=np.maximum(peaks.max(axis=-1), at_loss),
         tier_bytes=swapped.sum(axis=-1),
         recompute_s=recompute_s,
         exposed_transfer_s=exposed,
@@ -407,7 +415,8 @@ def greedy(
             room -= take * inst.act[layer]
 
     def excess(c: PolicyCost) -> np.ndarray:
-        return np.maximum(0.0, c.layer_peaks - budget.device_bytes).sum(axis=-1)
+        over_layers = np.maximum(0.0, c.layer_peaks - budget.device_bytes).sum(axis=-1)
+        return over_layers + np.maximum(0.0, c.loss_peak - budget.device_bytes)
 
     for _ in range(2 * n + 1):
         cost = _cost(inst, budget, k, s, r)
@@ -538,11 +547,20 @@ def _build_model(
         in_flight = act[l - 1] * swap[l - 1] if l > 0 else 0
         return resident + act[l] + in_flight
 
+    # device bytes at the loss: all resident shares + the last block's share in flight + the tail
+    at_loss = (
+        pulp.lpSum(act[j] * keep[j] + inp[j] * rec[j] for j in range(n))
+        + act[n - 1] * swap[n - 1]
+        + budget.tail_bytes / mem_unit_bytes
+    )
+
     if minimise == "time":
         device_cap = budget.device_bytes / mem_unit_bytes
         for l in range(n):
             # [Constraint] device activation budget at every block boundary (forward end = backward start)
             prob += peak(l) <= device_cap, f"device_{l}"
+        # [Constraint] device activation budget at the loss, between the last forward and the first backward
+        prob += at_loss <= device_cap, "device_at_loss"
         # [Objective] added step time: recompute + exposed transfer (+ a tie-break against needless swapping)
         prob += (
             pulp.lpSum(rc[l] * rec[l] + exposed_out[l] + exposed_in[l] for l in range(n))
@@ -554,6 +572,7 @@ def _build_model(
         top = pulp.LpVariable("peak", 0)
         for l in range(n):
             prob += peak(l) <= top, f"peak_{l}"
+        prob += at_loss <= top, "peak_at_loss"
         prob += top, "device_peak"
     if can_swap:
         # [Constraint] the tier holds every swapped share at the end of the forward

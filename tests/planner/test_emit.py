@@ -119,6 +119,14 @@ def test_node_assignment_refuses_unlaunchable_maps(hetero_plan):
         node_assignment(bad)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.integration
 def test_launch_script_runs_torchrun_with_the_planned_order(tmp_path):
     """Real torchrun, one node of two CPU 'devices': each rank sees the plan and its device list."""
@@ -128,20 +136,27 @@ def test_launch_script_runs_torchrun_with_the_planned_order(tmp_path):
     plan = plan.replace(layout=dataclasses.replace(plan.layout, rank_to_device=("n0:d1", "n0:d0")))
     paths = write_outputs(plan, tmp_path / "out")
     probe = tmp_path / "probe.py"
+    # each rank writes its own file: two ranks printing at once can interleave their lines
     probe.write_text(
-        "import json, os\n"
-        "print(json.dumps({k: os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'CUDA_VISIBLE_DEVICES', 'MEMTIER_PLAN')}))\n"
+        "import json, os, sys\n"
+        "keys = ('RANK', 'LOCAL_RANK', 'CUDA_VISIBLE_DEVICES', 'MEMTIER_PLAN')\n"
+        "out = os.path.join(sys.argv[1], 'rank' + os.environ['RANK'] + '.json')\n"
+        "open(out, 'w').write(json.dumps({k: os.environ[k] for k in keys}))\n"
     )
     env = {
         **os.environ,
-        "MASTER_PORT": "29561",
+        "MASTER_PORT": str(free_port()),
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
     }
     proc = subprocess.run(
-        ["bash", paths["launch.sh"], "0", str(probe)], capture_output=True, text=True, env=env, timeout=120
+        ["bash", paths["launch.sh"], "0", str(probe), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    seen = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(s["RANK"] for s in seen) == ["0", "1"]
     for s in seen:
         assert s["CUDA_VISIBLE_DEVICES"] == "1,0" and s["MEMTIER_PLAN"] == paths["plan.json"]

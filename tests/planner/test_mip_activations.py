@@ -345,3 +345,24 @@ def test_bad_input_names_the_field() -> None:
         MipSettings(time_limit_s=0)
     with pytest.raises(ActivationInputError, match="costs"):
         keep_all([], ActivationBudget(device_bytes=GB))
+
+
+def test_tail_bytes_at_the_loss_are_budgeted():
+    """The loss's buffers meet every block's resident share: a tail makes the MIP shed more."""
+    from planner.mip.activations import ActivationBudget, LayerCost, solve_activations
+
+    costs = [
+        LayerCost(
+            layer=i, act_bytes=100, input_bytes=10, fwd_time_s=1.0, bwd_time_s=2.0, recompute_time_s=1.0
+        )
+        for i in range(4)
+    ]
+    free = solve_activations(costs, ActivationBudget(device_bytes=400))
+    assert free.strategy in ("mip", "keep_all") and all(p.keep_fraction == 1 for p in free.policies)
+    tight = solve_activations(costs, ActivationBudget(device_bytes=400, tail_bytes=250))
+    assert tight.fits and tight.device_bytes <= 400
+    resident = sum(p.keep_fraction * 100 + p.recompute_fraction * 10 for p in tight.policies)
+    assert resident + 250 <= 400
+    for strategy in ("greedy", "keep_all"):
+        sol = solve_activations(costs, ActivationBudget(device_bytes=400, tail_bytes=250), strategy=strategy)
+        assert not sol.fits or sol.device_bytes <= 400
