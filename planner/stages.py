@@ -429,7 +429,12 @@ class ActivationMip:
             hi = inp.budget_bytes - besides_block
             tail = max(rest.detail["phase_backward"], rest.detail["phase_forward"]) - besides_block
 
-            def attempt(device_bytes: int) -> tuple[ActivationSolution, bool]:
+            def attempt(
+                device_bytes: int,
+                costs: list[LayerCost] = costs,
+                tail: int = tail,
+                stage: int = stage,
+            ) -> tuple[ActivationSolution, bool]:
                 budget = ActivationBudget(
                     device_bytes=max(0, device_bytes),
                     tier_capacity_bytes=tier_share,
