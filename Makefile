@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libaio-dev >/dev/null 2>&1; then \
 	  (apt-get update -qq && apt-get install -y -qq libaio-dev) >/dev/null 2>&1 || echo "note: libaio-dev not installed; NVMe tier uses its thread-pool path"; fi
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	@# Build DeepSpeed's async I/O op once (minutes; cached in ~/.cache/torch_extensions); without it the NVMe
+	@# tier uses its thread-pool path and the aio tests skip with the reason
+	-@$(PY) -m offload.tiers.engines build
 	@touch $@
 
 demo: setup

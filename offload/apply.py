@@ -1,0 +1,232 @@
+"""`offload.apply(model, optimizer, plan)`: carry out a Plan's runtime decisions on an unmodified model.
+
+What it installs, all undone by the returned handle's `remove()`:
+
+- per transformer block (see `offload.blocks.find_blocks`; `plan.activations[i].layer` indexes them), the
+  activation policy: swap hooks or a recompute wrapper (`offload.activations`); blocks without a policy
+  are left alone;
+- the tier stores the swap policies need, built from `plan.tiers` (closed, and swap files deleted, on
+  `remove()`);
+- the chunked loss when `plan.loss.kind == "chunked"` (`offload.loss.install_chunked_loss`);
+- optimizer-state offload when `plan.optimizer.offload` (not implemented yet: raises).
+
+Everything is validated before anything is installed, so a bad plan leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload.activations import (
+    BlockHooks,
+    BlockPolicy,
+    PolicyError,
+    SwapEngine,
+    SwapStats,
+    install_block_hooks,
+)
+from offload.blocks import BlockList, find_blocks
+from planner.plan import Plan, TierPlan
+
+__all__ = ["OffloadHandle", "apply", "tier_settings"]
+
+# Plan tier names -> `offload.tiers.make_tier` kinds.
+_TIER_KIND = {"dram": "host", "cxl": "cxl", "nvme": "nvme"}
+
+
+def tier_settings(tier: TierPlan) -> tuple[str, dict[str, Any]]:
+    """The `make_tier` kind and keyword settings of one `TierPlan`."""
+    kind = _TIER_KIND.get(tier.kind)
+    if kind is None:
+        raise PolicyError(
+            f"tier kind {tier.kind!r} has no store (choices: {sorted(_TIER_KIND)})", field="tiers.kind"
+        )
+    if tier.kind == "dram":
+        return kind, {"capacity_bytes": tier.capacity_bytes}
+    if tier.kind == "cxl":
+        return kind, {"capacity_bytes": tier.capacity_bytes, "node": tier.numa_node}
+    if not tier.path:
+        raise PolicyError("the nvme tier needs a path (a directory on the drive)", field="tiers.path")
+    return kind, {
+        "path": tier.path,
+        "capacity_bytes": tier.capacity_bytes or None,
+        "direct_io": tier.direct_io,
+        "chunk_bytes": tier.block_bytes,
+        "checksum": tier.checksum,
+    }
+
+
+class OffloadHandle:
+    """What `apply` installed on a model; `remove()` undoes all of it. Also a context manager."""
+
+    def __init__(self, *, model: nn.Module, blocks: BlockList, policies: tuple[BlockPolicy, ...]) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.policies = policies  # one per block, in block order
+        self.tiers: dict[str, Any] = {}  # plan tier name -> TierStore
+        self.engine: SwapEngine | None = None
+        self._block_hooks: list[BlockHooks] = []
+        self._loss_handle: Any = None
+        self._optimizer_handle: Any = None
+        self._model_hook: Any = None
+        self.removed = False
+
+    @property
+    def stats(self) -> SwapStats:
+        return self.engine.stats if self.engine is not None else SwapStats()
+
+    def synchronize(self) -> None:
+        """Wait for every activation copy in flight."""
+        if self.engine is not None:
+            self.engine.synchronize()
+
+    def remove(self) -> None:
+        """Undo everything: the model behaves exactly as before; tiers are closed and swap files deleted.
+
+        Call it after backward: tensors still swapped out (a graph that was never backpropagated) are gone.
+        """
+        if self.removed:
+            return
+        self.removed = True
+        errors: list[BaseException] = []
+        for undo in (
+            *(h.remove for h in reversed(self._block_hooks)),
+            *([self._model_hook.remove] if self._model_hook is not None else []),
+            *([self._loss_handle.remove] if self._loss_handle is not None else []),
+            *([self._optimizer_handle.remove] if self._optimizer_handle is not None else []),
+            *([self.engine.close] if self.engine is not None else []),
+            *(t.close for t in self.tiers.values()),
+        ):
+            try:
+                undo()
+            except BaseException as exc:  # noqa: BLE001 - undo the rest, then raise the first
+                errors.append(exc)
+        self._block_hooks.clear()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> OffloadHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        modes = [p.mode[0] for p in self.policies]
+        return (
+            f"OffloadHandle(blocks={self.blocks.path!r} x{len(self.blocks)}, modes={''.join(modes)}, "
+            f"tiers={sorted(self.tiers)}, removed={self.removed})"
+        )
+
+
+def _block_policies(plan: Plan, n_blocks: int) -> tuple[BlockPolicy, ...]:
+    policies: list[BlockPolicy | None] = [None] * n_blocks
+    for i, act in enumerate(plan.activations):
+        if not 0 <= act.layer < n_blocks:
+            raise PolicyError(
+                f"layer {act.layer} is out of range: the model has {n_blocks} transformer blocks",
+                field=f"activations[{i}].layer",
+            )
+        if policies[act.layer] is not None:
+            raise PolicyError(f"layer {act.layer} has two policies", field=f"activations[{i}].layer")
+        policies[act.layer] = BlockPolicy.from_plan(act, index=i)
+    return tuple(p if p is not None else BlockPolicy(layer=i) for i, p in enumerate(policies))
+
+
+def _param_ptrs_fn(model: nn.Module):
+    def ptrs() -> frozenset[int]:
+        # Recomputed at every block call (cheap: one pointer per tensor): parameters may be re-materialised
+        # (model.to(), FSDP) between steps, and a stale pointer could let a weight be swapped.
+        return frozenset(t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()])
+
+    return ptrs
+
+
+def apply(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    plan: Plan,
+    *,
+    blocks: Iterable[nn.Module] | None = None,
+    seq_dim: int = 1,
+) -> OffloadHandle:
+    """Install the plan's activation policies, tiers, loss and optimizer offload on `model`.
+
+    `optimizer` is for optimizer-state offload (`plan.optimizer.offload`; not implemented yet, so unused).
+    `blocks` overrides the block discovery; `seq_dim` is the sequence dimension of the blocks' hidden-state
+    input (1 for batch-first models). Call `remove()` on the result (or use it as a context manager) after
+    the last backward.
+    """
+    if not isinstance(plan, Plan):
+        raise PolicyError(f"expected a planner.plan.Plan, got {type(plan).__name__}", field="plan")
+    found = find_blocks(model, blocks=blocks)
+    policies = _block_policies(plan, len(found))
+    handle = OffloadHandle(model=model, blocks=found, policies=policies)
+
+    # Validate before installing anything.
+    needed = sorted({p.swap_tier for p in policies if p.mode == "swap"})
+    tier_plans: dict[str, TierPlan] = {}
+    for name in needed:
+        tp = plan.tier(name)
+        if tp is None:
+            layers = [p.layer for p in policies if p.mode == "swap" and p.swap_tier == name]
+            raise PolicyError(
+                f"layers {layers} swap to the {name!r} tier but the plan has no {name!r} entry in tiers",
+                field="tiers",
+            )
+        tier_settings(tp)  # raises on a malformed entry
+        tier_plans[name] = tp
+    chunked = plan.loss.kind == "chunked"
+    if chunked and importlib.util.find_spec("offload.loss") is None:
+        # TODO(issue 5): the chunked loss lives in offload/loss.py, written separately.
+        raise NotImplementedError(
+            "plan.loss.kind='chunked' needs offload.loss.install_chunked_loss (issue 5), "
+            "which is not available in this build"
+        )
+    if plan.optimizer.offload:
+        # Hook point for optimizer-state offload (plan.optimizer: subgroups, tier, update side): validate here,
+        # install at the end of the try block below and keep its handle in handle._optimizer_handle (remove()
+        # already undoes it).
+        raise NotImplementedError(
+            "plan.optimizer.offload=True: optimizer-state offload is not implemented yet "
+            "(issue 5 follow-up); re-plan with the optimizer on the device"
+        )
+
+    try:
+        if needed:
+            from offload.tiers import make_tier
+
+            for name, tp in tier_plans.items():
+                kind, settings = tier_settings(tp)
+                handle.tiers[name] = make_tier(kind, **settings)
+            handle.engine = SwapEngine(handle.tiers)
+        ptrs = _param_ptrs_fn(model)
+        for block, policy in zip(found, policies):
+            if policy.mode == "keep" and handle.engine is None:
+                continue
+            # With swapping, kept blocks get the engine's back-pressure hooks too (see install_block_hooks).
+            handle._block_hooks.append(
+                install_block_hooks(block, policy, engine=handle.engine, seq_dim=seq_dim, param_ptrs=ptrs)
+            )
+        if handle.engine is not None:
+            engine = handle.engine
+            # Ordering: runs after the model's forward (also when it raises): the last swapped block's copies
+            # are waited for and its sources released before backward starts.
+            handle._model_hook = model.register_forward_hook(
+                lambda _m, _a, _o: engine.drain(), always_call=True
+            )
+        if chunked:
+            loss_module = importlib.import_module("offload.loss")
+            # chunk_size 0 in a plan means "not set": the loss module's default applies.
+            loss_kwargs = {"chunk_size": plan.loss.chunk_size} if plan.loss.chunk_size > 0 else {}
+            handle._loss_handle = loss_module.install_chunked_loss(model, **loss_kwargs)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

@@ -1,0 +1,102 @@
+"""Hugging Face plumbing for the chunked loss: find a causal LM's head, swap its head and loss, strip logits.
+
+Kept apart from offload/loss.py so the loss itself has no knowledge of transformers' conventions. Nothing
+here imports transformers: the checks go by the attributes every `PreTrainedModel` has
+(`get_output_embeddings()`, the `loss_function` property backed by `_loss_function`, `ModelOutput`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+# The name of transformers' default causal-LM loss (transformers/loss/loss_utils.py::ForCausalLMLoss): shift
+# labels by one, upcast logits to fp32, cross-entropy with ignore_index, mean or sum / num_items_in_batch.
+CAUSAL_LM_LOSS_NAME = "ForCausalLMLoss"
+
+
+def _unsupported(message: str, field: str) -> Exception:
+    from offload.loss import UnsupportedModelError  # late: offload.loss imports this module
+
+    return UnsupportedModelError(message, field=field)
+
+
+def find_lm_head(model: nn.Module) -> nn.Linear:
+    """The model's output projection (an nn.Linear of weight (vocab, hidden)), tied or not."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else getattr(model, "lm_head", None)
+    if head is None:
+        raise _unsupported(
+            f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)", "model"
+        )
+    if not isinstance(head, nn.Linear):
+        raise _unsupported(
+            f"output embedding is {type(head).__name__}, expected nn.Linear (vocab x hidden)", "model.lm_head"
+        )
+    return head
+
+
+def default_causal_lm_loss(model: nn.Module) -> Callable[..., Tensor]:
+    """The model's loss function if it is transformers' default causal-LM loss, else UnsupportedModelError."""
+    if "_loss_function" in vars(model):
+        raise _unsupported(
+            "has a custom loss_function set; the chunked loss would replace it", "model.loss_function"
+        )
+    fn = getattr(model, "loss_function", None)
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if fn is None or name != CAUSAL_LM_LOSS_NAME:
+        raise _unsupported(f"is {name}, expected transformers' {CAUSAL_LM_LOSS_NAME}", "model.loss_function")
+    return fn
+
+
+def override_forward(
+    module: nn.Module, replacement: Callable[[Callable[..., Any], Tensor], Any]
+) -> Callable[[], None]:
+    """Make `module(x)` call `replacement(previous_forward, x)`; returns the undo.
+
+    An instance attribute shadows the class's forward (nn.Module.__call__ looks up self.forward), so the
+    module's parameters, buffers and state_dict keys are untouched. A forward already overridden on the
+    instance (e.g. by accelerate's hooks) is chained to and restored on undo.
+    """
+    had_own = "forward" in vars(module)
+    previous = module.forward
+
+    def forward(hidden: Tensor) -> Any:
+        return replacement(previous, hidden)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+    def undo() -> None:
+        if had_own:
+            module.forward = previous  # type: ignore[method-assign]
+        else:
+            del module.forward
+
+    return undo
+
+
+def override_loss_function(model: nn.Module, fn: Callable[..., Tensor]) -> Callable[[], None]:
+    """Set the model's loss function (PreTrainedModel.loss_function's setter stores `_loss_function`)."""
+    # PreTrainedModel.loss_function is a property whose setter stores `_loss_function` on the instance
+    setattr(model, "loss_function", fn)  # noqa: B010
+
+    def undo() -> None:
+        if "_loss_function" in vars(model):
+            delattr(model, "_loss_function")
+
+    return undo
+
+
+def drop_logits(output: Any, placeholder: Tensor) -> Any:
+    """The model output without the placeholder the head returned in place of logits.
+
+    A ModelOutput is rebuilt without that field (so `.logits` is None and `to_tuple()` skips it); a tuple
+    (return_dict=False) loses the entry.
+    """
+    if isinstance(output, tuple):
+        return tuple(v for v in output if v is not placeholder)
+    if isinstance(output, dict):  # transformers.utils.ModelOutput is an OrderedDict dataclass
+        return type(output)(**{k: v for k, v in output.items() if v is not placeholder})
+    raise _unsupported(f"forward returned {type(output).__name__}, expected a ModelOutput or tuple", "model")
