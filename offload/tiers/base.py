@@ -43,7 +43,7 @@ import ctypes
 import dataclasses
 import itertools
 import threading
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -53,9 +53,10 @@ from offload.tiers.stats import StatsRecorder, TierStats
 __all__ = ["Handle", "TierStore", "as_byte_view", "byte_view_of", "check_out", "copy_bytes", "typed_view"]
 
 _store_ids = itertools.count(1)
+_Store = TypeVar("_Store", bound="TierStore")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Handle:
     """What ``put`` returns: an immutable record of the stored tensor; the store keeps the mutable state."""
 
@@ -249,7 +250,7 @@ class TierStore(abc.ABC):
         finally:
             self._close()
 
-    def __enter__(self) -> TierStore:
+    def __enter__(self: _Store) -> _Store:
         return self
 
     def __exit__(self, *exc: object) -> None:

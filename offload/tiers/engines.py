@@ -209,7 +209,7 @@ class AioEngine(IOEngine):
     for all of its pending operations), so per-thread handles let the store keep several requests in flight.
 
     ``block_bytes``/``queue_depth`` default to DeepSpeed's ``aio`` config defaults (block_size 1 MiB,
-    queue_depth 8; DeepSpeed config JSON documentation, "aio").
+    queue_depth 8; ``deepspeed/runtime/swap_tensor/constants.py``, ``AIO_*_DEFAULT``).
     """
 
     name: ClassVar[str] = "aio"

@@ -71,12 +71,12 @@ class NvmeSettings:
 
     path: str  # directory on the NVMe drive; a private run directory is created inside
     capacity_bytes: int | None = None  # hard cap on bytes stored; None: the free space at start
-    chunk_bytes: int = 8 << 20  # size of one I/O request and of one staging buffer (multiple of 4096)
-    staging_slots: int = 4  # staging buffers: bounds the host memory of in-flight I/O to slots * chunk_bytes
+    chunk_bytes: int = 4 << 20  # size of one I/O request and of one staging buffer (multiple of 4096)
+    staging_slots: int = 8  # staging buffers: bounds the host memory of in-flight I/O to slots * chunk_bytes
     io_engine: EngineChoice = (
         "auto"  # "aio" (DeepSpeed async I/O), "posix" (thread pool), "auto" (aio if usable)
     )
-    io_threads: int = 2  # writer threads and, separately, reader threads
+    io_threads: int = 4  # writer threads and, separately, reader threads (they mostly wait on the disk)
     checksum: bool = False  # per-chunk CRC32, verified on read
     direct_io: bool | None = None  # None: O_DIRECT when the file system allows it
     aio_block_bytes: int = 1 << 20  # DeepSpeed aio block_size
@@ -169,10 +169,10 @@ class NvmeTier(TierStore):
         *,
         path: str | os.PathLike[str],
         capacity_bytes: int | None = None,
-        chunk_bytes: int = 8 << 20,
-        staging_slots: int = 4,
+        chunk_bytes: int = 4 << 20,
+        staging_slots: int = 8,
         io_engine: EngineChoice = "auto",
-        io_threads: int = 2,
+        io_threads: int = 4,
         checksum: bool = False,
         direct_io: bool | None = None,
         aio_block_bytes: int = 1 << 20,

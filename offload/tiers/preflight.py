@@ -23,7 +23,7 @@ __all__ = ["DIRECT_IO_ALIGNMENT", "PreflightReport", "preflight", "probe_direct_
 DIRECT_IO_ALIGNMENT = 4096
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PreflightReport:
     path: str
     need_bytes: int

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -84,9 +85,8 @@ def test_full_disk_mid_run_raises_a_typed_error(tmpfs, io_engine: str) -> None: 
     """The file system fills up after the preflight (someone else wrote to it): put raises TierNoSpaceError
     naming the path, the bytes and ENOSPC; the failed tensor leaves nothing readable; earlier data survives."""
     mnt = tmpfs(8 << 20)
-    with NvmeTier(
-        path=mnt, capacity_bytes=6 << 20, io_engine=io_engine, chunk_bytes=256 << 10, build_aio=False
-    ) as store:  # type: ignore[arg-type]
+    settings: dict[str, Any] = {"capacity_bytes": 6 << 20, "io_engine": io_engine, "chunk_bytes": 256 << 10}
+    with NvmeTier(path=mnt, build_aio=False, **settings) as store:
         first = torch.randn(250_000)  # ~1 MB
         h1 = store.put(first)
         store.synchronize()

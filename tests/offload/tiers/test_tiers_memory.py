@@ -16,12 +16,12 @@ from offload.tiers import (
     TierCapacityError,
     TierClosedError,
     TierFragmentationError,
-    TierStore,
     TierValueError,
 )
+from offload.tiers.host import ArenaStore
 
 
-def make_memory_tier(kind: str, capacity_bytes: int) -> TierStore:
+def make_memory_tier(kind: str, capacity_bytes: int) -> ArenaStore:
     if kind == "host":
         return HostTier(capacity_bytes=capacity_bytes)
     return CxlTier(capacity_bytes=capacity_bytes, node=0)  # the binding code, exercised on node 0

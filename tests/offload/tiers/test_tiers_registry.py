@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from offload.tiers import TIER_KINDS, TierStore, TierValueError, availability, a
 
 
 def test_every_kind_builds_and_round_trips(tmp_path: Path) -> None:
-    settings = {
+    settings: dict[str, dict[str, Any]] = {
         "host": {"capacity_bytes": 1 << 20},
         "cxl": {"capacity_bytes": 1 << 20, "node": 0},
         "nvme": {"path": tmp_path, "capacity_bytes": 1 << 20, "io_engine": "posix"},
