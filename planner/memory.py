@@ -153,33 +153,37 @@ def optimizer_state_bytes_per_param(workload: Workload, model: ModelSpec | None 
 def low_rank_state_elems(model: ModelSpec, workload: Workload) -> float:
     """Optimizer-state elements of GaLore / Natural GaLore / FRUGAL for the whole model.
 
-    Matrices are projected; vectors (norms, biases) and embeddings keep full Adam moments
-    (as galore-torch is used in practice: projection on the transformer blocks' linears).
+    The transformer blocks' matrices are projected; vectors (norms, biases), embeddings and the
+    head keep full Adam moments (how galore-torch is used: projection on the blocks' linears).
+    For an m x n weight with m >= n, GaLore projects the short side: Adam moments of the m x r
+    projected gradient plus the n x r basis, 2rm + rn (Zhao et al. 2024, Sec. 4.2); Natural
+    GaLore adds a history of s low-rank gradients, s*r*m (Das et al. 2024); FRUGAL keeps the
+    same on rank r = density * n, or plain Adam (2mn) when r = n and nothing when r = 0
+    (Zmushko et al. 2024). The same arithmetic as `optim.state_bytes.expected_state_bytes`,
+    held together by a cross-check test (planner may not import optim).
     """
     opt = workload.optimizer
     elems = 0.0
     for _, shape in model.layer_param_shapes():
-        if len(shape) == 2:
-            m, n = max(shape), min(shape)
-            r = min(opt.rank, n)
-            if opt.kind == "frugal":
-                # state-full Adam on a `density` share of the weight's rows
-                elems += 2 * opt.density * m * n
-            else:
-                # two moments of the r x m projected gradient + the n x r projector
-                elems += 2 * r * m + n * r
-                if opt.kind == "natural_galore":
-                    # Natural GaLore: a short history of low-rank gradients for the Fisher
-                    # (Woodbury) preconditioner: `history` r x m matrices
-                    elems += NATURAL_GALORE_HISTORY * r * m
-        else:
+        if len(shape) != 2:
             elems += 2 * shape[0]
+            continue
+        m, n = max(shape), min(shape)
+        if opt.kind == "frugal":
+            r = int(math.floor(opt.density * n + 0.5))
+            elems += 2 * m * n if r >= n else (0 if r == 0 else 2 * r * m + r * n)
+            continue
+        r = min(opt.rank, n)
+        elems += 2 * r * m + r * n
+        if opt.kind == "natural_galore":
+            elems += NATURAL_GALORE_HISTORY * r * m
     elems *= model.num_layers
     other = model.embedding_params + model.lm_head_params + model.norm_params
     return elems + 2 * other
 
 
-NATURAL_GALORE_HISTORY = 4
+# Natural GaLore's stored low-rank gradients (optim.NaturalGaLoreAdamW's default history_size)
+NATURAL_GALORE_HISTORY = 10
 
 
 def model_states(model: ModelSpec, workload: Workload, layout: Layout, stage: int = 0) -> ModelStates:
