@@ -42,16 +42,17 @@ Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 Mode = Literal["recompute", "precompute"]
 MODES: tuple[str, ...] = ("recompute", "precompute")
-# Chosen by measurement (benchmarks/loss.py, benchmarks/results/loss.json): on 2 CPU threads a training step
-# of a head-dominated Llama took 0.87x the standard path's CPU time with "precompute" and 0.97-1.02x with
-# "recompute" (its extra logits matmul), at the same measured peak. On an accelerator the extra matmul is a
-# third more LM-head flops (8 vs 6 T H V), so precompute is the default; recompute is there for vocabulary
-# blocks and for backward-twice graphs.
+# Chosen by measurement (benchmarks/loss.py; benchmarks/results/loss.json): on 2 CPU threads shared with other
+# jobs, a training step of a head-dominated Llama (vocab 32000, 2048 tokens) took 0.86-0.99x the standard
+# path's CPU time with "precompute" and 0.99-1.03x with "recompute" (its extra logits matmul), at the same
+# measured peak. On an accelerator the extra matmul is a third more LM-head flops (8 vs 6 T H V), so
+# precompute is the default; recompute is there for vocabulary blocks and for graphs backwarded twice.
 DEFAULT_MODE: Mode = "precompute"
 
-# Tokens per chunk, chosen by the same measurement: recompute's step time is flat from 512 to 2048 tokens and
-# 11% slower at 256 (each tile's matmul gets thin); precompute is flat from 256 up. 1024 tokens x 128K
-# vocabulary x 4 bytes = 0.5 GiB per fp32 tile, an eighth of the issue's 4 GiB logits.
+# Tokens per chunk, chosen by the chunk sweep (benchmarks/results/loss_chunk_sweep.json): 64- and 128-token
+# chunks were 25-60% slower than 1024 (thin tile matmuls, more loop trips), 256-2048 flat within noise. 1024
+# sits in the flat part with a 4x margin from where the rise starts; at 128K vocabulary its fp32 tile is
+# 0.5 GiB, an eighth of the issue's 4 GiB logits.
 DEFAULT_CHUNK_TOKENS = 1024
 
 
@@ -65,7 +66,7 @@ class ChunkedLossError(ValueError):
 
 
 class UnsupportedModelError(ChunkedLossError):
-    """A model the installer cannot serve: no linear LM head, a custom loss, logits changed before the loss."""
+    """A model the installer cannot serve: no linear LM head, a custom loss, logits changed before loss."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -719,7 +720,9 @@ def install_chunked_loss(
     # NOTE: while a call with labels runs, lm_head returns its input (the hidden states) instead of logits and
     # the model's loss_function computes the chunked loss from them; the forward hook then removes them from
     # the output, so `outputs.logits` is None for calls with labels (no tokens x vocab tensor is ever made).
-    # With return_dict=False the tuple therefore has no logits entry (HF's to_tuple drops None fields).
+    # With return_dict=False the tuple therefore has no logits entry (HF's to_tuple drops None fields). This
+    # holds for evaluation calls with labels too: code that wants both loss and logits (e.g. HF Trainer's
+    # compute_metrics) must call without labels or remove() the handle first.
     handle._removers.append(hf_loss.override_forward(lm_head, handle._head_forward))
     handle._removers.append(
         hf_loss.override_loss_function(model, lambda *a, **k: handle._loss(previous_loss, *a, **k))

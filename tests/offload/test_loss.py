@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from offload.loss import (
     ChunkedLossError,
@@ -64,6 +66,21 @@ def test_matches_cross_entropy_fp64(mode, vocab_block, with_bias, reduction, lab
     assert_close(out, ref)
     for got, want in zip(_grads(out, [h, w, b]), _grads(ref, [h, w, b])):
         assert_close(got, want)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
 
 
 def _tiny_config(arch: str, *, tied: bool, vocab: int = 211):
@@ -155,13 +172,18 @@ def test_installer_matches_unmodified_model(arch, tied, mode):
 
     handle = install_chunked_loss(model, chunk_size=8, mode=mode)
     assert list(model.state_dict()) == keys  # module tree untouched
-    out = model(ids, labels=labels)
-    ref = reference(ids, labels=labels)
-    assert out.logits is None  # no tokens x vocab tensor
+    with _LargestTensor() as chunked_largest:
+        out = model(ids, labels=labels)
+        out.loss.backward()
+    with _LargestTensor() as standard_largest:
+        ref = reference(ids, labels=labels)
+        ref.loss.backward()
+    logits_numel = ids.numel() * model.config.vocab_size
+    assert standard_largest.numel >= logits_numel  # the reference does make full logits
+    assert chunked_largest.numel < logits_numel  # the chunked path never does, forward or backward
+    assert out.logits is None
     assert handle.calls == 1
     assert_close(out.loss, ref.loss)
-    out.loss.backward()
-    ref.loss.backward()
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         assert p.grad is not None, name
         assert_close(p.grad, q.grad, msg=name)
@@ -404,3 +426,14 @@ def test_backward_twice():
     torch.autograd.grad(out, [h, w], retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         torch.autograd.grad(out, [h, w])
+
+
+def test_vocab_block_without_mode_takes_recompute():
+    h = torch.randn(1, 9, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 13, (1, 9))
+    out = linear_cross_entropy(h, w, labels, chunk_size=4, vocab_block=5)  # default mode would refuse blocks
+    ref = _reference(h, w, None, labels)
+    assert_close(out, ref)
+    for got, want in zip(_grads(out, [h, w]), _grads(ref, [h, w])):
+        assert_close(got, want)
