@@ -296,9 +296,14 @@ def loss_peak_bytes(
     """
     one = logits_bytes(model, workload, micro_batch=micro_batch, tp=tp, cp=cp)
     if chunk_tokens:
+        # offload.loss (precompute mode): one chunk's fp32 logits (and its 16-bit copy), the
+        # per-token log-sum-exp, and the weight and hidden gradients it forms while the
+        # chunk's logits are at hand: c*V*4 + [b != 4]*c*V*b + 4T + (V + T)*H*b
         tokens = micro_batch * workload.seq_len / cp
-        chunk = int(one * min(1.0, chunk_tokens / tokens))
-        return 2 * chunk, 3 * chunk
+        c = min(chunk_tokens, tokens)
+        v, h, b = model.vocab_size / tp, model.hidden_size, workload.dtype_bytes
+        chunked = c * v * FP32 + (c * v * b if b != FP32 else 0) + 4 * tokens + (v + tokens) * h * b
+        return int(chunked), int(chunked)
     upcast = one // 2 if workload.dtype_bytes == 2 else 0
     return 2 * one + upcast, 3 * one
 

@@ -24,6 +24,7 @@ from planner.memory import MemoryOptions, Offload
 from planner.model import ModelSpec
 from planner.plan import (
     ActivationPolicy,
+    LossPlan,
     OptimizerPlan,
     Plan,
     Predicted,
@@ -119,6 +120,11 @@ def check_shapes(model: ModelSpec, cluster: ClusterSpec, workload: Workload, spa
 # ---- candidate -> Plan ------------------------------------------------------------------
 
 
+# a host tier's cap: what the plan puts there, +10%, + 64 MiB for alignment and small tensors
+TIER_MARGIN = 1.10
+TIER_SLACK_BYTES = 64 << 20
+
+
 def layer_policies(model: ModelSpec, options: MemoryOptions) -> tuple[ActivationPolicy, ...]:
     """One explicit policy per block: the stage's per-layer policies, or its uniform choice."""
     if options.policies:
@@ -138,7 +144,8 @@ def memory_options(plan: Plan) -> MemoryOptions:
     tier = plan.optimizer.tier
     if plan.optimizer.offload and tier != "device":
         offload = Offload(optimizer=True, tier=tier)
-    return MemoryOptions(offload=offload, policies=plan.activations)
+    chunk = plan.loss.chunk_size if plan.loss.kind == "chunked" else 0
+    return MemoryOptions(offload=offload, policies=plan.activations, loss_chunk_tokens=chunk)
 
 
 def optimizer_settings(workload: Workload) -> dict[str, Any]:
@@ -171,15 +178,18 @@ def plan_from_candidate(
             layout, rank_to_device=tuple(cluster.device_name(r) for r in range(cluster.world_size))
         )
     offload = chosen.options.offload
-    tiers: tuple[TierPlan, ...] = ()
-    if offload.optimizer:
-        spec = cluster.tier(offload.tier)
-        if spec is not None:
-            tiers = (
-                TierPlan(
-                    kind=offload.tier, capacity_bytes=spec.capacity, path=spec.path, numa_node=spec.numa_node
-                ),
-            )
+    # one tier per host tier the plan uses, capped at what it puts there (per device) plus a
+    # margin: the runtime pre-allocates host arenas to this cap
+    tiers = tuple(
+        TierPlan(
+            kind=kind,  # type: ignore[arg-type]
+            capacity_bytes=int(used * TIER_MARGIN) + TIER_SLACK_BYTES,
+            path=spec.path,
+            numa_node=spec.numa_node,
+        )
+        for kind, used in sorted(chosen.memory.host_bytes.items())
+        if used > 0 and (spec := cluster.tier(kind)) is not None
+    )
     mem, t = chosen.memory, chosen.time
     per_node = {tier: b * cluster.devices_per_node for tier, b in mem.host_bytes.items()}
     solvers = []
@@ -199,6 +209,11 @@ def plan_from_candidate(
             settings=optimizer_settings(workload),
             offload=offload.optimizer,
             tier=offload.tier if offload.optimizer else "device",
+        ),
+        loss=(
+            LossPlan(kind="chunked", chunk_size=chosen.options.loss_chunk_tokens)
+            if chosen.options.loss_chunk_tokens
+            else LossPlan()
         ),
         tiers=tiers,
         predicted=Predicted(

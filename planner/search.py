@@ -66,6 +66,10 @@ class SearchSpace:
     cp_min_chunk: int = field(default=2048, metadata={"positive": True})  # tokens per cp rank, at least
     uneven_splits: bool = True
     sequence_parallel: bool = True  # with tp > 1 (Korthikanti et al. 2022: same comm volume, less memory)
+    # chunked linear cross-entropy (offload.loss) with this many tokens per chunk; 0 keeps the
+    # standard loss. Its time equals the standard loss's (same FLOPs), so it is on by default
+    # and the memory model decides whether it lowers the peak (it never raises it)
+    loss_chunk_tokens: int = field(default=1024, metadata={"min": 0})
 
     def __post_init__(self) -> None:
         if self.micro_batch is not None and self.micro_batch < 1:
@@ -372,6 +376,7 @@ def search(
                         workload=workload,
                         layout=Layout(dp=dp, tp=tp, pp=pp, cp=cp, zero_stage=zero, stage_layers=split),
                         budget_bytes=budget_bytes,
+                        options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens),
                         links=links,
                         time_limit_s=time_limit_s,
                         seed=seed,
@@ -587,7 +592,12 @@ def least_memory(
                     stage_layers=split,
                 )
                 base = StageInput(
-                    model=model, cluster=cluster, workload=workload, layout=layout, budget_bytes=big
+                    model=model,
+                    cluster=cluster,
+                    workload=workload,
+                    layout=layout,
+                    budget_bytes=big,
+                    options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens),
                 )
                 for opt_stage in optimizer_stages:
                     if not opt_stage.applies(base):

@@ -122,7 +122,8 @@ def test_pruning_finds_the_exhaustive_optimum():
             for mb in micro_batches(w, dp, space):
                 layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=mb, grad_accum=32 // (dp * mb),
                                 zero_stage=zero, sequence_parallel=tp > 1, stage_layers=split)  # fmt: skip
-                inp = StageInput(model=model, cluster=cluster, workload=w, layout=layout, budget_bytes=budget)
+                inp = StageInput(model=model, cluster=cluster, workload=w, layout=layout, budget_bytes=budget,
+                                 options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens))  # fmt: skip
                 if not opt_stage.applies(inp):
                     continue
                 opt = opt_stage.solve(inp)
@@ -202,12 +203,26 @@ def test_expensive_stage_runs_on_the_best_layouts_only():
     model, w = MODEL_PRESETS["llama3-8b"], Workload(global_batch=16, seq_len=8192)
     cluster = resolve_cluster("dgx-a100-8x80g")
     budget = 8 * GiB
+    space = SearchSpace(loss_chunk_tokens=0)  # the standard loss: its logits make the budget bind
     base = search(
-        model, cluster, w, budget_bytes=budget, activation_stages=(KeepAll(), RecomputeAll()), mapping_top=0
+        model,
+        cluster,
+        w,
+        budget_bytes=budget,
+        space=space,
+        activation_stages=(KeepAll(), RecomputeAll()),
+        mapping_top=0,
     )
     stages = (KeepAll(), RecomputeAll(), RecomputeBlock(expensive=True))
     refined = search(
-        model, cluster, w, budget_bytes=budget, activation_stages=stages, mapping_top=0, refine_top=3
+        model,
+        cluster,
+        w,
+        budget_bytes=budget,
+        space=space,
+        activation_stages=stages,
+        mapping_top=0,
+        refine_top=3,
     )
     top3 = {c.shape for c in base.ranked[:3]}
     assert refined.best.activations.strategy == "recompute_block" and refined.best.shape in top3
