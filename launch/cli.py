@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=_positive_int, default=4, help="--auto: sequences per rank")
     p.add_argument("--budget", help="--auto: memory per rank (e.g. 2GiB); default: the machine's share")
     p.add_argument("--plan-out", default=".memtier/auto", help="--auto: directory for the plan")
+    p.add_argument(
+        "--cluster", default="local", help="--auto: cluster YAML or 'local' (this machine's probe)"
+    )
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
 
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibrate", action="store_true", help="write measured efficiencies back to the cluster YAML"
     )
     p.add_argument("--cluster", default="local")
+    from launch import bench
+
+    bench.add_arguments(p)
     return parser
 
 

@@ -1,0 +1,300 @@
+"""AdamW update kernels of the offloaded optimizer: torch's fused AdamW and DeepSpeed's CPU Adam.
+
+Both update lists of flat fp32 tensors in place. The kernel of the CPU side is the faster of the two measured
+on this machine (``select_cpu_kernel("auto")``); the device side always runs torch's fused kernel on the
+device (CUDA's ``_fused_adamw_``, or the CPU one when the "device" is the CPU).
+
+- ``torch_fused``: ``torch._fused_adamw_`` -- the kernel behind ``torch.optim.AdamW(fused=True)``. Applied to
+  the same tensors (one call per parameter tensor) it gives bit-identical results to that optimizer.
+- ``deepspeed``: ``deepspeed.ops.adam.DeepSpeedCPUAdam``'s op (Ren et al. 2021, ZeRO-Offload, Sec. 5.1: a
+  SIMD CPU Adam). Its op compiles on first use (~100 s); ``select_cpu_kernel("auto")`` only considers it when a
+  build is already cached, so nothing here ever compiles implicitly. Its arithmetic differs from torch's in
+  the last bits (fp32 bias corrections), so it is close to, never bit-identical with, ``torch.optim.AdamW``.
+
+Both release the GIL while they run, so an update on a worker thread overlaps the autograd thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+
+from planner.errors import SpecError
+
+__all__ = [
+    "CPU_KERNELS",
+    "AdamWHyper",
+    "DeepSpeedCpuAdam",
+    "TorchFusedAdamW",
+    "UpdateKernel",
+    "deepspeed_cpu_adam_prebuilt",
+    "deepspeed_cpu_adam_status",
+    "kernel_throughput",
+    "kernel_throughputs",
+    "make_kernel",
+    "select_cpu_kernel",
+]
+
+logger = logging.getLogger("memtier.offload.optimizer")
+
+KernelName = Literal["torch_fused", "deepspeed"]
+CPU_KERNELS: tuple[str, ...] = ("torch_fused", "deepspeed")
+
+
+class KernelError(SpecError):
+    """An update kernel that cannot be used here (the message names the setting)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdamWHyper:
+    """The hyper-parameters of one parameter group at the moment its subgroup is updated."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> AdamWHyper:
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        return cls(
+            lr=float(lr),  # a tensor lr (torch allows it) is read as its value
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+        )
+
+
+class UpdateKernel(Protocol):
+    """One AdamW step on lists of same-shaped fp32 tensors (parameters, gradients, moments), in place."""
+
+    name: ClassVar[str]
+
+    def __call__(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        exp_avgs: Sequence[torch.Tensor],
+        exp_avg_sqs: Sequence[torch.Tensor],
+        steps: Sequence[torch.Tensor],
+        hyper: AdamWHyper,
+    ) -> None:
+        """``steps[i]`` is the (already incremented) step count of tensor ``i``, a 0-dim float32 tensor."""
+        ...
+
+
+class TorchFusedAdamW:
+    """``torch._fused_adamw_``: the same kernel, and the same per-tensor arithmetic, as AdamW(fused=True)."""
+
+    name: ClassVar[str] = "torch_fused"
+
+    def __call__(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        exp_avgs: Sequence[torch.Tensor],
+        exp_avg_sqs: Sequence[torch.Tensor],
+        steps: Sequence[torch.Tensor],
+        hyper: AdamWHyper,
+    ) -> None:
+        if not params:
+            return
+        torch._fused_adamw_(
+            list(params),
+            list(grads),
+            list(exp_avgs),
+            list(exp_avg_sqs),
+            [],  # max_exp_avg_sqs: no AMSGrad
+            list(steps),
+            lr=hyper.lr,
+            beta1=hyper.beta1,
+            beta2=hyper.beta2,
+            weight_decay=hyper.weight_decay,
+            eps=hyper.eps,
+            amsgrad=False,
+            maximize=False,
+        )
+
+
+# ---- DeepSpeed CPU Adam ------------------------------------------------------------------------------------
+
+_ds_lock = threading.Lock()
+_ds_module: Any = None
+_ds_failure: str | None = None
+# DeepSpeedCPUAdam numbers its optimizers from 0 in a class counter; ours start far above so both can coexist
+_ds_ids = itertools.count(1 << 20)
+
+
+def deepspeed_cpu_adam_prebuilt() -> bool:
+    """Whether DeepSpeed's cpu_adam op is built and cached (loading it then takes seconds, not minutes)."""
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+        from torch.utils.cpp_extension import _get_build_directory
+
+        name = CPUAdamBuilder().name
+        return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+    except Exception:  # noqa: BLE001 - best effort: "not built"
+        return False
+
+
+def deepspeed_cpu_adam_status(*, build: bool = False) -> tuple[bool, str]:
+    """(usable, reason if not) for DeepSpeed's cpu_adam op; loads it (compiling only if ``build``)."""
+    global _ds_module, _ds_failure
+    with _ds_lock:
+        if _ds_module is not None:
+            return True, ""
+        if _ds_failure is not None:
+            return False, _ds_failure
+        try:
+            from deepspeed.ops.op_builder import CPUAdamBuilder
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+            _ds_failure = f"deepspeed is not importable: {exc}"
+            return False, _ds_failure
+        if not build and not deepspeed_cpu_adam_prebuilt():
+            # not cached as a failure: a later call with build=True may compile it
+            return False, "DeepSpeed's cpu_adam op is not built yet (it compiles on first use, ~100 s)"
+        try:
+            _ds_module = CPUAdamBuilder().load(verbose=False)
+        except BaseException as exc:  # noqa: BLE001 - compiler errors surface as many exception types
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            _ds_failure = f"building DeepSpeed's cpu_adam op failed: {type(exc).__name__}: {exc}"
+            return False, _ds_failure
+        return True, ""
+
+
+class DeepSpeedCpuAdam:
+    """DeepSpeed's SIMD CPU Adam in AdamW mode, one op instance (``opt_id``) per kernel object."""
+
+    name: ClassVar[str] = "deepspeed"
+
+    def __init__(self, *, build: bool = False) -> None:
+        ok, why = deepspeed_cpu_adam_status(build=build)
+        if not ok:
+            raise KernelError(why, field="cpu_kernel")
+        self._op = _ds_module
+        self.opt_id = next(_ds_ids)
+        # create_adam(id, lr, beta1, beta2, eps, weight_decay, adamw_mode, should_log); every adam_update call
+        # passes the current hyper-parameters again, so these are placeholders
+        self._op.create_adam(self.opt_id, 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False)
+
+    def __call__(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        exp_avgs: Sequence[torch.Tensor],
+        exp_avg_sqs: Sequence[torch.Tensor],
+        steps: Sequence[torch.Tensor],
+        hyper: AdamWHyper,
+    ) -> None:
+        for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+            # adam_update(id, step, lr, beta1, beta2, eps, weight_decay, bias_correction, param, grad, m, v)
+            self._op.adam_update(
+                self.opt_id,
+                int(s.item()),
+                hyper.lr,
+                hyper.beta1,
+                hyper.beta2,
+                hyper.eps,
+                hyper.weight_decay,
+                True,
+                p,
+                g,
+                m,
+                v,
+            )
+
+    def close(self) -> None:
+        if self._op is not None:
+            self._op.destroy_adam(self.opt_id)
+            self._op = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def make_kernel(name: str, *, build: bool = False) -> UpdateKernel:
+    if name == "torch_fused":
+        return TorchFusedAdamW()
+    if name == "deepspeed":
+        return DeepSpeedCpuAdam(build=build)
+    raise KernelError(f"unknown kernel {name!r}; choices: auto, {', '.join(CPU_KERNELS)}", field="cpu_kernel")
+
+
+# ---- measurement --------------------------------------------------------------------------------------------
+
+
+def kernel_throughputs(
+    kernels: Sequence[UpdateKernel], *, numel: int = 1 << 23, repeats: int = 5
+) -> dict[str, float]:
+    """Parameters per second of each kernel on one flat fp32 CPU tensor of ``numel`` elements.
+
+    Best of ``repeats`` runs each, the kernels taking turns (round-robin), so a load spike from other
+    processes slows every kernel alike instead of deciding the comparison.
+    """
+    gen = torch.Generator().manual_seed(0)
+    data = {}
+    for k in kernels:
+        p = torch.randn(numel, generator=gen)
+        g = torch.randn(numel, generator=gen).mul_(1e-2)
+        data[k.name] = (p, g, torch.zeros(numel), torch.zeros(numel), torch.zeros((), dtype=torch.float32))
+    hyper = AdamWHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    best = {k.name: float("inf") for k in kernels}
+    for i in range(repeats + 1):
+        for k in kernels:
+            p, g, m, v, step = data[k.name]
+            step.add_(1)
+            t0 = time.perf_counter()
+            k([p], [g], [m], [v], [step], hyper)
+            dt = time.perf_counter() - t0
+            if i:  # the first run warms caches and page tables
+                best[k.name] = min(best[k.name], dt)
+    return {name: numel / dt for name, dt in best.items()}
+
+
+def kernel_throughput(kernel: UpdateKernel, *, numel: int = 1 << 22, repeats: int = 3) -> float:
+    """Parameters per second of one kernel (see ``kernel_throughputs``)."""
+    return kernel_throughputs([kernel], numel=numel, repeats=repeats)[kernel.name]
+
+
+_selected: dict[str, str] = {}
+
+
+def select_cpu_kernel(choice: str = "auto", *, build: bool = False) -> str:
+    """The CPU kernel to use: ``choice`` itself, or for "auto" the faster of those usable here (measured once
+    per process; DeepSpeed's only when its op is already built, or ``build``)."""
+    if choice != "auto":
+        if choice not in CPU_KERNELS:
+            raise KernelError(
+                f"unknown kernel {choice!r}; choices: auto, {', '.join(CPU_KERNELS)}", field="cpu_kernel"
+            )
+        return choice
+    key = f"auto:{build}:{torch.get_num_threads()}"
+    if key not in _selected:
+        kernels: list[UpdateKernel] = [TorchFusedAdamW()]
+        ds = DeepSpeedCpuAdam(build=build) if deepspeed_cpu_adam_status(build=build)[0] else None
+        if ds is not None:
+            kernels.append(ds)
+        try:
+            rates = kernel_throughputs(kernels)
+        finally:
+            if ds is not None:
+                ds.close()
+        # the faster one; a tie goes to torch's (bit-identical to AdamW(fused=True))
+        _selected[key] = max(rates, key=lambda k: (rates[k], k == "torch_fused"))
+        logger.info("CPU AdamW kernels measured here (params/s): %s -> %s", rates, _selected[key])
+    return _selected[key]
