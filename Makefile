@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/memtier probe --quick --out .memtier/local.yaml
-	$(VENV)/bin/memtier estimate --model llama-34m --cluster .memtier/local.yaml --seq 512 --micro-batch 4
+	$(VENV)/bin/memtier plan --model llama-20m --cluster .memtier/local.yaml --global-batch 8 --seq 256 \
+	  --micro-batch 4 --budget 400MiB --out .memtier/plan
+	$(VENV)/bin/memtier launch --plan .memtier/plan/plan.json examples/train_lm.py --steps 8
 
 lint: setup
 	$(VENV)/bin/ruff check .
