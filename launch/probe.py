@@ -266,7 +266,7 @@ def to_cluster(res: ProbeResult) -> ClusterSpec:
             read_bandwidth=res.disk_read_bandwidth,
             write_bandwidth=res.disk_write_bandwidth,
             latency=1e-4,
-            path=os.path.join(res.disk_path, "memtier-swap"),
+            path=res.disk_path,  # the tier makes its private run directory under it
         ),
     ]
     for nd in res.numa_nodes:

@@ -226,6 +226,24 @@ def read_plan(path: str) -> Plan:
     return load_plan(path)
 
 
+def preflight_tiers(plan: Plan, source: str | None = None) -> None:
+    """Every NVMe tier of the plan: the path exists, is writable and has room for its cap.
+
+    Runs before any rank starts, so a missing or read-only swap path is bad input (exit 2)
+    naming the path, the bytes and the errno, not a failure in the middle of a step.
+    """
+    from offload.tiers.errors import TierPathError
+    from offload.tiers.preflight import preflight
+
+    for i, tier in enumerate(plan.tiers):
+        if tier.kind != "nvme" or not tier.path:
+            continue
+        try:
+            preflight(tier.path, int(tier.capacity_bytes))
+        except TierPathError as e:
+            raise LaunchError(str(e), field=f"tiers[{i}].path", source=source) from None
+
+
 def check_plan_world(plan: Plan, spec: LaunchSpec) -> None:
     world = spec.nproc * spec.nnodes
     if plan.layout.world_size != world:
@@ -404,6 +422,7 @@ def launch(
         plan = read_plan(spec.plan_path)
     if plan is not None:
         check_plan_world(plan, spec)
+        preflight_tiers(plan, spec.plan_path)
     env = worker_env(spec, plan)
     fd, report = tempfile.mkstemp(prefix="memtier-agent-", suffix=".json")
     os.close(fd)
