@@ -706,11 +706,8 @@ class Applied:
 
     handle: Any = None  # offload.apply's handle (hooks, tiers, chunked loss)
     optimizer: Any = None  # the optimizer to step: the plan's offloaded one when it has one
-    bridged: Any = None  # optimizer offload installed here while offload.apply cannot do it
 
     def remove(self) -> None:
-        if self.bridged is not None:
-            self.bridged.remove()
         if self.handle is not None:
             self.handle.remove()  # closes the tiers: swap files deleted
 
@@ -740,45 +737,27 @@ def apply_plan(
     if engine_name == "deepspeed":
         plan = plan.replace(optimizer=dataclasses.replace(plan.optimizer, offload=False))
         return Applied(handle=offload.apply(model, None, plan), optimizer=optimizer)
-    try:
-        handle = offload.apply(model, optimizer, plan)
-        return Applied(handle=handle, optimizer=getattr(handle, "optimizer", None) or optimizer)
-    except NotImplementedError as exc:
-        if not plan.optimizer.offload:
-            raise TrainConfigError(
-                f"the plan asks for something this runtime cannot do yet: {exc}", field="--plan"
-            ) from None
-    # NOTE: offload.apply does not carry out plan.optimizer.offload yet; until it does, the rest of the plan
-    # goes through it and the optimizer state through offload.optimizer.offload_optimizer, its building block.
-    from offload.optimizer import OffloadSettings, offload_optimizer
+    settings_offload = None
+    if plan.optimizer.offload:
+        from offload.optimizer import OffloadSettings
 
-    handle = offload.apply(
-        model, optimizer, plan.replace(optimizer=dataclasses.replace(plan.optimizer, offload=False))
-    )
-    try:
         # The offloaded optimizer reads gradients in backward hooks (and clips there when asked): with several
         # ranks the TorchEngine averages them before those hooks run (GradientAverager), not DDP after.
-        wrapped = offload_optimizer(
-            model,
-            optimizer,
-            plan,
-            settings=OffloadSettings(
-                grad_accum=plan.layout.grad_accum,
-                max_grad_norm=max_grad_norm or None,
-                # "auto" picks the faster kernel by measuring it in each process; the kernels round
-                # differently, so ranks and resumed runs could differ. One fixed kernel keeps them identical.
-                cpu_kernel=plan.optimizer.settings.get("cpu_kernel", "torch_fused"),
-                # NOTE: the "auto" schedule picks CPU or device updates per rank from measured rates, and the
-                # two kernels round differently: data-parallel ranks would drift apart bit by bit. The plan's
-                # sides (or the CPU for all) are the same on every rank.
-                schedule="plan" if plan.optimizer.subgroups else "cpu",
-            ),
+        settings_offload = OffloadSettings(
+            grad_accum=plan.layout.grad_accum,
+            max_grad_norm=max_grad_norm or None,
+            # "auto" picks the faster kernel by measuring it in each process; the kernels round
+            # differently, so ranks and resumed runs could differ. One fixed kernel keeps them identical.
+            cpu_kernel=plan.optimizer.settings.get("cpu_kernel", "torch_fused"),
+            # NOTE: the "auto" schedule picks CPU or device updates per rank from measured rates, and the
+            # two kernels round differently: data-parallel ranks would drift apart bit by bit. The plan's
+            # sides (or the CPU for all) are the same on every rank.
+            schedule="plan" if plan.optimizer.subgroups else "cpu",
         )
-        wrapped.clips_gradients = bool(max_grad_norm)
-    except BaseException:
-        handle.remove()
-        raise
-    return Applied(handle=handle, optimizer=wrapped, bridged=wrapped)
+    handle = offload.apply(model, optimizer, plan, optimizer_settings=settings_offload)
+    if plan.optimizer.offload:
+        handle.optimizer.clips_gradients = bool(max_grad_norm)
+    return Applied(handle=handle, optimizer=handle.optimizer)
 
 
 def main(
@@ -822,7 +801,7 @@ def _train(args: argparse.Namespace, d: Dist, on_step: Any) -> int:
                 d,
                 ga,
                 max_grad_norm=args.max_grad_norm,
-                hook_allreduce=applied.bridged is not None,
+                hook_allreduce=settings.plan is not None and settings.plan.optimizer.offload,
             )
         return _loop(args, d, settings, corpus, engine, handle, on_step)
     finally:

@@ -8,7 +8,8 @@ What it installs, all undone by the returned handle's `remove()`:
 - the tier stores the swap policies need, built from `plan.tiers` (closed, and swap files deleted, on
   `remove()`);
 - the chunked loss when `plan.loss.kind == "chunked"` (`offload.loss.install_chunked_loss`);
-- optimizer-state offload when `plan.optimizer.offload` (not implemented yet: raises).
+- optimizer-state offload when `plan.optimizer.offload`: `offload.optimizer.offload_optimizer` wraps the
+  AdamW; the training loop steps `handle.optimizer`.
 
 Everything is validated before anything is installed, so a bad plan leaves the model untouched.
 """
@@ -74,6 +75,7 @@ class OffloadHandle:
         self._block_hooks: list[BlockHooks] = []
         self._loss_handle: Any = None
         self._optimizer_handle: Any = None
+        self.optimizer: Any = None  # the optimizer to step: the offloaded one when the plan offloads
         self._model_hook: Any = None
         self.removed = False
 
@@ -155,10 +157,14 @@ def apply(
     *,
     blocks: Iterable[nn.Module] | None = None,
     seq_dim: int = 1,
+    optimizer_settings: Any = None,
 ) -> OffloadHandle:
     """Install the plan's activation policies, tiers, loss and optimizer offload on `model`.
 
-    `optimizer` is for optimizer-state offload (`plan.optimizer.offload`; not implemented yet, so unused).
+    `optimizer` is for optimizer-state offload (`plan.optimizer.offload`): it is wrapped by
+    `offload.optimizer.offload_optimizer`, and the loop steps `handle.optimizer` (the optimizer itself
+    when nothing is offloaded); `optimizer_settings` (an `offload.optimizer.OffloadSettings`) overrides
+    what it reads from the plan.
     `blocks` overrides the block discovery; `seq_dim` is the sequence dimension of the blocks' hidden-state
     input (1 for batch-first models). Call `remove()` on the result (or use it as a context manager) after
     the last backward.
@@ -189,15 +195,12 @@ def apply(
             "plan.loss.kind='chunked' needs offload.loss.install_chunked_loss (issue 5), "
             "which is not available in this build"
         )
-    if plan.optimizer.offload:
-        # Hook point for optimizer-state offload (plan.optimizer: subgroups, tier, update side): validate here,
-        # install at the end of the try block below and keep its handle in handle._optimizer_handle (remove()
-        # already undoes it).
-        raise NotImplementedError(
-            "plan.optimizer.offload=True: optimizer-state offload is not implemented yet "
-            "(issue 5 follow-up); re-plan with the optimizer on the device"
+    if plan.optimizer.offload and optimizer is None:
+        raise PolicyError(
+            "plan.optimizer.offload needs the optimizer to offload, got None", field="optimizer"
         )
 
+    handle.optimizer = optimizer
     try:
         if needed:
             from offload.tiers import make_tier
@@ -226,6 +229,13 @@ def apply(
             # chunk_size 0 in a plan means "not set": the loss module's default applies.
             loss_kwargs = {"chunk_size": plan.loss.chunk_size} if plan.loss.chunk_size > 0 else {}
             handle._loss_handle = loss_module.install_chunked_loss(model, **loss_kwargs)
+        if plan.optimizer.offload:
+            from offload.optimizer import offload_optimizer
+
+            # builds its own tier stores (a host arena allocates its whole cap), shares the AdamW's
+            # param_groups so LR schedulers keep driving it, and moves existing state into the tiers
+            handle._optimizer_handle = offload_optimizer(model, optimizer, plan, settings=optimizer_settings)
+            handle.optimizer = handle._optimizer_handle
     except BaseException:
         handle.remove()
         raise

@@ -210,8 +210,8 @@ def _untouched(model: nn.Module) -> bool:
         (make_plan([swap(0, 1.0), swap(2, 0.5, "nvme")], [DRAM]), PolicyError, r"no 'nvme' entry in tiers"),
         (
             make_plan([swap(0, 1.0)], [DRAM], optimizer=OptimizerPlan(offload=True)),
-            NotImplementedError,
-            "optimizer-state offload",
+            PolicyError,
+            "needs the optimizer to offload",
         ),
     ],
     ids=[
@@ -331,3 +331,36 @@ def test_profile_blocks_of_hf_models_find_a_token_dim_in_every_saved_tensor():
             assert p.saved_bytes > 10 * p.input_bytes and p.other_saved_bytes == 0
             half = BlockPolicy(layer=0, mode="swap", swap_fraction=0.5)
             assert p.swap_bytes(half) + p.resident_bytes(half) == sum(b for b, _ in p.saved_tensors)
+
+
+def test_apply_offloads_the_optimizer_when_the_plan_says_so():
+    """plan.optimizer.offload: apply() wraps the AdamW; stepping handle.optimizer equals fused AdamW."""
+    import copy
+
+    from offload.optimizer import OffloadSettings
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    model = copy.deepcopy(ref)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    plan = make_plan([], [DRAM], optimizer=OptimizerPlan(offload=True, tier="dram"))
+    x = torch.randn(8, 16)
+    handle = offload.apply(
+        model,
+        opt,
+        plan,
+        blocks=list(model),
+        optimizer_settings=OffloadSettings(cpu_kernel="torch_fused", schedule="cpu"),
+    )
+    try:
+        assert handle.optimizer is not opt
+        for _ in range(3):
+            for m, o in ((ref, ref_opt), (model, handle.optimizer)):
+                m(x).square().mean().backward()
+                o.step()
+                o.zero_grad(set_to_none=True)
+        for a, b in zip(ref.parameters(), model.parameters()):
+            assert torch.equal(a, b)
+    finally:
+        handle.remove()
