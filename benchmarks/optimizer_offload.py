@@ -367,7 +367,7 @@ def _plot(payload: dict[str, Any], png: Path) -> None:
     from benchmarks.common import savefig
 
     runs = [r for r in payload["configs"] if "step_s" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
     ax = axes[0]
     names = [r["config"] for r in runs]
     fb = [r["fwd_bwd_s"] for r in runs]
@@ -390,6 +390,7 @@ def _plot(payload: dict[str, Any], png: Path) -> None:
                            "memtier_cpu_lane": "memtier CPU lane\n(staged copies)"}.get(name, name))  # fmt: skip
             values.append(k[name] / 1e6)
     ax.bar(labels, values, color=["C0", "C1", "C2", "C3", "C4"][: len(values)])
+    ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("M parameters / s")
     ax.set_title(f"CPU AdamW update, {k['numel'] / 1e6:.0f}M fp32 parameters")
     fig.tight_layout()

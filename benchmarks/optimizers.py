@@ -685,7 +685,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 ev[:, 1],
                 "o-",
                 color=line.get_color(),
-                label=f"{name} ({c['state_bytes'] / 2**20:.1f} MiB)",
+                label=f"{name}, lr {c['lr']:g} ({c['state_bytes'] / 2**20:.1f} MiB state)",
             )
         ax.axhline(conv["entropy_rate"], color="k", ls="--", lw=0.8, label="entropy rate (best possible)")
         ax.set_xlabel("step")

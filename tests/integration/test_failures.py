@@ -7,8 +7,10 @@ behind and no half-written checkpoint; SIGINT/SIGTERM stop every rank and remove
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -36,6 +38,18 @@ def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def _finish_within(proc, seconds: float) -> str:
+    """The launcher's output once it exited; fails (after killing it and its job) if it takes longer."""
+    try:
+        return proc.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        for pid in descendants(proc.pid) | {proc.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"the launcher did not exit within {seconds} s") from None
 
 
 def _pids(pid_dir) -> set[int]:
@@ -90,7 +104,7 @@ def test_dead_rank_stops_the_job(tmp_path):
         time.sleep(0.1)
     assert mark.exists(), "rank 1 never reached the fault"
     # the launcher must exit within 30 s of the rank's death
-    out, _ = proc.communicate(timeout=30)
+    out = _finish_within(proc, 30)
     assert proc.returncode == 1, out
     assert "rank 1 (local rank 1" in out and "exited with code 7" in out, out[-2000:]
     # no process of the job is left
@@ -130,7 +144,7 @@ def test_signal_stops_all_ranks_and_removes_swap_files(tmp_path, sig):
     assert any(n.startswith("memtier-run-") for n in os.listdir(swap)), "no swap directory while training"
     seen |= descendants(proc.pid)
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=30)
+    out = _finish_within(proc, 30)
     assert proc.returncode == 128 + sig, "".join(lines) + out
     assert f"stopped by {signal.Signals(sig).name}" in out
     assert not wait_gone(seen | _pids(pid_dir), timeout=5)

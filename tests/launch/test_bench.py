@@ -90,7 +90,11 @@ def test_quick_bench_writes_json_png_and_calibrates(tmp_path):
     after = load_cluster(cluster_yaml)
     assert after.device.efficiency == pytest.approx(cal["efficiency_after"])
     assert after.device.efficiency != before.device.efficiency
-    assert dataclasses.replace(after, device=before.device) == before  # nothing else changed
+    # the fp32 peak becomes the best GEMM measured in the run (>= the file's), nothing else changes
+    assert after.device.flops("fp32") == pytest.approx(result["peak_flops"])
+    assert result["peak_flops"] >= before.device.flops("fp32")
+    assert cal["peak_flops_fp32_after"] == pytest.approx(result["peak_flops"])
+    assert dataclasses.replace(after, device=before.device) == before
     err = cal["errors"]["pytorch"]
     assert abs(err["error_after"]) < abs(err["error_before"])
     assert "pytorch" in out.stdout and "calibration" in out.stdout
