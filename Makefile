@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/memtier plan --model llama-20m --cluster .memtier/local.yaml --global-batch 8 --seq 256 \
 	  --micro-batch 4 --budget 400MiB --out .memtier/plan
 	$(VENV)/bin/memtier launch --plan .memtier/plan/plan.json examples/train_lm.py --steps 8
-	$(VENV)/bin/memtier bench --quick --out .memtier/bench
+	$(VENV)/bin/memtier bench --quick --cluster .memtier/local.yaml --out .memtier/bench
 
 lint: setup
 	$(VENV)/bin/ruff check .
