@@ -109,12 +109,10 @@ class ClusterSpec:
     def __post_init__(self) -> None:
         for i, o in enumerate(self.links.overrides):
             for end in o.between:
-                m = _ENDPOINT.match(end)
-                assert m is not None  # checked in LinkOverride
-                node, dev = int(m.group(1)), m.group(2)
+                node, dev = _parse(end)
                 if node >= self.nodes:
                     raise ValueError(f"links.overrides[{i}]: node n{node} >= nodes({self.nodes})")
-                if dev is not None and int(dev) >= self.devices_per_node:
+                if dev is not None and dev >= self.devices_per_node:
                     raise ValueError(
                         f"links.overrides[{i}]: device d{dev} >= devices_per_node({self.devices_per_node})"
                     )
@@ -133,11 +131,7 @@ class ClusterSpec:
         """The same fabric with `nodes` nodes; overrides naming nodes beyond it are dropped."""
         if nodes < 1:
             raise SpecError(f"must be positive, got {nodes}", field="--nodes")
-        kept = tuple(
-            o
-            for o in self.links.overrides
-            if all(int(_ENDPOINT.match(e).group(1)) < nodes for e in o.between)  # type: ignore[union-attr]
-        )
+        kept = tuple(o for o in self.links.overrides if all(_parse(e)[0] < nodes for e in o.between))
         return dataclasses.replace(
             self,
             name=f"{self.name}" if nodes == self.nodes else f"{self.name}x{nodes}n",

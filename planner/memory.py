@@ -17,7 +17,6 @@ through the loss, optimizer step), not a sum of everything ever allocated.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -461,7 +460,3 @@ def estimate_memory(
             **{f"phase_{k}": v for k, v in phases.items()},
         },
     )
-
-
-def with_policies(options: MemoryOptions, policies: tuple[ActivationPolicy, ...]) -> MemoryOptions:
-    return dataclasses.replace(options, policies=policies)

@@ -138,7 +138,7 @@ def estimate_step_time(
     dp_n = dp * cp
     dp_comm = allreduce_time(grad_bytes, dp_n, links["dp"])
     if layout.zero_stage >= 3:
-        dp_comm += 2 * allgather_time(grad_bytes, dp_n, links["dp"]) * m / max(1, m)  # params fwd + bwd
+        dp_comm += 2 * allgather_time(grad_bytes, dp_n, links["dp"])  # parameter all-gathers, fwd + bwd
     backward = (2 / 3) * per_mb  # the last micro-batch's backward is what reduction can hide behind
     dp_exposed = max(0.0, dp_comm - DP_OVERLAP * backward) if dp_n > 1 else 0.0
 
