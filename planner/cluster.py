@@ -66,6 +66,10 @@ class DeviceSpec:
     # device memory bandwidth (HBM, or DRAM for a CPU): bounds element-wise work such as the
     # loss over the logits and the optimizer update
     memory_bandwidth: float = field(default=1.5e12, metadata={"unit": "bandwidth", "positive": True})
+    # seconds per transformer block per micro-batch (forward + backward) that the FLOPs do not explain:
+    # operator dispatch and small-kernel launches, the alpha of an alpha-beta compute model. The probe fits
+    # it together with the efficiency from blocks of several sizes; negligible next to large GEMMs.
+    block_overhead: float = field(default=0.0, metadata={"unit": "time", "min": 0})
 
     def flops(self, dtype: str) -> float:
         if dtype in self.peak_flops:

@@ -1,7 +1,10 @@
 """Step-time model: compute, communication on the critical path, pipeline bubble, transfers.
 
-compute   = FLOPs / (device peak for the dtype x efficiency); efficiency per device kind,
-            set by `memtier bench --calibrate`.
+compute   = FLOPs / (device peak for the dtype x efficiency) + blocks x block_overhead: an
+            alpha-beta model of compute (Hockney 1994's form, used for messages below),
+            whose beta (efficiency) and alpha (the per-block dispatch and launch cost) the
+            probe fits from blocks of several sizes; `memtier bench --calibrate` refines
+            the efficiency.
 tensor parallel: 2 all-reduces of the block's b*s*h activations in forward and 2 in
             backward (Shoeybi et al. 2019, Sec. 3); with sequence parallelism the same
             volume as all-gather + reduce-scatter (Korthikanti et al. 2022, Sec. 4.2.2).
@@ -103,13 +106,14 @@ def estimate_step_time(
     # about LOSS_PASSES passes over tokens x vocab fp32 values per micro-batch
     loss_s = LOSS_PASSES * tokens / cp * model.vocab_size / tp * 4 / dev.memory_bandwidth
     stage_times = []
-    stage_hw = []
     for s, n in enumerate(counts):
         f = n * layer_f + (head_f if s == pp - 1 else 0.0)
         share = n / model.num_layers
         hw = 3 * f + recompute_layers * share * layer_f
-        stage_hw.append(hw)
-        stage_times.append(hw / rate + (loss_s if s == pp - 1 else 0.0))
+        # the fixed cost: every block runs forward and backward once, a recomputed one
+        # its forward again (a third of the block's operators, as of its FLOPs)
+        overhead = (n + recompute_layers * share / 3) * dev.block_overhead
+        stage_times.append(hw / rate + overhead + (loss_s if s == pp - 1 else 0.0))
     per_mb = max(stage_times)
     compute = per_mb * m
 
@@ -187,6 +191,16 @@ def estimate_step_time(
         hfu=min(1.0, hflops / step / world / peak),
         links={k: v.bandwidth for k, v in links.items()},
     )
+
+
+def block_forward_s(
+    model: ModelSpec, cluster: ClusterSpec, workload: Workload, *, tokens: int, shard: int = 1
+) -> float:
+    """Seconds of one block's forward over `tokens` tokens (split `shard` ways by tp x cp), with its share
+    of the fixed per-block cost: the recompute cost and the overlap window the activation MIP uses."""
+    dev = cluster.device
+    flops = layer_forward_flops(model, tokens, workload.seq_len) / shard
+    return flops / (dev.flops(workload.dtype) * dev.efficiency) + dev.block_overhead / 3
 
 
 def _recomputed_layers(model: ModelSpec, options: MemoryOptions) -> float:

@@ -113,3 +113,15 @@ def test_probe_quick_writes_loadable_yaml(tmp_path):
 def test_probe_bad_disk(capsys, tmp_path):
     code, _, err = run(capsys, "probe", "--quick", "--disk", str(tmp_path / "missing"))
     assert code == 2 and "--disk" in err and "not a directory" in err
+
+
+def test_block_cost_fit_recovers_rate_and_overhead():
+    from launch.probe import fit_block_cost
+
+    rate, overhead = 2e11, 3e-3
+    points = [(f, f / rate + overhead) for f in (1e9, 4e9, 2e10)]
+    got_rate, got_overhead = fit_block_cost(points)
+    assert got_rate == pytest.approx(rate, rel=1e-9) and got_overhead == pytest.approx(overhead, rel=1e-9)
+    # noise that would make the intercept negative: no negative fixed cost, rate through the origin
+    r2, o2 = fit_block_cost([(1e9, 0.004), (2e9, 0.0095), (4e9, 0.0205)])
+    assert o2 == 0.0 and 1.9e11 < r2 < 2.1e11

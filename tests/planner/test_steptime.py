@@ -90,3 +90,17 @@ def test_offload_moves_the_optimizer_to_the_cpu():
     assert nvme.time.optimizer_s > host.time.optimizer_s
     assert host.memory.total < resident.memory.total
     assert host.memory.host_bytes["dram"] == pytest.approx(12 * spec.params, rel=1e-6)
+
+
+def test_block_overhead_adds_per_block_and_per_recompute():
+    spec = MODEL_PRESETS["llama-20m"]
+    base = resolve_cluster("rtx4090-nvme")
+    slow = dataclasses.replace(base, device=dataclasses.replace(base.device, block_overhead=1e-3))
+    w = Workload(global_batch=4, micro_batch=1, seq_len=256)
+    layout = Layout(grad_accum=4)
+    for rc, blocks in (("none", spec.num_layers), ("full", spec.num_layers * 4 / 3)):
+        opts = MemoryOptions(recompute=rc)
+        a = estimate(spec, base, w, layout, opts).time.compute_s
+        b = estimate(spec, slow, w, layout, opts).time.compute_s
+        # every micro-batch runs each block forward + backward once; recompute adds a forward (1/3)
+        assert b - a == pytest.approx(4 * blocks * 1e-3, rel=1e-9)
