@@ -1,0 +1,219 @@
+"""Trace any `nn.Module` on the meta device: per-module parameters and activation bytes, nothing allocated.
+
+The model is built (or moved) on the meta device and its inputs are meta tensors of the real shapes. Meta
+tensors carry shapes, dtypes and strides but no storage, so a 70B-parameter model traces in seconds in a
+few MB. The forward itself runs under torch's FakeTensorMode with the parameters and inputs posing as
+tensors of `device` (CPU by default): still nothing is allocated, but each op takes the path it takes on
+that device — on the bare meta device scaled_dot_product_attention falls back to the unfused math
+kernel and would save the s x s attention probabilities that the fused kernels never keep. Every module's forward is bracketed by hooks; autograd's saved-tensor hooks
+(torch.autograd.graph.saved_tensors_hooks) see each tensor the backward will need, and each is charged,
+once per storage, to the innermost module running when it was saved. That is the activation memory of
+the memory model (planner.memory) for layers it has no formula for.
+
+This is the one place torch enters planner (DESIGN.md: "Torch enters planner only where a real
+`nn.Module` is traced"); it is imported lazily so the cost models stay plain Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from planner.errors import SpecError
+from planner.model import ModelSpec, from_hf_config
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+class TraceError(SpecError):
+    """The module could not be traced on the meta device (names the field and what failed)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModuleStats:
+    name: str  # qualified name in the model ("" is the root)
+    kind: str  # class name
+    params: int  # parameters of this module and its children (a shared one once)
+    param_bytes: int
+    saved_bytes: int  # bytes saved for backward by ops run inside this module (children included)
+    output_bytes: int  # bytes of the tensors its forward returned (the last call)
+    calls: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trace:
+    modules: tuple[ModuleStats, ...]  # in the order their forward was first entered; the root first
+    params: int
+    param_bytes: int
+    saved_bytes: int  # all activations the backward needs, each storage once
+    saved_by_dtype: Mapping[str, int] = field(default_factory=dict)
+
+    def module(self, name: str) -> ModuleStats:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def children_of(self, name: str) -> tuple[ModuleStats, ...]:
+        prefix = f"{name}." if name else ""
+        depth = prefix.count(".")
+        return tuple(
+            m for m in self.modules if m.name.startswith(prefix) and m.name and m.name.count(".") == depth
+        )
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def trace_module(
+    model: nn.Module,
+    inputs: Sequence[Any] | Mapping[str, Any],
+    *,
+    loss: Callable[[Any], torch.Tensor] | None = None,
+    device: str = "cpu",
+) -> Trace:
+    """Run `model` forward on meta `inputs` and count parameters and saved activations per module.
+
+    `model` must be on the meta device (build it under `with torch.device("meta"):`); `inputs` are
+    positional arguments or keyword arguments of its forward, meta tensors of the real shapes. `loss`,
+    when given, maps the output to the scalar that backward would start from, so the loss's own saved
+    tensors (often the largest: the logits) are counted too.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import functional_call
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    off_meta = [n for n, p in model.named_parameters() if p.device.type != "meta"]
+    if off_meta:
+        raise TraceError(
+            f"parameter {off_meta[0]!r} is on {next(model.parameters()).device}, not meta: build the model "
+            'under `with torch.device("meta"):` or call `.to("meta")` so nothing is allocated',
+            field="model",
+        )
+    flat = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
+    for i, a in enumerate(flat):
+        if isinstance(a, torch.Tensor) and a.device.type != "meta":
+            raise TraceError(f"input {i} is on {a.device}, not meta", field="inputs")
+
+    names = {m: n for n, m in model.named_modules()}
+    order: list[nn.Module] = []
+    stack: list[nn.Module] = []
+    saved_in: dict[nn.Module, dict[Any, int]] = {}  # storage -> bytes, per module (children included)
+    outputs: dict[nn.Module, int] = {}
+    calls: dict[nn.Module, int] = {}
+    everything: dict[Any, tuple[int, str]] = {}
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        with fake_mode:
+            f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+        return f.requires_grad_(t.requires_grad)
+
+    def fake_tree(x: Any) -> Any:
+        return torch.utils._pytree.tree_map_only(torch.Tensor, fake, x)
+
+    # tied parameters stay tied: one fake tensor per distinct parameter
+    states: dict[str, torch.Tensor] = {}
+    by_id: dict[int, torch.Tensor] = {}
+    for n, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        states[n] = by_id.setdefault(id(t), fake(t))
+    params = {StorageWeakRef(t.untyped_storage()) for t in by_id.values()}
+    args = fake_tree(dict(inputs) if isinstance(inputs, Mapping) else tuple(inputs))
+
+    def pre(mod: nn.Module, _args: Any) -> None:
+        if mod not in calls:
+            order.append(mod)
+            calls[mod] = 0
+        calls[mod] += 1
+        stack.append(mod)
+
+    def post(mod: nn.Module, _args: Any, out: Any) -> None:
+        # NOTE: a module whose forward raises leaves the stack unbalanced; the trace then fails anyway.
+        stack.pop()
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        outputs[mod] = sum(_nbytes(t) for t in outs)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in params:  # parameters are model states, not activations
+            size = _nbytes(t)
+            everything.setdefault(key, (size, str(t.dtype).removeprefix("torch.")))
+            for mod in stack:  # the innermost module and every module around it
+                saved_in.setdefault(mod, {})[key] = size
+        return t
+
+    handles = []
+    for mod in names:
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post))
+    try:
+        with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if isinstance(args, dict):
+                out = functional_call(model, states, (), args, tie_weights=False, strict=True)
+            else:
+                out = functional_call(model, states, args, tie_weights=False, strict=True)
+            if loss is not None:
+                stack.append(model)  # the loss is charged to the root
+                try:
+                    loss(out)
+                finally:
+                    stack.pop()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        raise TraceError(f"forward on the meta device failed: {exc}", field="model") from exc
+    finally:
+        for h in handles:
+            h.remove()
+
+    stats = []
+    for mod in order:
+        stats.append(
+            ModuleStats(
+                name=names[mod],
+                kind=type(mod).__name__,
+                params=sum(p.numel() for p in mod.parameters()),
+                param_bytes=sum(p.numel() * p.element_size() for p in mod.parameters()),
+                saved_bytes=sum(saved_in.get(mod, {}).values()),
+                output_bytes=outputs.get(mod, 0),
+                calls=calls[mod],
+            )
+        )
+    by_dtype: dict[str, int] = {}
+    for size, dtype in everything.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+    all_params = list(model.parameters())  # shared (tied) parameters once
+    return Trace(
+        modules=tuple(stats),
+        params=sum(p.numel() for p in all_params),
+        param_bytes=sum(p.numel() * p.element_size() for p in all_params),
+        saved_bytes=sum(size for size, _ in everything.values()),
+        saved_by_dtype=by_dtype,
+    )
+
+
+def model_spec_of(model: nn.Module, *, name: str | None = None) -> ModelSpec:
+    """The ModelSpec of a transformers causal LM (read from its config), checked against the module's own
+    parameter count, which on the meta device costs nothing."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise TraceError(
+            f"{type(model).__name__} has no transformers config: describe it as a ModelSpec by hand, or "
+            "use trace_module for its per-module parameters and activations",
+            field="model",
+        )
+    spec = from_hf_config(config.to_dict(), name=name or getattr(config, "name_or_path", "") or "traced")
+    counted = sum(p.numel() for p in model.parameters())
+    if spec.params != counted:
+        raise TraceError(
+            f"the spec read from {type(model).__name__}'s config counts {spec.params} parameters, the "
+            f"module has {counted}: its architecture has parts the ModelSpec does not describe",
+            field="model",
+        )
+    return spec
