@@ -4,7 +4,11 @@
   `deepspeed.runtime.config.DeepSpeedConfig` in the tests). The batch is given as
   micro-batch and gradient accumulation only: DeepSpeed derives train_batch_size from
   its data-parallel world size, so the same file parses on one process and runs on
-  the planned world (micro_batch * grad_accum * dp = global batch).
+  the planned world (micro_batch * grad_accum * dp = global batch). Optimizer offload is
+  written as `offload_optimizer` only where DeepSpeed can express it (ZeRO >= 1): an
+  interleaved plan at ZeRO-0 (subgroups updated on the CPU or the device, Deep Optimizer
+  States) keeps DeepSpeed's optimizer resident, and memtier's runtime (`offload.apply`
+  reading plan.json) carries out the interleaving; launch.sh says so in its header.
 - `accelerate.yaml` for `accelerate launch --config_file` (DeepSpeed plugin pointing at
   ds_config.json; loads with accelerate's `load_config_from_file`).
 - `launch.sh`: one torchrun per node. The plan's rank_to_device puts node-sized blocks
@@ -62,6 +66,16 @@ def node_assignment(plan: Plan) -> list[tuple[int, list[int]]]:
     return out
 
 
+def deepspeed_offloads(plan: Plan) -> bool:
+    """Whether DeepSpeed itself offloads the optimizer: it can only with ZeRO >= 1."""
+    return plan.optimizer.offload and plan.layout.zero_stage >= 1
+
+
+def runtime_offloads(plan: Plan) -> bool:
+    """An optimizer offload memtier's runtime carries out and ds_config.json cannot express."""
+    return plan.optimizer.offload and not deepspeed_offloads(plan)
+
+
 def ds_config(plan: Plan) -> dict[str, Any]:
     layout, workload, opt = plan.layout, plan.workload, plan.optimizer
     zero: dict[str, Any] = {
@@ -71,7 +85,7 @@ def ds_config(plan: Plan) -> dict[str, Any]:
         "reduce_bucket_size": BUCKET_ELEMENTS,
         "allgather_bucket_size": BUCKET_ELEMENTS,
     }
-    if opt.offload:
+    if deepspeed_offloads(plan):
         tier = plan.tier(opt.tier)
         if opt.tier == "nvme":
             zero["offload_optimizer"] = {"device": "nvme", "nvme_path": tier.path if tier else None}
@@ -95,7 +109,7 @@ def ds_config(plan: Plan) -> dict[str, Any]:
         params: dict[str, Any] = {k: opt.settings[k] for k in ("lr", "weight_decay") if k in opt.settings}
         if opt.kind == "adamw":
             params.update({k: opt.settings[k] for k in ("betas", "eps") if k in opt.settings})
-            if plan.cluster.device.kind == "cpu" and not opt.offload:
+            if plan.cluster.device.kind == "cpu" and not deepspeed_offloads(plan):
                 params["torch_adam"] = True  # DeepSpeed's FusedAdam needs CUDA
         cfg["optimizer"] = {"type": "AdamW" if opt.kind == "adamw" else "SGD", "params": params}
     # other optimizers (GaLore, FRUGAL) come from memtier's optim package as a client optimizer
@@ -163,6 +177,17 @@ def launch_script(plan: Plan) -> str:
         "# The node rank and the device order below place each logical rank (tp innermost,",
         "# then cp, dp, pp) on the device plan.json's rank_to_device gives it. The training",
         "# script reads the plan from $MEMTIER_PLAN and DeepSpeed's config from $MEMTIER_DS_CONFIG.",
+        *(
+            [
+                f"# optimizer: interleaved offload ({len(plan.optimizer.subgroups)} subgroups,"
+                f" {100 * plan.optimizer.device_update_fraction:.1f}% of the elements updated on the device)"
+                f" at ZeRO-{layout.zero_stage}:",
+                "#   DeepSpeed cannot express it, so ds_config.json keeps the optimizer resident; the training",
+                "#   script carries it out with offload.apply(model, optimizer, plan) from $MEMTIER_PLAN.",
+            ]
+            if runtime_offloads(plan)
+            else []
+        ),
         "set -euo pipefail",
         'PLAN_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
     ]

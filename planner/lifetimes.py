@@ -13,7 +13,10 @@ half-open lifetime `[start, end)`; two tensors may share bytes iff their lifetim
 are disjoint. An op's output overlaps with its inputs (both live while it runs).
 
 Torch enters the planner only here, and only inside `trace_block` (imported lazily),
-so `memtier plan` stays torch-free.
+so `memtier plan` stays torch-free. `block_lifetimes(model, workload, ...)` is the
+torch-free counterpart `memtier plan` uses: the same instance derived from the
+ModelSpec's shapes by replaying the block's op sequence (HF's Llama / GPT-2 decoder
+layers) and its autograd backward on paper (see "analytic lifetimes" below).
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from planner.schema import atomic_write_text, build, to_plain
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from torch import nn
+
+    from planner.model import ModelSpec
+    from planner.workload import Workload
 
 TRACE_SCHEMA_VERSION = "1.0"
 
@@ -294,6 +300,292 @@ class _Recorder:
             lives.append(TensorLife(size_bytes=r.size_bytes, start=r.start, end=end, op=r.op, role=role))
         lives.sort(key=lambda t: (t.start, t.end, t.size_bytes))
         return BlockTrace(tensors=tuple(lives), forward_ops=forward_ops, total_ops=total)
+
+
+# ---- analytic lifetimes (no torch) ----------------------------------------------------------------
+
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class _Node:
+    """One forward op of the block on paper: what it allocates, reads and saves for backward."""
+
+    op: str
+    out_bytes: int
+    inputs: tuple[int, ...]  # tensor ids read (all require grad); BLOCK_INPUT is the block's input
+    saves: tuple[int, ...] = ()  # tensor ids autograd keeps for this op's backward
+    saves_out: bool = False  # the op's own output is saved too (rsqrt, softmax, attention output)
+    extra_bytes: int = 0  # a second output that is only saved (flash attention's log-sum-exp)
+    weight_grad_bytes: int = 0  # the parameter gradient this op's backward allocates
+
+
+_BLOCK_INPUT = -1  # the block's input hidden states: allocated before the block, not in its arena
+
+
+class _Tape:
+    """Forward ops in order; `replay` derives forward + backward lifetimes from them."""
+
+    def __init__(self) -> None:
+        self.nodes: list[_Node] = []
+        self.sizes: dict[int, int] = {}
+        self.extra_of: dict[int, int] = {}  # node output id -> id of its extra output
+
+    def op(
+        self,
+        op: str,
+        out_bytes: int,
+        *inputs: int,
+        saves: tuple[int, ...] = (),
+        saves_out: bool = False,
+        extra_bytes: int = 0,
+        weight_grad_bytes: int = 0,
+    ) -> int:
+        node_id = len(self.nodes)
+        self.nodes.append(
+            _Node(op, int(out_bytes), inputs, saves, saves_out, int(extra_bytes), int(weight_grad_bytes))
+        )
+        self.sizes[node_id] = int(out_bytes)
+        return node_id
+
+    def replay(self, input_bytes: int) -> BlockTrace:
+        """Lifetimes in op-index units, as `trace_block_full` records them (same roles).
+
+        Forward: op i allocates its output (and extra output) and reads its inputs. Backward,
+        in reverse: each op reads the gradient of its output and what it saved, allocates one
+        gradient per input (a second gradient reaching the same tensor is summed by an add, as
+        autograd accumulates fan-out) and its parameter's gradient. A tensor dies after its
+        last read; gradients of parameters and of the block's input live to the end.
+        """
+        start: dict[object, int] = {}
+        last: dict[object, int] = {}
+        size: dict[object, int] = {}
+        name: dict[object, str] = {}
+        index = 0
+
+        def alloc(key: object, nbytes: int, op: str) -> None:
+            start[key], last[key], size[key], name[key] = index, index, nbytes, op
+
+        def use(key: object) -> None:
+            if key in start:
+                last[key] = max(last[key], index)
+
+        for k, node in enumerate(self.nodes):
+            for i in node.inputs:
+                use(i)
+            alloc(k, node.out_bytes, node.op)
+            if node.extra_bytes:
+                alloc(("extra", k), node.extra_bytes, node.op)
+            index += 1
+        forward_ops = index
+        output = len(self.nodes) - 1
+        keep_to_end: set[object] = {output}
+        grad: dict[int, object] = {output: "seed"}  # the seed gradient exists before the trace
+        for k in reversed(range(len(self.nodes))):
+            node = self.nodes[k]
+            g = grad.pop(k, None)
+            if g is None:
+                continue  # nothing flows back through this op
+            use(g)
+            for s in node.saves:
+                use(s)
+            if node.saves_out:
+                use(k)
+            if node.extra_bytes:
+                use(("extra", k))
+            for i in dict.fromkeys(node.inputs):
+                new = ("grad", k, i)
+                alloc(new, self.sizes.get(i, input_bytes), f"{node.op}_backward")
+                use(g)
+                index += 1
+                if i in grad:  # fan-out: autograd sums the contributions
+                    acc = ("sum", k, i)
+                    use(grad[i])
+                    use(new)
+                    alloc(acc, self.sizes.get(i, input_bytes), "add")
+                    index += 1
+                    grad[i] = acc
+                else:
+                    grad[i] = new
+            if node.weight_grad_bytes:
+                weight_grad = ("weight_grad", k)
+                alloc(weight_grad, node.weight_grad_bytes, f"{node.op}_backward")
+                keep_to_end.add(weight_grad)
+                use(g)
+                index += 1
+        total = max(index, forward_ops + 1)
+        if _BLOCK_INPUT in grad:
+            keep_to_end.add(grad[_BLOCK_INPUT])
+        lives = []
+        for key, s0 in start.items():
+            end = total if key in keep_to_end else last[key] + 1
+            if size[key] <= 0:
+                continue
+            if s0 < forward_ops:
+                role: TensorRole = (
+                    "temporary" if end <= forward_ops else ("output" if key == output else "saved")
+                )
+            else:
+                role = "gradient" if key in keep_to_end else "temporary"
+            lives.append(TensorLife(size_bytes=size[key], start=s0, end=end, op=name[key], role=role))
+        lives.sort(key=lambda t: (t.start, t.end, t.size_bytes))
+        return BlockTrace(tensors=tuple(lives), forward_ops=forward_ops, total_ops=total)
+
+
+def block_lifetimes(
+    model: ModelSpec,
+    workload: Workload,
+    *,
+    micro_batch: int,
+    tp: int = 1,
+    sp: bool = False,
+    cp: int = 1,
+) -> BlockTrace:
+    """The tensors one block allocates in forward + backward, from the ModelSpec's shapes alone.
+
+    The op sequence is HF transformers' decoder layer for the family (Llama/Mistral/Qwen2:
+    RMSNorm with an fp32 upcast in mixed precision, q/k/v projections, rotary, attention,
+    SwiGLU; GPT-2/GPT/NeoX: LayerNorm, fused qkv, attention, GELU MLP, GPT-2's tanh GELU
+    written out, NeoX's parallel residual), replayed with its autograd backward (`_Tape`).
+    Attention is SDPA's flash kernel (saves q, k, v, its output and the log-sum-exp) with
+    `workload.flash_attention`, else the eager path (scores, softmax, as
+    `transformers`' eager_attention_forward). Per device: tokens are micro_batch * seq / cp,
+    head/ffn widths divide by tp, norm and residual tensors by tp too with sequence
+    parallelism (the all-gather before the projections is not modelled). For the stored
+    trace's configuration (fp32, eager Llama) the saved bytes equal the traced ones exactly
+    (tests/planner/test_plan_buffers.py).
+    """
+    for name, value in (("micro_batch", micro_batch), ("tp", tp), ("cp", cp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TraceError(f"must be an integer >= 1, got {value!r}", field=name)
+    b = workload.dtype_bytes
+    tokens = micro_batch * workload.seq_len // cp  # query tokens on this device
+    rows = tokens // tp if sp and tp > 1 else tokens  # tokens of the norm / residual tensors
+    h = model.hidden_size
+    q, kv = model.q_size // tp, model.kv_size // tp
+    f, heads = model.ffn_hidden_size // tp, max(1, model.num_heads // tp)
+    llama = model.family in ("llama", "mistral", "qwen2")
+    tape = _Tape()
+    x = _BLOCK_INPUT
+
+    def rms_norm(inp: int) -> int:
+        # HF LlamaRMSNorm: x.to(fp32); x * rsqrt(mean(x^2) + eps); weight * x.to(dtype)
+        up = tape.op("_to_copy", rows * h * FP32_BYTES, inp) if b != FP32_BYTES else inp
+        sq = tape.op("pow", rows * h * FP32_BYTES, up, saves=(up,))
+        mean = tape.op("mean", rows * FP32_BYTES, sq)
+        eps = tape.op("add", rows * FP32_BYTES, mean)
+        rs = tape.op("rsqrt", rows * FP32_BYTES, eps, saves_out=True)
+        n32 = tape.op("mul", rows * h * FP32_BYTES, up, rs, saves=(up, rs))
+        n = tape.op("_to_copy", rows * h * b, n32) if b != FP32_BYTES else n32
+        return tape.op("mul", rows * h * b, n, saves=(n,), weight_grad_bytes=h * b)
+
+    def layer_norm(inp: int) -> int:
+        # aten.native_layer_norm: saves its input, mean and rstd (fp32, one per row)
+        return tape.op(
+            "native_layer_norm",
+            rows * h * b,
+            inp,
+            saves=(inp,),
+            extra_bytes=2 * rows * FP32_BYTES,
+            weight_grad_bytes=2 * h * b,
+        )
+
+    def linear(inp: int, d_in: int, d_out: int, out_rows: int, bias: bool) -> int:
+        return tape.op(
+            "addmm" if bias else "mm",
+            out_rows * d_out * b,
+            inp,
+            saves=(inp,),
+            weight_grad_bytes=(d_in * d_out + (d_out if bias else 0)) * b,
+        )
+
+    def rotary(t: int, width: int) -> int:
+        # HF apply_rotary_pos_emb: t * cos + rotate_half(t) * sin (cos, sin: no grad, not saved)
+        c = tape.op("mul", tokens * width * b, t)
+        neg = tape.op("neg", tokens * width // 2 * b, t)
+        rot = tape.op("cat", tokens * width * b, neg)
+        s = tape.op("mul", tokens * width * b, rot)
+        return tape.op("add", tokens * width * b, c, s)
+
+    def attention(qt: int, kt: int, vt: int) -> int:
+        if workload.flash_attention:
+            # SDPA flash: saves q, k, v, its output and the log-sum-exp (fp32, per head and token)
+            return tape.op(
+                "_scaled_dot_product_flash_attention",
+                tokens * q * b,
+                qt,
+                kt,
+                vt,
+                saves=tuple(dict.fromkeys((qt, kt, vt))),
+                saves_out=True,
+                extra_bytes=tokens * heads * FP32_BYTES,
+            )
+        # eager: contiguous (k, v repeated to every query head) copies, scores, softmax, context
+        qc = tape.op("clone", tokens * q * b, qt)
+        kc = tape.op("clone", tokens * q * b, kt)
+        vc = tape.op("clone", tokens * q * b, vt)
+        scores_bytes = tokens * heads * workload.seq_len * b  # local queries x all keys
+        sc = tape.op("bmm", scores_bytes, qc, kc, saves=(qc, kc))
+        scaled = tape.op("mul", scores_bytes, sc)
+        masked = tape.op("add", scores_bytes, scaled)
+        probs = tape.op("_softmax", scores_bytes, masked, saves_out=True)
+        ctx = tape.op("bmm", tokens * q * b, probs, vc, saves=(probs, vc))
+        return tape.op("clone", tokens * q * b, ctx)
+
+    if llama:
+        y1 = rms_norm(x)
+        qt = linear(y1, h, q, tokens, model.qkv_bias)
+        kt = linear(y1, h, kv, tokens, model.qkv_bias)
+        vt = linear(y1, h, kv, tokens, model.qkv_bias)
+        ctx = attention(rotary(qt, q), rotary(kt, kv), vt)
+        o = linear(ctx, q, h, rows, model.attn_out_bias)
+        h1 = tape.op("add", rows * h * b, x, o)
+        y2 = rms_norm(h1)
+        gate = linear(y2, h, f, tokens, model.mlp_bias)
+        act = tape.op("silu", tokens * f * b, gate, saves=(gate,))
+        up = linear(y2, h, f, tokens, model.mlp_bias)
+        prod = tape.op("mul", tokens * f * b, act, up, saves=(act, up))
+        down = linear(prod, f, h, rows, model.mlp_bias)
+        tape.op("add", rows * h * b, h1, down)
+    else:
+        y1 = layer_norm(x)
+        qkv = linear(y1, h, q + 2 * kv, tokens, model.qkv_bias)
+        ctx = attention(qkv, qkv, qkv)  # q, k, v are views of one fused projection
+        o = linear(ctx, q, h, rows, model.attn_out_bias)
+        h1 = tape.op("add", rows * h * b, x, o)
+        y2 = layer_norm(x if model.family == "gpt_neox" else h1)  # NeoX: parallel residual
+        fc = linear(y2, h, f, tokens, model.mlp_bias)
+        if model.family == "gpt2":
+            # gelu_new: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), op by op
+            cube = tape.op("pow", tokens * f * b, fc, saves=(fc,))
+            scaled = tape.op("mul", tokens * f * b, cube)
+            inner = tape.op("add", tokens * f * b, fc, scaled)
+            arg = tape.op("mul", tokens * f * b, inner)
+            th = tape.op("tanh", tokens * f * b, arg, saves_out=True)
+            one = tape.op("add", tokens * f * b, th)
+            half = tape.op("mul", tokens * f * b, fc)
+            act = tape.op("mul", tokens * f * b, half, one, saves=(half, one))
+        else:
+            act = tape.op("gelu", tokens * f * b, fc, saves=(fc,))
+        down = linear(act, f, h, rows, model.mlp_bias)
+        tape.op("add", rows * h * b, h1, down)
+    trace = tape.replay(input_bytes=rows * h * b)
+    return BlockTrace(
+        tensors=trace.tensors,
+        forward_ops=trace.forward_ops,
+        total_ops=trace.total_ops,
+        source={
+            "analytic": model.family,
+            "model": model.name,
+            "micro_batch": micro_batch,
+            "seq_len": workload.seq_len,
+            "dtype": workload.dtype,
+            "flash_attention": workload.flash_attention,
+            "tp": tp,
+            "sp": sp,
+            "cp": cp,
+        },
+    )
 
 
 # ---- JSON on disk ---------------------------------------------------------------------------------

@@ -67,8 +67,14 @@ class ActivationPolicy:
     recompute_fraction: float = field(default=0.0, metadata=_FRACTION)
     swap_tier: TierName = "dram"
     buffer_offsets: tuple[int, ...] = ()  # byte offsets in the reuse arena, per saved tensor
+    buffer_bytes: tuple[int, ...] = ()  # aligned bytes of each saved tensor at buffer_offsets
 
     def __post_init__(self) -> None:
+        if len(self.buffer_bytes) != len(self.buffer_offsets):
+            raise ValueError(
+                f"layer {self.layer}: {len(self.buffer_bytes)} buffer_bytes for {len(self.buffer_offsets)}"
+                " buffer_offsets"
+            )
         total = self.keep_fraction + self.swap_fraction + self.recompute_fraction
         if abs(total - 1.0) > 1e-6:
             raise ValueError(
@@ -131,6 +137,7 @@ class SolverReport:
     objective: float = 0.0
     gap: float | None = None  # relative optimality gap; None for heuristics (no bound)
     seconds: float = 0.0
+    fragmentation: float | None = None  # buffers: arena bytes / live-bytes peak (>= 1); None elsewhere
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,9 +1,9 @@
 """make_plan: search the layouts, turn the winner into a Plan, or say why nothing fits.
 
 The Plan records every decision (layout with its rank-to-device map and pipeline
-split, per-layer activation policy, optimizer placement, tiers) and what the cost
-models predict for it, with one SolverReport per stage (layout search, optimizer
-placement, activation policy, rank mapping). When no layout fits, an
+split, per-layer activation policy with its buffer offsets, optimizer placement, tiers)
+and what the cost models predict for it, with one SolverReport per stage (layout search,
+optimizer placement, activation policy, rank mapping, buffer reuse). When no layout fits, an
 InfeasibleError (exit 3) gives the smallest shortfall, with and without offload,
 and the nearest configurations that would fit (more devices, a smaller
 micro-batch, a shorter sequence, the device's whole memory).
@@ -19,15 +19,20 @@ from typing import Any
 from planner.cluster import ClusterSpec
 from planner.errors import InfeasibleError, LayoutError
 from planner.estimate import budget_bytes as usable_bytes
+from planner.lifetimes import block_lifetimes
 from planner.mapping import AnnealSettings
 from planner.memory import MemoryOptions, Offload
+from planner.mip.buffers import BufferSettings, offsets_by_role, solve_buffers
+from planner.mip.common import MipSettings
 from planner.model import ModelSpec
 from planner.plan import (
     ActivationPolicy,
+    Layout,
     LossPlan,
     OptimizerPlan,
     Plan,
     Predicted,
+    SolverReport,
     TierPlan,
 )
 from planner.search import (
@@ -39,7 +44,7 @@ from planner.search import (
     parallel_shapes,
     search,
 )
-from planner.stages import ACTIVATION_STAGES, OPTIMIZER_BASELINES, Stage
+from planner.stages import ACTIVATION_STAGES, OPTIMIZER_STAGES, Stage
 from planner.units import GiB, fmt_bytes, fmt_rate
 from planner.workload import Workload
 
@@ -62,7 +67,7 @@ def make_plan(
     *,
     budget: int | None = None,
     space: SearchSpace | None = None,
-    optimizer_stages: Sequence[Stage] = OPTIMIZER_BASELINES,
+    optimizer_stages: Sequence[Stage] = OPTIMIZER_STAGES,
     activation_stages: Sequence[Stage] = ACTIVATION_STAGES,
     mapping_top: int = 4,
     seed: int = 0,
@@ -100,7 +105,8 @@ def make_plan(
         )
     chosen = result.best
     why = explain(chosen, result)
-    plan = plan_from_candidate(model, cluster, workload, chosen, result, notes=why)
+    buffers = buffer_settings(time_limit_s=min(BUFFER_TIME_LIMIT_S, time_limit_s), seed=seed)
+    plan = plan_from_candidate(model, cluster, workload, chosen, result, notes=why, buffers=buffers)
     return PlanResult(plan=plan, chosen=chosen, search=result, why=why)
 
 
@@ -138,6 +144,55 @@ def layer_policies(model: ModelSpec, options: MemoryOptions) -> tuple[Activation
     return tuple(ActivationPolicy(layer=i) for i in range(model.num_layers))
 
 
+# the buffer-reuse MIP in `memtier plan` (the layout search has already run): a short time limit,
+# an arena within BUFFER_GAP_REL of the live-bytes lower bound is good enough, and a short local
+# search (on Llama/GPT blocks 50 trials found what 300 did)
+BUFFER_TIME_LIMIT_S = 0.25
+BUFFER_GAP_REL = 0.02
+BUFFER_SEARCH_ITERATIONS = 100
+
+
+def buffer_settings(*, time_limit_s: float = BUFFER_TIME_LIMIT_S, seed: int = 0) -> BufferSettings:
+    """What `memtier plan` solves the buffer MIP with: short, and the same answer on every run."""
+    return BufferSettings(
+        mip=MipSettings(time_limit_s=time_limit_s, gap_rel=BUFFER_GAP_REL),
+        search_iterations=BUFFER_SEARCH_ITERATIONS,
+        seed=seed,
+        deterministic=True,
+    )
+
+
+def with_buffer_offsets(
+    model: ModelSpec,
+    workload: Workload,
+    layout: Layout,
+    policies: Sequence[ActivationPolicy],
+    *,
+    settings: BufferSettings,
+) -> tuple[tuple[ActivationPolicy, ...], SolverReport]:
+    """Every policy with the arena offsets of its block's saved tensors, and the solver's report.
+
+    The block's tensors come from its shapes (`planner.lifetimes.block_lifetimes`) at the
+    layout's micro-batch and tp/sp/cp split; every block runs the same request sequence, so
+    one solve serves all layers (MEMO, Zhao et al. 2024). A swapped or recomputed block's
+    saved tensors live for a sub-interval of the kept block's, so the same offsets hold.
+    """
+    trace = block_lifetimes(
+        model,
+        workload,
+        micro_batch=layout.micro_batch,
+        tp=layout.tp,
+        sp=layout.sequence_parallel,
+        cp=layout.cp,
+    )
+    solution = solve_buffers(trace.tensors, strategy="mip", settings=settings)
+    align = settings.alignment_bytes
+    offsets = offsets_by_role(trace.tensors, solution, "saved")
+    sizes = tuple(-(-t.size_bytes // align) * align for t in trace.tensors if t.role == "saved")
+    out = tuple(dataclasses.replace(p, buffer_offsets=offsets, buffer_bytes=sizes) for p in policies)
+    return out, solution.report()
+
+
 def memory_options(plan: Plan) -> MemoryOptions:
     """The MemoryOptions a Plan's decisions stand for (to re-cost a plan with the cost models)."""
     offload = Offload()
@@ -171,7 +226,9 @@ def plan_from_candidate(
     result: SearchResult | None = None,
     *,
     notes: Sequence[str] = (),
+    buffers: BufferSettings | None = None,
 ) -> Plan:
+    """The Plan of a searched candidate; with `buffers`, the buffer-reuse MIP's offsets per layer."""
     layout = chosen.layout
     if not layout.rank_to_device:
         layout = dataclasses.replace(
@@ -198,18 +255,28 @@ def plan_from_candidate(
     solvers += [chosen.optimizer.report, chosen.activations.report]
     if chosen.mapping is not None:
         solvers.append(chosen.mapping.report)
+    activations = layer_policies(model, chosen.options)
+    if buffers is not None:
+        activations, report = with_buffer_offsets(model, workload, layout, activations, settings=buffers)
+        solvers.append(report)
+    optimizer = OptimizerPlan(
+        kind=workload.optimizer.kind,
+        settings=optimizer_settings(workload),
+        offload=offload.optimizer,
+        tier=offload.tier if offload.optimizer else "device",
+    )
+    placed = chosen.optimizer.optimizer_plan
+    if placed is not None:
+        # the stage decided subgroups, their tiers and the expected device/CPU split
+        optimizer = dataclasses.replace(placed, kind=optimizer.kind, settings=optimizer.settings)
+        notes = (*notes, optimizer_note(optimizer, layout))
     return Plan(
         model=model,
         cluster=cluster,
         workload=workload.replace(micro_batch=layout.micro_batch),
         layout=layout,
-        activations=layer_policies(model, chosen.options),
-        optimizer=OptimizerPlan(
-            kind=workload.optimizer.kind,
-            settings=optimizer_settings(workload),
-            offload=offload.optimizer,
-            tier=offload.tier if offload.optimizer else "device",
-        ),
+        activations=activations,
+        optimizer=optimizer,
         loss=(
             LossPlan(kind="chunked", chunk_size=chosen.options.loss_chunk_tokens)
             if chosen.options.loss_chunk_tokens
@@ -231,11 +298,30 @@ def plan_from_candidate(
     )
 
 
+def optimizer_note(optimizer: OptimizerPlan, layout: Layout) -> str:
+    """What an interleaved optimizer plan asks of the runtime, in a sentence."""
+    tiers = sorted({sg.tier for sg in optimizer.subgroups})
+    on_device = sum(1 for sg in optimizer.subgroups if sg.update_side == "device")
+    note = (
+        f"optimizer: interleaved offload, {len(optimizer.subgroups)} subgroups of up to"
+        f" {optimizer.subgroup_size} elements in {', '.join(tiers) or 'no tier'}; {on_device} updated on"
+        f" the device ({100 * optimizer.device_update_fraction:.1f}% of the elements), the rest on the CPU."
+    )
+    if layout.zero_stage == 0:
+        note += (
+            " DeepSpeed cannot express this at ZeRO-0: ds_config.json keeps the optimizer state resident"
+            " and memtier's runtime (offload.apply with plan.json) carries out the interleaving."
+        )
+    return note
+
+
 # ---- why it won ------------------------------------------------------------------------
 
 
 def _strategies(c: Candidate) -> str:
     s = f"activations {c.activations.strategy}, ZeRO-{c.layout.zero_stage}"
+    if c.optimizer.strategy == "interleaved":
+        return s + ", optimizer state in host tiers with interleaved CPU/device updates"
     return s + (", optimizer state offloaded to host" if c.optimizer.strategy == "offload" else "")
 
 
@@ -296,7 +382,7 @@ def infeasible_error(
     *,
     budget: int | None,
     space: SearchSpace,
-    optimizer_stages: Sequence[Stage] = OPTIMIZER_BASELINES,
+    optimizer_stages: Sequence[Stage] = OPTIMIZER_STAGES,
     activation_stages: Sequence[Stage] = ACTIVATION_STAGES,
 ) -> InfeasibleError:
     have = usable_bytes(cluster, workload, budget)

@@ -43,13 +43,17 @@ from planner.model import ModelSpec
 from planner.plan import Layout, SolverReport
 from planner.stages import (
     ACTIVATION_BASELINES,
-    OPTIMIZER_BASELINES,
+    OPTIMIZER_STAGES,
     Stage,
     StageInput,
     StageResult,
+    host_fits,
 )
 from planner.steptime import StepTime, estimate_step_time
 from planner.workload import Workload
+
+# optimizer stages that decide a per-subgroup placement; on a tie they lose to the baselines
+PLACEMENT_STRATEGIES = frozenset({"interleaved"})
 
 
 class SearchSpaceError(SpecError):
@@ -129,9 +133,16 @@ class Candidate:
             + (f" opt:{self.optimizer.strategy}" if self.optimizer.strategy != "resident" else "")
         )
 
-    def sort_key(self) -> tuple[float, int, str]:
-        # fastest first; then the leaner one; then a stable textual order (determinism)
-        return (self.step_s, self.peak_bytes, self.describe())
+    def sort_key(self) -> tuple[float, int, int, str]:
+        # fastest first; then the leaner one; then the plainer optimizer placement (interleaved
+        # offload is chosen only when it is faster: at its no-device-update split it ties with
+        # offload); then a stable textual order (determinism)
+        return (
+            self.step_s,
+            self.peak_bytes,
+            int(self.optimizer.strategy in PLACEMENT_STRATEGIES),
+            self.describe(),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,6 +286,39 @@ def zero_choices(space: SearchSpace, *, pp: int) -> list[int]:
     return [z for z in space.zero_stages if pp == 1 or z <= 1]
 
 
+def shape_variants(
+    model: ModelSpec, workload: Workload, space: SearchSpace, *, pp: int
+) -> Iterator[tuple[str, tuple[int, ...], int]]:
+    """(split name, blocks per stage, ZeRO stage) for one parallel shape with `pp` stages."""
+    for split_name, split in stage_splits(model, workload, pp, uneven=space.uneven_splits):
+        for zero in zero_choices(space, pp=pp):
+            yield split_name, split, zero
+
+
+def full_layout(
+    shape: tuple[int, int, int, int],
+    workload: Workload,
+    space: SearchSpace,
+    *,
+    micro_batch: int,
+    zero: int,
+    split: tuple[int, ...],
+) -> Layout:
+    """The layout of a (dp, tp, pp, cp) shape at a micro-batch (grad_accum follows from the global batch)."""
+    dp, tp, pp, cp = shape
+    return Layout(
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        cp=cp,
+        micro_batch=micro_batch,
+        grad_accum=workload.global_batch // (dp * micro_batch),
+        zero_stage=zero,
+        sequence_parallel=space.sequence_parallel and tp > 1,
+        stage_layers=split,
+    )
+
+
 # ---- the search ---------------------------------------------------------------------------
 
 
@@ -301,11 +345,30 @@ def _time(
     layout: Layout,
     options: MemoryOptions,
     links: dict[str, GroupLink],
-    added_s: float,
+    optimizer: StageResult,
+    activations: StageResult,
 ) -> StepTime:
-    # exposed host transfers the step-time model does not derive from `options` enter as
-    # its `swap_exposed_s` (reported under "swap")
-    return estimate_step_time(model, cluster, workload, layout, options, links=links, swap_exposed_s=added_s)
+    """The step time with the stages' `added_time_s`, each booked under its own term.
+
+    Both enter the step through the step-time model's `swap_exposed_s` (so the step, TFLOP/s
+    and MFU include them); the breakdown then books the activation stage's exposed swap
+    under "swap" and the optimizer stage's correction under "optimizer" (interleaved offload:
+    negative, the time it saves against the CPU-only update the model charges).
+    """
+    t = estimate_step_time(
+        model,
+        cluster,
+        workload,
+        layout,
+        options,
+        links=links,
+        swap_exposed_s=optimizer.added_time_s + activations.added_time_s,
+    )
+    if not optimizer.added_time_s:
+        return t
+    return dataclasses.replace(
+        t, optimizer_s=t.optimizer_s + optimizer.added_time_s, swap_s=activations.added_time_s
+    )
 
 
 def _run_stages(
@@ -343,7 +406,7 @@ def search(
     *,
     budget_bytes: int,
     space: SearchSpace | None = None,
-    optimizer_stages: Sequence[Stage] = OPTIMIZER_BASELINES,
+    optimizer_stages: Sequence[Stage] = OPTIMIZER_STAGES,
     activation_stages: Sequence[Stage] = ACTIVATION_BASELINES,
     mapping_top: int = 4,
     refine_top: int = 3,
@@ -367,73 +430,56 @@ def search(
         shape_layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp)
         links = LinkEvaluator(shape_layout, cluster).links(default_mapping(cluster.world_size))
         mbs = micro_batches(workload, dp, space)
-        for split_name, split in stage_splits(model, workload, pp, uneven=space.uneven_splits):
-            for zero in zero_choices(space, pp=pp):
-                for opt_stage in optimizer_stages:
-                    probe = StageInput(
-                        model=model,
-                        cluster=cluster,
-                        workload=workload,
-                        layout=Layout(dp=dp, tp=tp, pp=pp, cp=cp, zero_stage=zero, stage_layers=split),
-                        budget_bytes=budget_bytes,
-                        options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens),
-                        links=links,
-                        time_limit_s=time_limit_s,
-                        seed=seed,
+        for split_name, split, zero in shape_variants(model, workload, space, pp=pp):
+            for opt_stage in optimizer_stages:
+                probe = StageInput(
+                    model=model,
+                    cluster=cluster,
+                    workload=workload,
+                    layout=Layout(dp=dp, tp=tp, pp=pp, cp=cp, zero_stage=zero, stage_layers=split),
+                    budget_bytes=budget_bytes,
+                    options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens),
+                    links=links,
+                    time_limit_s=time_limit_s,
+                    seed=seed,
+                )
+                if not opt_stage.applies(probe):
+                    continue
+                if zero > 0 and dp * cp == 1 and opt_stage.name == "resident":
+                    continue  # ZeRO without data parallelism partitions nothing
+                tally.configurations += 1
+                states = opt_stage.solve(probe)
+                if not states.fits:
+                    tally.pruned_by_states += 1
+                    continue
+                for mb in mbs:
+                    layout = full_layout(
+                        (dp, tp, pp, cp), workload, space, micro_batch=mb, zero=zero, split=split
                     )
-                    if not opt_stage.applies(probe):
-                        continue
-                    if zero > 0 and dp * cp == 1 and opt_stage.name == "resident":
-                        continue  # ZeRO without data parallelism partitions nothing
-                    tally.configurations += 1
-                    states = opt_stage.solve(probe)
-                    if not states.fits:
-                        tally.pruned_by_states += 1
-                        continue
-                    for mb in mbs:
-                        layout = Layout(
-                            dp=dp,
-                            tp=tp,
-                            pp=pp,
-                            cp=cp,
-                            micro_batch=mb,
-                            grad_accum=workload.global_batch // (dp * mb),
-                            zero_stage=zero,
-                            sequence_parallel=space.sequence_parallel and tp > 1,
-                            stage_layers=split,
-                        )
-                        inp = dataclasses.replace(probe, layout=layout)
-                        opt, fitting = _run_stages(
-                            inp, opt_stage, cheap_acts, first_fit=True, tally=tally, split=split_name
-                        )
-                        if not fitting:
-                            break  # memory grows with the micro-batch: larger ones miss too
-                        act = fitting[0]
-                        validate_layout(model, cluster, workload, layout)
-                        assert act.memory is not None  # activation stages return their breakdown
-                        t = _time(
-                            model,
-                            cluster,
-                            workload,
-                            layout,
-                            act.options,
-                            links,
-                            opt.added_time_s + act.added_time_s,
-                        )
-                        tally.timed += 1
-                        cand = Candidate(
-                            layout=layout,
-                            split=split_name,
-                            optimizer=opt,
-                            activations=act,
-                            memory=act.memory,
-                            time=t,
-                            budget_bytes=budget_bytes,
-                        )
-                        key = cand.shape
-                        variants.setdefault(key, []).append(cand)
-                        if key not in best_by_shape or cand.sort_key() < best_by_shape[key].sort_key():
-                            best_by_shape[key] = cand
+                    inp = dataclasses.replace(probe, layout=layout)
+                    opt, fitting = _run_stages(
+                        inp, opt_stage, cheap_acts, first_fit=True, tally=tally, split=split_name
+                    )
+                    if not fitting:
+                        break  # memory grows with the micro-batch: larger ones miss too
+                    act = fitting[0]
+                    validate_layout(model, cluster, workload, layout)
+                    assert act.memory is not None  # activation stages return their breakdown
+                    t = _time(model, cluster, workload, layout, act.options, links, opt, act)
+                    tally.timed += 1
+                    cand = Candidate(
+                        layout=layout,
+                        split=split_name,
+                        optimizer=opt,
+                        activations=act,
+                        memory=act.memory,
+                        time=t,
+                        budget_bytes=budget_bytes,
+                    )
+                    key = cand.shape
+                    variants.setdefault(key, []).append(cand)
+                    if key not in best_by_shape or cand.sort_key() < best_by_shape[key].sort_key():
+                        best_by_shape[key] = cand
     ranked = sorted(best_by_shape.values(), key=Candidate.sort_key)
 
     # expensive activation strategies (solvers) on the best few shapes only
@@ -458,9 +504,8 @@ def search(
                 if not res.fits or res.memory is None:
                     continue
                 t = _time(
-                    model, cluster, workload, cand.layout, res.options, inp.links or {},
-                    cand.optimizer.added_time_s + res.added_time_s,
-                )  # fmt: skip
+                    model, cluster, workload, cand.layout, res.options, inp.links or {}, cand.optimizer, res
+                )
                 tally.timed += 1
                 alt = dataclasses.replace(cand, activations=res, memory=res.memory, time=t)
                 variants[cand.shape].append(alt)
@@ -526,15 +571,15 @@ def map_candidate(
     settings: AnnealSettings | None = None,
 ) -> Candidate:
     """The candidate with its rank-to-device mapping searched (never slower than the default)."""
-    added = cand.added_time_s
+    opt, act = cand.optimizer, cand.activations
 
     def cost(links: dict[str, GroupLink]) -> float:
-        return _time(model, cluster, workload, cand.layout, cand.options, links, added).step_s
+        return _time(model, cluster, workload, cand.layout, cand.options, links, opt, act).step_s
 
     result = anneal_mapping(cand.layout, cluster, cost, seed=seed, settings=settings)
     names = tuple(cluster.device_name(d) for d in result.mapping)
     layout = dataclasses.replace(cand.layout, rank_to_device=names)
-    t = _time(model, cluster, workload, layout, cand.options, result.links, added)
+    t = _time(model, cluster, workload, layout, cand.options, result.links, opt, act)
     return dataclasses.replace(cand, layout=layout, time=t, mapping=result)
 
 
@@ -547,11 +592,10 @@ def remap(
     layout = dataclasses.replace(
         cand.layout, rank_to_device=tuple(cluster.device_name(d) for d in mapping.mapping)
     )
-    t = _time(model, cluster, workload, layout, cand.options, links, cand.added_time_s)
-    default_t = _time(
-        model, cluster, workload, cand.layout, cand.options,
-        evaluator.links(default_mapping(cluster.world_size)), cand.added_time_s,
-    )  # fmt: skip
+    opt, act = cand.optimizer, cand.activations
+    t = _time(model, cluster, workload, layout, cand.options, links, opt, act)
+    default_links = evaluator.links(default_mapping(cluster.world_size))
+    default_t = _time(model, cluster, workload, cand.layout, cand.options, default_links, opt, act)
     result = dataclasses.replace(mapping, step_s=t.step_s, default_step_s=default_t.step_s, links=links)
     return dataclasses.replace(cand, layout=layout, time=t, mapping=result)
 
@@ -562,13 +606,14 @@ def least_memory(
     workload: Workload,
     *,
     space: SearchSpace | None = None,
-    optimizer_stages: Sequence[Stage] = OPTIMIZER_BASELINES,
+    optimizer_stages: Sequence[Stage] = OPTIMIZER_STAGES,
     activation_stages: Sequence[Stage] = ACTIVATION_BASELINES,
 ) -> dict[str, Shortfall]:
     """Per optimizer placement, the configuration with the smallest peak (memory only, no timing).
 
     The leanest micro-batch and every activation strategy are tried on every shape, split
-    and ZeRO stage: this is what an infeasible answer reports.
+    and ZeRO stage: this is what an infeasible answer reports. Configurations whose host
+    bytes overflow the host tiers are left out (no device memory would make them fit).
     """
     space = space or SearchSpace()
     out: dict[str, Shortfall] = {}
@@ -578,44 +623,37 @@ def least_memory(
         if not mbs:
             continue
         mb = mbs[0]
-        for split_name, split in stage_splits(model, workload, pp, uneven=space.uneven_splits):
-            for zero in zero_choices(space, pp=pp):
-                layout = Layout(
-                    dp=dp,
-                    tp=tp,
-                    pp=pp,
-                    cp=cp,
-                    micro_batch=mb,
-                    grad_accum=workload.global_batch // (dp * mb),
-                    zero_stage=zero,
-                    sequence_parallel=space.sequence_parallel and tp > 1,
-                    stage_layers=split,
-                )
-                base = StageInput(
-                    model=model,
-                    cluster=cluster,
-                    workload=workload,
-                    layout=layout,
-                    budget_bytes=big,
-                    options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens),
-                )
-                for opt_stage in optimizer_stages:
-                    if not opt_stage.applies(base):
+        for split_name, split, zero in shape_variants(model, workload, space, pp=pp):
+            layout = full_layout((dp, tp, pp, cp), workload, space, micro_batch=mb, zero=zero, split=split)
+            base = StageInput(
+                model=model,
+                cluster=cluster,
+                workload=workload,
+                layout=layout,
+                budget_bytes=big,
+                options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens),
+            )
+            for opt_stage in optimizer_stages:
+                if not opt_stage.applies(base):
+                    continue
+                opt = opt_stage.solve(base)
+                if not host_fits(cluster, opt.host_bytes):
+                    continue  # the optimizer state overflows the host tiers whatever the device holds
+                for act_stage in activation_stages:
+                    inp = dataclasses.replace(base, options=opt.options, budget_bytes=0)
+                    if act_stage.expensive or not act_stage.applies(inp):
                         continue
-                    opt = opt_stage.solve(base)
-                    for act_stage in activation_stages:
-                        inp = dataclasses.replace(base, options=opt.options, budget_bytes=0)
-                        if act_stage.expensive or not act_stage.applies(inp):
-                            continue
-                        res = act_stage.solve(inp)
-                        cur = out.get(opt.strategy)
-                        if cur is None or res.device_bytes < cur.need_bytes:
-                            desc = layout.describe() + (f" [{split_name}]" if pp > 1 else "")
-                            out[opt.strategy] = Shortfall(
-                                need_bytes=res.device_bytes,
-                                describe=f"{desc} {res.strategy}",
-                                layout=layout,
-                                optimizer=opt.strategy,
-                                activations=res.strategy,
-                            )
+                    res = act_stage.solve(inp)
+                    if not host_fits(cluster, res.host_bytes):
+                        continue  # no device budget makes this fit: the host tiers are too small
+                    cur = out.get(opt.strategy)
+                    if cur is None or res.device_bytes < cur.need_bytes:
+                        desc = layout.describe() + (f" [{split_name}]" if pp > 1 else "")
+                        out[opt.strategy] = Shortfall(
+                            need_bytes=res.device_bytes,
+                            describe=f"{desc} {res.strategy}",
+                            layout=layout,
+                            optimizer=opt.strategy,
+                            activations=res.strategy,
+                        )
     return out

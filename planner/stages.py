@@ -10,6 +10,9 @@ and exposed time it predicts, and a `SolverReport`. Baselines are strategies too
   optimizer    "resident"           optimizer state on the device (ZeRO partitions it)
                "offload"            all optimizer state in host DRAM, the update on the CPU
                                     (ZeRO-Offload, Ren et al. 2021)
+               "interleaved"        optimizer state in the host tiers by subgroup, each subgroup
+                                    updated on the CPU or the device (Deep Optimizer States,
+                                    `planner.optimizer_placement`); in OPTIMIZER_STAGES
   activations  "keep_all"           every block keeps what autograd saves
                "recompute_all"      every block is recomputed (Chen et al. 2016)
                "recompute_block"    the first N blocks of each pipeline stage are recomputed,
@@ -33,7 +36,8 @@ from planner.cluster import ClusterSpec
 from planner.comm import GroupLink
 from planner.memory import MemoryBreakdown, MemoryOptions, Offload, estimate_memory, model_states
 from planner.model import ModelSpec
-from planner.plan import ActivationPolicy, Layout, SolverReport
+from planner.optimizer_placement import OptimizerInterleaved  # imports this module lazily: no cycle
+from planner.plan import ActivationPolicy, Layout, OptimizerPlan, SolverReport
 from planner.workload import Workload
 
 StageKind = Literal["optimizer", "activations"]
@@ -64,6 +68,8 @@ class StageResult:
     added_time_s: float = 0.0  # exposed time the step-time model does not see from `options`
     fits: bool = True  # device and host capacities hold
     memory: MemoryBreakdown | None = None  # the full breakdown when the stage computed one
+    # an optimizer stage's placement when it decides more than offload on/off (subgroups, tiers, split)
+    optimizer_plan: OptimizerPlan | None = None
     report: SolverReport
 
 
@@ -163,6 +169,21 @@ def _report(kind: StageKind, strategy: str, fits: bool, objective: float = 0.0) 
 # ---- optimizer-state placement ---------------------------------------------------------
 
 
+def _placement_result(
+    name: str, options: MemoryOptions, need: int, host: dict[str, int], *, fits: bool
+) -> StageResult:
+    """An optimizer baseline's result: model-state bytes on the device (a lower bound on the peak)."""
+    return StageResult(
+        kind="optimizer",
+        strategy=name,
+        options=options,
+        device_bytes=need,
+        host_bytes=host,
+        fits=fits,
+        report=_report("optimizer", name, fits, need),
+    )
+
+
 @dataclass(frozen=True)
 class OptimizerResident:
     name: str = "resident"
@@ -175,15 +196,7 @@ class OptimizerResident:
     def solve(self, inp: StageInput) -> StageResult:
         options = dataclasses.replace(inp.options, offload=Offload())
         need = states_bytes(inp.model, inp.workload, inp.layout, options.offload)
-        fits = need <= inp.budget_bytes
-        return StageResult(
-            kind=self.kind,
-            strategy=self.name,
-            options=options,
-            device_bytes=need,
-            fits=fits,
-            report=_report(self.kind, self.name, fits, need),
-        )
+        return _placement_result(self.name, options, need, {}, fits=need <= inp.budget_bytes)
 
 
 @dataclass(frozen=True)
@@ -213,15 +226,7 @@ class OptimizerOffload:
             )
         }
         fits = need <= inp.budget_bytes and host_fits(inp.cluster, host)
-        return StageResult(
-            kind=self.kind,
-            strategy=self.name,
-            options=options,
-            device_bytes=need,
-            host_bytes=host,
-            fits=fits,
-            report=_report(self.kind, self.name, fits, need),
-        )
+        return _placement_result(self.name, options, need, host, fits=fits)
 
 
 # ---- activation policy -----------------------------------------------------------------
@@ -245,8 +250,11 @@ def _activation_result(
 
 
 @dataclass(frozen=True)
-class KeepAll:
-    name: str = "keep_all"
+class UniformActivations:
+    """Every block alike: keep what autograd saves (`recompute="none"`) or recompute it all ("full")."""
+
+    name: str
+    recompute: Literal["none", "full"]
     kind: StageKind = "activations"
     expensive: bool = False
 
@@ -255,23 +263,20 @@ class KeepAll:
 
     def solve(self, inp: StageInput) -> StageResult:
         return _activation_result(
-            inp, self.name, dataclasses.replace(inp.options, recompute="none", policies=())
+            inp, self.name, dataclasses.replace(inp.options, recompute=self.recompute, policies=())
         )
 
 
 @dataclass(frozen=True)
-class RecomputeAll:
+class KeepAll(UniformActivations):
+    name: str = "keep_all"
+    recompute: Literal["none", "full"] = "none"
+
+
+@dataclass(frozen=True)
+class RecomputeAll(UniformActivations):
     name: str = "recompute_all"
-    kind: StageKind = "activations"
-    expensive: bool = False
-
-    def applies(self, inp: StageInput) -> bool:
-        return True
-
-    def solve(self, inp: StageInput) -> StageResult:
-        return _activation_result(
-            inp, self.name, dataclasses.replace(inp.options, recompute="full", policies=())
-        )
+    recompute: Literal["none", "full"] = "full"
 
 
 def block_policies(model: ModelSpec, layout: Layout, per_stage: int) -> tuple[ActivationPolicy, ...]:
@@ -487,3 +492,7 @@ class ActivationMip:
 
 
 ACTIVATION_STAGES: tuple[Stage, ...] = (*ACTIVATION_BASELINES, ActivationMip())
+
+# what `memtier plan` searches: the baselines and interleaved offload (picked only when it is faster
+# than both and fits)
+OPTIMIZER_STAGES: tuple[Stage, ...] = (*OPTIMIZER_BASELINES, OptimizerInterleaved())

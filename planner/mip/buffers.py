@@ -14,8 +14,10 @@ Strategies, all returning a `BufferSolution`:
   and falling back to that layout (status "fallback") when the solver does not beat
   it within its time limit. Past `max_pair_binaries` pairs only the tensors around the
   arena's top get binaries (a large-neighbourhood step), so hundreds of tensors stay
-  solvable in the time limit. Done early, and proven, whenever a layout reaches the
-  live-bytes lower bound.
+  solvable in the time limit. Done early whenever a layout comes within the relative gap
+  (`MipSettings.gap_rel`) of the live-bytes lower bound. With `deterministic` (what
+  `memtier plan` uses) the answer does not depend on the machine's speed: the local search
+  has no deadline and only a proven-optimal MIP layout replaces the heuristic's.
 - "best_fit": offline greedy by size with best-fit gaps (Pisarchyk & Lee 2020,
   "Efficient Memory Management for Deep Neural Net Inference", greedy by size), over a few
   orderings, keeping the smallest arena.
@@ -75,6 +77,10 @@ class BufferSettings:
     # arena's top (the others stay where the warm start put them), so big instances stay solvable
     max_pair_binaries: int = field(default=2000, metadata={"min": 0})
     seed: int = 0
+    # the same answer on every run, whatever the machine's load: the local search runs all its
+    # iterations (no deadline) and a MIP layout is taken only when the solver proved it optimal
+    # (a time-limited incumbent depends on how far the solver got). `memtier plan` sets it.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         a = self.alignment_bytes
@@ -113,6 +119,7 @@ class BufferSolution:
             objective=float(self.arena_bytes),
             gap=self.gap,
             seconds=self.seconds,
+            fragmentation=self.fragmentation,
         )
 
 
@@ -518,8 +525,10 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
     def heuristic(status: SolverStatus, gap: float | None) -> BufferSolution:
         return _solution("mip", tensors, incumbent, sizes, status=status, gap=gap, started=started)
 
-    if incumbent_arena <= lower:
-        return heuristic("optimal", 0.0)
+    # within the relative gap of the live-bytes bound: optimal as far as the settings ask
+    close_enough = lower * (1 + settings.mip.gap_rel)
+    if incumbent_arena <= close_enough:
+        return heuristic("optimal", relative_gap(incumbent_arena, float(lower)))
     incumbent, incumbent_arena = _local_search(
         tensors,
         sizes,
@@ -527,11 +536,15 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
         incumbent_arena,
         iterations=settings.search_iterations,
         seed=settings.seed,
-        deadline=started + settings.search_share * settings.mip.time_limit_s,
+        deadline=(
+            float("inf")
+            if settings.deterministic
+            else started + settings.search_share * settings.mip.time_limit_s
+        ),
         lower=lower,
     )
-    if incumbent_arena <= lower:
-        return heuristic("optimal", 0.0)
+    if incumbent_arena <= close_enough:
+        return heuristic("optimal", relative_gap(incumbent_arena, float(lower)))
     incumbent = _identical_groups_sorted(tensors, incumbent)
 
     # MIP units: sizes in multiples of unit_bytes (alignment * 2^k) so the arena is at most
@@ -548,6 +561,12 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
     all_pairs = [(i, j) for i, j in overlapping_pairs(tensors) if w[i] and w[j]]
     free = _free_set(tensors, live, all_pairs, start_offsets, w, settings.max_pair_binaries)
     pairs = [(i, j) for i, j in all_pairs if i in free and j in free]
+    # the MIP's bound bounds the real arena only when it sees every tensor at its real aligned size
+    exact = unit_bytes == align and len(free) == len(live)
+    if settings.deterministic and not exact:
+        # such a MIP can never prove its layout optimal, and a time-limited incumbent is not
+        # taken in deterministic mode: the heuristic's layout stands, without the solver's time
+        return heuristic("fallback", relative_gap(incumbent_arena, float(lower)))
     fixed_top = max((start_offsets[i] + w[i] for i in live if i not in free), default=0)
     # free tensors keep their place relative to fixed ones they coexist with: bounds, not binaries
     low = {i: 0 for i in free}
@@ -595,8 +614,6 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
     remaining = settings.mip.time_limit_s - (time.perf_counter() - started)
     outcome = run_mip(prob, replace(settings.mip, time_limit_s=max(0.1, remaining)), warm_start=True)
 
-    # the MIP's bound bounds the real arena only when it saw every tensor at its real aligned size
-    exact = unit_bytes == align and len(free) == len(live)
     bound_bytes = float(lower)
     if outcome.bound is not None and exact:
         bound_bytes = max(bound_bytes, outcome.bound * unit_bytes)
@@ -606,8 +623,8 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
         values = {i: float(offset[i].varValue or 0.0) if i in free else float(start_offsets[i]) for i in live}
         offsets = compact(tensors, sizes, sorted(live, key=lambda i: (values[i], i)))
         arena_bytes = max((offsets[i] + sizes[i] for i in live), default=0)
-        if arena_bytes < incumbent_arena:
-            status: SolverStatus = "optimal" if exact and outcome.status == "optimal" else "time_limit"
+        status: SolverStatus = "optimal" if exact and outcome.status == "optimal" else "time_limit"
+        if arena_bytes < incumbent_arena and (status == "optimal" or not settings.deterministic):
             offsets = [offsets[i] if w[i] else 0 for i in range(len(tensors))]
             return _solution(
                 "mip",

@@ -204,3 +204,33 @@ def test_cli_plan_writes_outputs_and_json(capsys, tmp_path):
     assert data["chosen"]["layout"] == data["top"][0]["layout"]
     assert Plan.from_dict(data["plan"]).layout.world_size == 8
     assert data["top"][0]["step_s"] <= data["top"][1]["step_s"] <= data["top"][2]["step_s"]
+
+
+def test_interleaved_plan_at_zero0_keeps_deepspeed_resident_and_says_so(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # one H100 and Llama-2-7B: interleaved optimizer offload beats resident (does not fit) and full offload
+    one = dataclasses.replace(resolve_cluster("dgx-h100-8"), devices_per_node=1)
+    plan = make_plan(MODEL_PRESETS["llama2-7b"], one, Workload(global_batch=8, seq_len=2048)).plan
+    assert plan.optimizer.offload and plan.optimizer.subgroups and plan.layout.zero_stage == 0
+    paths = write_outputs(plan, tmp_path / "out")
+    cfg = DeepSpeedConfig(paths["ds_config.json"])
+    assert cfg.zero_optimization_stage == 0
+    assert cfg.zero_config.offload_optimizer is None  # DeepSpeed cannot interleave; memtier's runtime does
+    assert cfg.optimizer_name == "adamw"
+    assert cfg.train_micro_batch_size_per_gpu == plan.layout.micro_batch
+    # the same plan at ZeRO-1 is an offload DeepSpeed can express: the block is written there
+    z1 = plan.replace(layout=dataclasses.replace(plan.layout, zero_stage=1))
+    assert ds_config(z1)["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    # a CPU device keeps DeepSpeed's torch Adam when DeepSpeed itself does not offload
+    cpu = plan.replace(cluster=dataclasses.replace(plan.cluster, device=cpu_cluster().device))
+    assert ds_config(cpu)["optimizer"]["params"]["torch_adam"] is True
+    # accelerate and launch.sh stay valid, and launch.sh says who carries out the interleaving
+    acc = load_config_from_file(paths["accelerate.yaml"])
+    assert acc.distributed_type.value == "DEEPSPEED" and acc.num_processes == 1
+    with open(paths["launch.sh"], encoding="utf-8") as f:
+        script = f.read()
+    assert "interleaved offload" in script and "offload.apply" in script
+    assert subprocess.run(["bash", "-n", paths["launch.sh"]], check=False).returncode == 0
+    assert Plan.load(paths["plan.json"]) == plan
