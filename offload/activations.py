@@ -286,6 +286,7 @@ class _Saved:
         "source",
         "source_ref",
         "kept",
+        "kept_view",
         "fetch_buf",
         "materialized",
         "version",
@@ -310,6 +311,8 @@ class _Saved:
         self.source: torch.Tensor | None = None  # what the put reads; the main thread drops it after the put
         self.source_ref = StorageWeakRef(t.untyped_storage())  # dedupe: is the saved storage still alive?
         self.kept: torch.Tensor | None = None  # compact copy of the tokens not swapped
+        # CPU: the tokens not swapped, still a view of the saved storage until the put has read it (reap)
+        self.kept_view: torch.Tensor | None = None
         self.fetch_buf: torch.Tensor | None = None
         self.materialized: torch.Tensor | None = None
         self.version = t._version
@@ -506,6 +509,12 @@ class SwapEngine:
                 break
             pending.popleft()
             entry.source = None
+            if entry.kept_view is not None:
+                if entry.kept_view._version != entry.version:
+                    slot.version_ok = False  # modified in place before the copy: unpack raises
+                with torch.no_grad():
+                    entry.kept = entry.kept_view.clone(memory_format=torch.contiguous_format)
+                entry.kept_view = None  # the last reference to the saved storage: it is freed here
             if slot.error is not None and first is None:
                 first = (entry, slot.error)
         if first is not None and raise_errors:
@@ -598,9 +607,18 @@ class SwapEngine:
                 fetch_shape = list(t.shape)
                 fetch_shape[dim] = k
                 entry.fetch_shape = tuple(fetch_shape)
-                with torch.no_grad():
-                    # A fresh compact copy: the original storage can be freed once the swapped part is out.
-                    entry.kept = data.narrow(dim, k, total - k).clone(memory_format=torch.contiguous_format)
+                kept = data.narrow(dim, k, total - k)
+                if data.is_cuda:
+                    with torch.no_grad():
+                        # A fresh compact copy: the caching allocator frees the original storage once the
+                        # side stream's copy of the swapped part has run (record_stream in _submit_put).
+                        entry.kept = kept.clone(memory_format=torch.contiguous_format)
+                else:
+                    # NOTE: the compact copy is deferred to reap: the original storage stays alive until the
+                    # worker's put has read it anyway, and a copy made now would sit beside it for the whole
+                    # put (the kept share twice). Made once the put is done, it exists alone but for the
+                    # moment of the copy.
+                    entry.kept_view = kept
         src = entry.source
         entry.nbytes = src.numel() * src.element_size()
         tier = self.tiers.get(policy.swap_tier)
@@ -702,6 +720,7 @@ class SwapEngine:
         entry.materialized = out
         entry.fetch_buf = None
         entry.kept = None
+        entry.kept_view = None
         self.reap()
         return out
 
@@ -716,16 +735,17 @@ class SwapEngine:
             storage = torch.empty(offset + fetched.numel(), dtype=entry.dtype, device=entry.device)
             storage[offset:].copy_(fetched)
             return storage.as_strided(size, stride, offset)
-        if entry.kept is None and entry.contiguous and offset == 0:
+        kept = entry.kept if entry.kept is not None else entry.kept_view
+        if kept is None and entry.contiguous and offset == 0:
             return fetched.as_strided(size, stride, 0)  # compact == the original layout: no copy
         out = _empty_with_layout(size, stride, offset, entry.dtype, entry.device)
-        if entry.kept is None:
+        if kept is None:
             out.copy_(fetched)
         else:
             dim = entry.seq_dim if entry.seq_dim is not None else 0
             k = entry.split
             out.narrow(dim, 0, k).copy_(fetched)
-            out.narrow(dim, k, size[dim] - k).copy_(entry.kept)
+            out.narrow(dim, k, size[dim] - k).copy_(kept)
         return out
 
 
