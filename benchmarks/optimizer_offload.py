@@ -9,20 +9,19 @@ fp32, the same data and thread count for every configuration:
    resident        ``torch.optim.AdamW(fused=True)``, state in device memory: the baseline
    memtier-device  memtier's optimizer with the state on the device (the runtime's no-offload path)
    memtier-host    state in the host-DRAM tier, interleaved CPU/device updates (the scheduler decides);
-                   the tier API has no in-place access, so each update copies the state out and back
-   memtier-host-view  the same with an in-place view of the arena (``view(handle)``, an API requested from
-                   offload/tiers; emulated here by a subclass): what in-place host updates would cost
+                   the CPU lane updates the state in place through the arena's ``view(handle)``
    memtier-nvme    state in the NVMe tier (files under ``--nvme-dir``), prefetched and written behind
    deepspeed       DeepSpeed ZeRO-2 with ``offload_optimizer: cpu`` (gloo, world size 1, DeepSpeedCPUAdam)
 
    On a CPU-only machine the "device" is the CPU, so "resident" is the best case and every offload adds
    copies; the ratios are what offload costs here, not what it saves on a GPU.
 
-2. CPU-update throughput, parameters per second on the same flat fp32 tensors: torch's fused AdamW
-   (``torch.optim.AdamW(fused=True).step``), DeepSpeed's CPU Adam (``DeepSpeedCPUAdam.step``; its op is
-   compiled on first use, ~100 s, skipped with a reason if that fails), and memtier's path: the kernel it
-   selected (``select_cpu_kernel("auto")``) as run by its CPU lane, and the whole CPU lane of a host-tier
-   step (gradient copy, state staging, kernel, parameter copy).
+2. CPU-update throughput, parameters per second of ``step()`` + ``zero_grad()`` on the same fp32 parameters and
+   gradients, the same thread count: torch's fused AdamW (``torch.optim.AdamW(fused=True)``), DeepSpeed's CPU
+   Adam (``DeepSpeedCPUAdam``; its op is compiled on first use, ~100 s, skipped with a reason if that fails),
+   and memtier's ``OffloadedAdamW`` with every update on the CPU lane and the state in the host tier (in
+   place in the arena) or the NVMe tier (staged: read ahead, written behind), plus the kernel phase alone of
+   the host run. Issue #7's target: memtier-host >= the faster of the two kernels (ratio >= 0.97 measured).
 
 Results: ``benchmarks/results/optimizer_offload[_quick].json`` and ``.png``; ratios are against the
 baseline measured in the same run. Run from the repository root:
@@ -45,7 +44,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("resident", "deepspeed", "memtier-device", "memtier-host", "memtier-host-view", "memtier-nvme")
+CONFIGS = ("resident", "deepspeed", "memtier-device", "memtier-host", "memtier-nvme")
 KERNELS = ("torch_fused", "deepspeed", "memtier")
 MODELS = ("llama-34m", "llama-300m", "llama-20m", "tiny-llama")
 
@@ -71,20 +70,6 @@ def _build_model(name: str, seed: int):
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.train()
     return spec, model
-
-
-def view_host_tier(capacity_bytes: int):
-    """The host arena plus ``view(handle)`` -- the in-place access offload.optimizer uses when a tier offers
-    it. NOTE: emulated with the arena's internals until offload/tiers provides it."""
-    from offload.tiers import HostTier
-    from offload.tiers.base import typed_view
-
-    class ViewHostTier(HostTier):
-        def view(self, handle):
-            entry = self._entry(handle)
-            return typed_view(self.arena[entry.offset : entry.offset + handle.nbytes], handle)
-
-    return ViewHostTier(capacity_bytes=capacity_bytes)
 
 
 def _rss_peak_bytes() -> int:
@@ -118,13 +103,9 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         tier = {
             "memtier-device": "device",
             "memtier-host": "dram",
-            "memtier-host-view": "dram",
             "memtier-nvme": "nvme",
         }[args.worker]
         tier_plans: tuple[TierPlan, ...] = ()
-        stores = {}
-        if args.worker == "memtier-host-view":
-            stores["dram"] = view_host_tier(n_params * 12 + (1 << 20))
         if tier == "nvme":
             nvme_dir = tempfile.mkdtemp(prefix="memtier-opt-", dir=args.nvme_dir)
             tier_plans = (TierPlan(kind="nvme", capacity_bytes=0, path=nvme_dir),)
@@ -132,7 +113,6 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
             model.parameters(),
             placement=OptimizerPlan(offload=tier != "device", tier=tier, subgroup_size=args.subgroup_size),  # type: ignore[arg-type]
             tier_plans=tier_plans,
-            stores=stores,
             settings=OffloadSettings(
                 grad_accum=args.accum,
                 max_grad_norm=args.clip,
@@ -249,11 +229,13 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
-    """Best-of-``repeats`` update throughput of each kernel, measured round-robin (load drifts hit all alike)."""
+    """Best-of-``repeats`` ``step()`` throughput of each optimizer, measured round-robin (load drifts hit all
+    alike), every one on its own copy of the same parameters and gradients."""
     import torch
 
     from offload.optimizer import OffloadedAdamW, OffloadSettings
     from offload.optimizer_kernels import deepspeed_cpu_adam_status, select_cpu_kernel
+    from planner.plan import OptimizerPlan, TierPlan
 
     torch.set_num_threads(args.threads)
     pieces = 4  # tensors of numel / 4: large enough that per-call overheads do not dominate
@@ -262,62 +244,76 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
     grads = [torch.randn(args.kernel_numel // pieces, generator=gen).mul_(1e-3) for _ in range(pieces)]
     total = sum(t.numel() for t in init)
     hyper: dict[str, Any] = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01}
-    out: dict[str, Any] = {"numel": total, "repeats": args.kernel_repeats, "tensors": pieces}
+    out: dict[str, Any] = {"numel": total, "repeats": args.kernel_repeats, "tensors": pieces,
+                           "threads": torch.get_num_threads()}  # fmt: skip
+
+    def fresh() -> list[torch.nn.Parameter]:
+        return [torch.nn.Parameter(t.clone()) for t in init]
 
     steppers: dict[str, tuple[Any, list[torch.nn.Parameter]]] = {}
-    params = [torch.nn.Parameter(t.clone()) for t in init]
+    params = fresh()
     steppers["torch_fused"] = (torch.optim.AdamW(params, fused=True, **hyper), params)
     ok, why = deepspeed_cpu_adam_status(build=args.build_deepspeed)
     if ok:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        params = [torch.nn.Parameter(t.clone()) for t in init]
+        params = fresh()
         steppers["deepspeed"] = (DeepSpeedCPUAdam(params, adamw_mode=True, **hyper), params)
     else:
         out["deepspeed"] = None
         out["deepspeed_skipped"] = why
         log(f"DeepSpeed CPU Adam skipped: {why}")
     out["memtier_selected_kernel"] = select_cpu_kernel("auto", build=False)
-    params = [torch.nn.Parameter(t.clone()) for t in init]
-    mt = OffloadedAdamW(
-        params, tier="dram", subgroup_size=total // 2,
-        settings=OffloadSettings(schedule="cpu", cpu_kernel="auto"), **hyper,
-    )  # fmt: skip
-    steppers["memtier_cpu_lane"] = (mt, params)
-    params = [torch.nn.Parameter(t.clone()) for t in init]
-    view_store = view_host_tier(total * 12 + (1 << 20))
-    mtv = OffloadedAdamW(
-        params, tier="dram", subgroup_size=total // 2, stores={"dram": view_store},
-        settings=OffloadSettings(schedule="cpu", cpu_kernel="auto"), **hyper,
-    )  # fmt: skip
-    steppers["memtier_cpu_lane_view"] = (mtv, params)
+    nvme_dir = tempfile.mkdtemp(prefix="memtier-opt-kernels-", dir=args.nvme_dir)
+    memtier: dict[str, OffloadedAdamW] = {}
+    for name, tier in (("memtier_host", "dram"), ("memtier_nvme", "nvme")):
+        params = fresh()
+        memtier[name] = OffloadedAdamW(
+            params,
+            placement=OptimizerPlan(
+                offload=True, tier=tier, subgroup_size=args.kernel_subgroup_size or total
+            ),  # type: ignore[arg-type]
+            tier_plans=(TierPlan(kind="nvme", capacity_bytes=0, path=nvme_dir),),
+            settings=OffloadSettings(schedule="cpu", cpu_kernel=args.kernel, nvme_io_engine=args.io_engine),
+            **hyper,
+        )
+        steppers[name] = (memtier[name], params)
+    out["memtier_subgroups"] = len(memtier["memtier_host"].subgroups)
 
     best = {name: float("inf") for name in steppers}
-    for i in range(args.kernel_repeats + 1):
-        for name, (opt, ps) in steppers.items():
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-            t = time.perf_counter()
-            opt.step()
-            if i:  # the first step allocates the state
-                best[name] = min(best[name], time.perf_counter() - t)
+    # NVMe in a round of its own: its reads ahead for the next step would otherwise overlap the others' timing
+    for group in ([name for name in steppers if name != "memtier_nvme"], ["memtier_nvme"]):
+        for i in range(args.kernel_repeats + 1):
+            for name in group:
+                opt, ps = steppers[name]
+                # NOTE: the same gradient tensors every time (no optimizer here writes them: no clipping), so
+                # dropping a gradient never frees memory -- the allocator's free/munmap cost, which depends on
+                # the heap's history, stays out of every optimizer's timing alike
+                for p, g in zip(ps, grads):
+                    p.grad = g
+                t = time.perf_counter()
+                opt.step()
+                opt.zero_grad(set_to_none=True)  # timed for all: memtier's step() drops each consumed .grad
+                if i:  # the first step allocates the state
+                    best[name] = min(best[name], time.perf_counter() - t)
     for name, seconds in best.items():
         out[name] = total / seconds
-    # memtier's kernel as its CPU lane runs it (the lane's kernel phase), best of the same repeats
-    recs = list(mt.schedule_log)[1:]
-    out["memtier"] = total / min(sum(j.kernel_s for j in r.jobs) for r in recs)
-    out["memtier_cpu_lane_parts_s"] = {
-        name: min(sum(getattr(j, name) for j in r.jobs) for r in recs)
-        for name in ("grads_s", "state_in_s", "kernel_s", "params_s", "state_out_s")
-    }
-    out["memtier_state_staged"] = any(j.staged for r in recs for j in r.jobs)
-    mt.remove()
-    mtv.remove()
-    view_store.close()
-    for name in ("torch_fused", "deepspeed", "memtier", "memtier_cpu_lane", "memtier_cpu_lane_view"):
+    # the host run's phases (kernel alone: memtier's kernel as its CPU lane runs it), best of the same repeats
+    for name, opt in memtier.items():
+        recs = list(opt.schedule_log)[1:]
+        out[f"{name}_parts_s"] = {
+            part: min(sum(getattr(j, part) for j in r.jobs) for r in recs)
+            for part in ("grads_s", "state_in_s", "kernel_s", "params_s", "state_out_s")
+        }
+        out[f"{name}_staged"] = any(j.staged for r in recs for j in r.jobs)
+        opt.remove()
+    out["memtier"] = total / out["memtier_host_parts_s"]["kernel_s"]
+    shutil.rmtree(nvme_dir, ignore_errors=True)
+    for name in ("torch_fused", "deepspeed", "memtier", "memtier_host", "memtier_nvme"):
         if out.get(name):
             log(f"{name}: {out[name] / 1e6:.1f} M params/s")
-    log(f"memtier CPU lane parts (s): {out['memtier_cpu_lane_parts_s']}")
+    for name in memtier:
+        log(f"{name} phases (s): {out[f'{name}_parts_s']}")
     return out
 
 
@@ -383,16 +379,16 @@ def _plot(payload: dict[str, Any], png: Path) -> None:
     ax = axes[1]
     k = payload["kernels"]
     labels, values = [], []
-    for name in ("torch_fused", "deepspeed", "memtier", "memtier_cpu_lane_view", "memtier_cpu_lane"):
+    for name in ("torch_fused", "deepspeed", "memtier", "memtier_host", "memtier_nvme"):
         if k.get(name):
             labels.append({"memtier": f"memtier kernel\n({k['memtier_selected_kernel']})",
-                           "memtier_cpu_lane_view": "memtier CPU lane\n(in place)",
-                           "memtier_cpu_lane": "memtier CPU lane\n(staged copies)"}.get(name, name))  # fmt: skip
+                           "memtier_host": "memtier step\n(host tier, in place)",
+                           "memtier_nvme": "memtier step\n(NVMe tier, staged)"}.get(name, name))  # fmt: skip
             values.append(k[name] / 1e6)
     ax.bar(labels, values, color=["C0", "C1", "C2", "C3", "C4"][: len(values)])
     ax.tick_params(axis="x", labelsize=8)
     ax.set_ylabel("M parameters / s")
-    ax.set_title(f"CPU AdamW update, {k['numel'] / 1e6:.0f}M fp32 parameters")
+    ax.set_title(f"CPU AdamW step, {k['numel'] / 1e6:.0f}M fp32 parameters, {k['threads']} thread(s)")
     fig.tight_layout()
     savefig(fig, str(png))
     plt.close(fig)
@@ -420,7 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--io-engine", choices=("auto", "aio", "posix"), default="auto")
     p.add_argument("--nvme-dir", default="/var/tmp", help="directory on the drive for the NVMe tier")
     p.add_argument("--kernel-numel", type=int, default=None, help="parameters in the CPU-update measurement")
-    p.add_argument("--kernel-repeats", type=int, default=8)
+    p.add_argument("--kernel-repeats", type=int, default=16, help="timed steps per optimizer (best of)")
+    p.add_argument(
+        "--kernel-subgroup-size",
+        type=int,
+        default=0,
+        help="memtier subgroup elements there (0: one subgroup of all the tensors: fewest kernel calls)",
+    )
     p.add_argument("--build-deepspeed", action="store_true", help="compile DeepSpeed's cpu_adam op if needed")
     p.add_argument(
         "--threads",
@@ -454,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "--kernel", args.kernel, "--io-engine", args.io_engine, "--nvme-dir", args.nvme_dir, "--threads",
         str(args.threads), "--seed", str(args.seed), "--port", str(args.port), "--kernel-numel",
         str(args.kernel_numel), "--kernel-repeats", str(args.kernel_repeats),
+        "--kernel-subgroup-size", str(args.kernel_subgroup_size),
     ]  # fmt: skip
     if args.clip:
         common += ["--clip", str(args.clip)]
@@ -481,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     fastest_other = max(v for v in (kernels.get("torch_fused"), kernels.get("deepspeed")) if v)
     kernel_ratios = {
         "memtier_kernel_vs_fastest": kernels["memtier"] / fastest_other,
-        "memtier_cpu_lane_vs_fastest": kernels["memtier_cpu_lane"] / fastest_other,
-        "memtier_cpu_lane_view_vs_fastest": kernels["memtier_cpu_lane_view"] / fastest_other,
+        "memtier_host_vs_fastest": kernels["memtier_host"] / fastest_other,
+        "memtier_nvme_vs_fastest": kernels["memtier_nvme"] / fastest_other,
         "deepspeed_vs_torch_fused": (kernels["deepspeed"] / kernels["torch_fused"])
         if kernels.get("deepspeed")
         else None,

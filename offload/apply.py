@@ -232,6 +232,12 @@ def apply(
         if plan.optimizer.offload:
             from offload.optimizer import offload_optimizer
 
+            if optimizer is None:
+                raise PolicyError(
+                    "the plan offloads the optimizer state: pass the model's optimizer to apply()",
+                    field="optimizer",
+                )
+
             # builds its own tier stores (a host arena allocates its whole cap), shares the AdamW's
             # param_groups so LR schedulers keep driving it, and moves existing state into the tiers
             handle._optimizer_handle = offload_optimizer(model, optimizer, plan, settings=optimizer_settings)

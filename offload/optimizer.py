@@ -7,11 +7,17 @@ Interleaved Offloading") on top of ZeRO-Offload (Ren et al. 2021) and ZeRO-Infin
   (DeepSpeed ZeRO-3's ``sub_group_size`` semantics: tensors are never split; 0: one subgroup per tensor).
   Each subgroup's fp32 master weights and the two Adam moments (``[3, n]`` fp32, 12 bytes per element) live in
   a tier -- host DRAM, CXL memory or NVMe files (``offload.tiers``), or the device ("device": not offloaded) --
-  as the plan says, tier per subgroup.
+  as the plan says, tier per subgroup. When the parameters are fp32 and the CPU can update them where they
+  are (the device is the CPU, or the state is device-resident), they *are* the master weights and the tier
+  keeps only the moments (``[2, n]``, 8 bytes per element): the same bits, without a master copy to write back.
 - A CPU update of a subgroup starts as soon as its gradients are complete: a post-accumulate-grad hook on each
   parameter counts the micro-batches, and on the last one of an accumulation the subgroup is handed to the CPU
   lane (a worker thread), overlapping the rest of backward. NVMe-resident state is prefetched ahead of its
   turn (``prefetch_depth`` subgroups, in the expected order) and written back behind it (a writer thread).
+  Memory tiers (host, CXL) are updated in place: the kernel's operands are views of the arena
+  (``ArenaStore.view``), with no staging copy in or out; on a CPU device the gradients are read in place too.
+  Updates left for ``step()`` (all of them with clipping) run on the thread that called it, which would
+  otherwise only wait for the CPU lane.
 - Each iteration a scheduler (``offload.optimizer_sched``), driven by the measured throughputs and the free
   device memory of that phase, decides which subgroups update on the device instead: their state is copied
   in, updated by the device kernel and copied back (the device lane, another worker thread). On a CPU-only
@@ -23,8 +29,8 @@ Interleaved Offloading") on top of ZeRO-Offload (Ren et al. 2021) and ZeRO-Infin
   called per parameter tensor, as that optimizer does, and the norm is computed the way clip_grad_norm_ does.
 
 Gradient clipping needs the global norm *before* any update. The choice made here (correctness first): with
-``max_grad_norm`` set, the hooks only compute each parameter's gradient norm as it completes (overlapping
-backward) and every update is deferred to ``step()``, where the global norm is known; without clipping,
+``max_grad_norm`` set, the hooks only compute the gradient norms of each subgroup as it completes (one
+``_foreach_norm`` per subgroup, overlapping backward) and every update is deferred to ``step()``, where the global norm is known; without clipping,
 updates start in backward.
 
 The optimizer is a ``torch.optim.Optimizer``: ``param_groups`` drive the update (learning rate read when a
@@ -49,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,6 +66,7 @@ from torch import nn
 from offload.optimizer_checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from offload.optimizer_kernels import (
     AdamWHyper,
+    AdamWTensors,
     TorchFusedAdamW,
     UpdateKernel,
     make_kernel,
@@ -334,11 +342,30 @@ class _Slot:
     tier: str
     store: TierStore | None = None
     handle: Handle | None = None
-    resident: torch.Tensor | None = None  # tier "device": [3, n], or [2, n] moments when master_is_param
-    master_is_param: bool = False  # device tier, fp32 parameters: the parameters are the master weights
+    resident: torch.Tensor | None = None  # tier "device": the stored rows, [rows, n]
+    # fp32 parameters in host-addressable memory (the device tier, or any tier when the device is the CPU):
+    # the parameters are the master weights; the tier keeps only the two moments ([2, n], see _Slot.rows)
+    master_is_param: bool = False
     staged: bool = False  # read/written through a host staging buffer (no in-place view of the tier)
     steps: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))  # float32 per param
     planned_side: Side | None = None
+    # (handle, its stored rows as a view of the tier, per-parameter views of them): see _in_place_rows
+    in_place: tuple[Handle, torch.Tensor, tuple[list[torch.Tensor], ...]] | None = None
+    shapes: tuple[torch.Size, ...] = ()  # of the subgroup's parameters
+
+    @property
+    def rows(self) -> int:
+        """Rows the tier keeps: [master, exp_avg, exp_avg_sq], or the two moments when master_is_param."""
+        return STATE_ROWS - 1 if self.master_is_param else STATE_ROWS
+
+    @property
+    def moment_rows(self) -> tuple[int, int]:
+        """Indices of exp_avg and exp_avg_sq in the stored [rows, n] tensor."""
+        return (0, 1) if self.master_is_param else (EXP_AVG, EXP_AVG_SQ)
+
+    def stored_part(self, state: torch.Tensor) -> torch.Tensor:
+        """The rows of a full [3, n] state that the tier keeps (a view)."""
+        return state[EXP_AVG:] if self.master_is_param else state
 
 
 @dataclass
@@ -363,6 +390,15 @@ class _Job:
     fallback: bool = False
 
 
+@dataclass(frozen=True, kw_only=True)
+class _InlineJob:
+    """A CPU-side job that step()'s own thread runs (see ``OffloadedAdamW._finish``)."""
+
+    future: Future[None]
+    index: int
+    hyper: AdamWHyper
+
+
 class _Iteration:
     """Bookkeeping of one optimizer step, from the first completed gradient to the end of step()."""
 
@@ -382,6 +418,7 @@ class _Iteration:
         self.in_step = False
         self.jobs: list[_Job] = []
         self.cpu_pending: list[int] = []  # CPU-side subgroups not started, in expected order (prefetch)
+        self.cpu_lane_futures: list[Future[None]] = []  # jobs handed to the CPU lane's thread
         self.skipped: list[int] = []
 
     @property
@@ -495,6 +532,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._device_lane = ThreadPoolExecutor(1, thread_name_prefix="memtier-opt-device")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="memtier-opt-write")
         self._writes: list[Future[None]] = []
+        self._lane_threads = threading.local()  # the OpenMP team size each lane thread has set (see _run_job)
 
         # scheduling
         self._meter = RateMeter(
@@ -560,7 +598,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     f"unknown tier {tier!r}", field=f"optimizer.subgroups[{lay.index}].tier"
                 )
             params = [self._params[i] for i in lay.params]
-            master_is_param = tier == "device" and all(p.dtype == torch.float32 for p in params)
+            # NOTE: with fp32 parameters the CPU (or the device, for device-resident state) can update the
+            # parameters themselves: a separate fp32 master copy would hold the same bits and cost a copy back
+            # per update (ZeRO-Offload keeps one because its parameters are fp16 on a GPU). The tier then keeps
+            # the two moments only, 8 bytes per element instead of 12.
+            master_is_param = all(p.dtype == torch.float32 for p in params) and (
+                tier == "device" or self.device.type == "cpu"
+            )
             slots.append(
                 _Slot(
                     layout=lay,
@@ -568,29 +612,31 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     master_is_param=master_is_param,
                     steps=torch.zeros(len(lay.params), dtype=torch.float32),
                     planned_side=side,
+                    shapes=tuple(p.shape for p in params),
                 )
             )
         self._slots = slots
         need: dict[str, list[int]] = collections.defaultdict(list)
         for s in slots:
             if s.tier != "device":
-                need[s.tier].append(STATE_BYTES_PER_ELEM * s.layout.numel)
+                need[s.tier].append(4 * s.rows * s.layout.numel)
         for tier, sizes in need.items():
             if tier not in self.stores:
                 store = _build_store(tier, sizes, tier_plans, self.settings)
                 self.stores[tier] = store
                 self._owned_stores[tier] = store
-        staged_any = False
+        staged_numel = 0
         for s in slots:
             if s.tier == "device":
                 continue
             s.store = self.stores[s.tier]
             s.staged = _view_fn(s.store) is None
-            staged_any = staged_any or s.staged
-        if staged_any:
+            if s.staged:
+                staged_numel = max(staged_numel, s.rows * s.layout.numel)
+        if staged_numel:
             # the subgroup being updated, the prefetched ones, and one being written back
             self._state_pool = _BufferPool(
-                self.settings.prefetch_depth + 2, STATE_ROWS * self._max_numel, pin=self._streams.cuda
+                self.settings.prefetch_depth + 2, staged_numel, pin=self._streams.cuda
             )
         # initial state: master weights from the parameters, zero moments
         with torch.no_grad():
@@ -599,7 +645,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 buf = _rows(scratch, s.layout.numel)
                 self._gather_params(s.layout, buf[MASTER])
                 buf[EXP_AVG:].zero_()
-                self._store_state(s, buf, initial=True)
+                self._store_state(s, buf)
 
     def _gather_params(self, lay: SubgroupLayout, out: torch.Tensor) -> None:
         for pid, off, n in zip(lay.params, lay.offsets, lay.numels):
@@ -607,28 +653,27 @@ class OffloadedAdamW(torch.optim.Optimizer):
 
     # ---- residency: read / write a subgroup's [3, n] state wherever it lives ------------------------------
 
-    def _store_state(self, slot: _Slot, state: torch.Tensor, *, initial: bool = False) -> None:
-        """Replace the subgroup's state with the host tensor ``state`` ([3, n] fp32)."""
+    def _store_state(self, slot: _Slot, state: torch.Tensor) -> None:
+        """Replace the subgroup's state with the host tensor ``state`` ([3, n] fp32).
+
+        With ``master_is_param`` the master row is not kept (the parameters are the master weights): callers
+        that mean to set the parameters from ``state[MASTER]`` scatter it themselves (``load_checkpoint``).
+        """
+        self._write_stored(slot, slot.stored_part(state))
+
+    def _write_stored(self, slot: _Slot, stored: torch.Tensor) -> None:
+        """Replace the rows the subgroup keeps in its tier with ``stored`` ([slot.rows, n], host or device)."""
         if slot.tier == "device":
-            if slot.master_is_param:
-                if initial:
-                    slot.resident = torch.zeros(2, slot.layout.numel, dtype=torch.float32, device=self.device)
-                assert slot.resident is not None
-                slot.resident.copy_(state[EXP_AVG:])
-                if not initial:
-                    self._scatter_params(slot.layout, state[MASTER])
-            else:
-                if initial:
-                    slot.resident = torch.empty(
-                        STATE_ROWS, slot.layout.numel, dtype=torch.float32, device=self.device
-                    )
-                assert slot.resident is not None
-                slot.resident.copy_(state)
+            if slot.resident is None:
+                slot.resident = torch.empty(
+                    slot.rows, slot.layout.numel, dtype=torch.float32, device=self.device
+                )
+            slot.resident.copy_(stored)
             return
         assert slot.store is not None
         view = None if slot.handle is None else _view_fn(slot.store)
         if view is not None and slot.handle is not None:
-            view(slot.handle).copy_(state)
+            view(slot.handle).copy_(stored)
             return
         if isinstance(slot.store, ArenaStore) and slot.handle is not None:
             # An arena (host, CXL) replaces a block by freeing it first: putting first would need room for a
@@ -637,23 +682,25 @@ class OffloadedAdamW(torch.optim.Optimizer):
             with self._arena_lock:
                 slot.store.free(slot.handle)
                 slot.handle = None
-                slot.handle = slot.store.put(state)
+                slot.handle = slot.store.put(stored)
             return
-        new = slot.store.put(state)  # files: put then free, so a failed write leaves the old state readable
+        new = slot.store.put(stored)  # files: put then free, so a failed write leaves the old state readable
         old, slot.handle = slot.handle, new
         if old is not None:
             slot.store.free(old)
 
     def _load_state(self, slot: _Slot, out: torch.Tensor) -> torch.Tensor:
-        """Copy the subgroup's state into ``out`` ([3, n] fp32, host or device) and return it."""
+        """Copy the subgroup's state into ``out`` ([3, n] fp32, host) and return it."""
+        if slot.master_is_param:
+            self._gather_params(slot.layout, out[MASTER])
+        self._read_stored(slot, slot.stored_part(out))
+        return out
+
+    def _read_stored(self, slot: _Slot, out: torch.Tensor) -> torch.Tensor:
+        """Copy the rows the subgroup keeps in its tier into ``out`` ([slot.rows, n], host or device)."""
         if slot.tier == "device":
             assert slot.resident is not None
-            if slot.master_is_param:
-                self._gather_params(slot.layout, out[MASTER])
-                out[EXP_AVG:].copy_(slot.resident)
-            else:
-                out.copy_(slot.resident)
-            return out
+            return out.copy_(slot.resident)
         assert slot.store is not None and slot.handle is not None
         view = _view_fn(slot.store)
         if view is not None:
@@ -710,14 +757,12 @@ class OffloadedAdamW(torch.optim.Optimizer):
             if it.hits[pid] < self.settings.grad_accum:
                 return
             # the parameter's gradient is complete for this iteration
-            if self.settings.max_grad_norm is not None and param.grad is not None:
-                with torch.no_grad():
-                    # the same op clip_grad_norm_ uses, on the backward's stream
-                    it.norms[pid] = torch._foreach_norm([param.grad], 2.0)[0]
             s = self._sub_of[pid]
             it.remaining[s] -= 1
             if it.remaining[s]:
                 return
+            if self.settings.max_grad_norm is not None:
+                self._subgroup_norms(it, s)
             if it.t0 is None:
                 it.t0 = time.perf_counter()
             it.ready_s[s] = it.now()
@@ -729,6 +774,16 @@ class OffloadedAdamW(torch.optim.Optimizer):
             if it.schedule is None:
                 it.schedule = self._decide(it, "backward")
             self._dispatch(it, s)
+
+    def _subgroup_norms(self, it: _Iteration, s: int) -> None:
+        """The gradient 2-norms of subgroup ``s``'s parameters: one ``_foreach_norm`` call (the op
+        clip_grad_norm_ uses) per subgroup, on the backward's stream, as soon as its gradients are complete."""
+        pids = [pid for pid in self._layouts[s].params if self._params[pid].grad is not None]
+        if not pids:
+            return
+        with torch.no_grad():
+            norms = torch._foreach_norm([self._params[pid].grad for pid in pids], 2.0)  # type: ignore[misc]
+        it.norms.update(zip(pids, norms))
 
     # ---- scheduling -----------------------------------------------------------------------------------------
 
@@ -754,16 +809,16 @@ class OffloadedAdamW(torch.optim.Optimizer):
         params = [self._params[i] for i in lay.params]
         grad_elem = max((p.element_size() for p in params), default=4)
         upcast = any(p.dtype != torch.float32 for p in params)
+        # fp32 parameters on a CPU device: a CPU update reads .grad and writes the parameters where they are
+        in_place = slot.master_is_param and self.device.type == "cpu"
         return SubgroupWork(
             index=lay.index,
             numel=lay.numel,
             tier=slot.tier,
             staged=slot.staged,
-            grad_bytes=lay.numel * grad_elem,
-            param_bytes=sum(p.numel() * p.element_size() for p in params),
-            device_bytes=0
-            if slot.tier == "device"
-            else (STATE_BYTES_PER_ELEM + (4 if upcast else 0)) * lay.numel,
+            grad_bytes=0 if in_place else lay.numel * grad_elem,
+            param_bytes=0 if in_place else sum(p.numel() * p.element_size() for p in params),
+            device_bytes=0 if slot.tier == "device" else (4 * slot.rows + (4 if upcast else 0)) * lay.numel,
             ready_s=ready_s,
         )
 
@@ -774,10 +829,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
             self._work(s, 0.0 if deferred else self._ready_s.get(s.layout.index, 0.0)) for s in self._slots
         ]
         rates = self._meter.rates
-        free = self.free_device_bytes(phase)
+        mode = self.settings.schedule
+        # forced onto the CPU, nothing is lent device memory: the probe (a /proc read on CPU) is skipped
+        free = 0 if mode == "cpu" else self.free_device_bytes(phase)
         order = self._order
         plan_sides = {s.layout.index: s.planned_side for s in self._slots if s.planned_side is not None}
-        mode = self.settings.schedule
         if mode == "auto":
             schedule = schedule_subgroups(
                 work, rates, free_device_bytes=free, order=order, plan_sides=plan_sides or None, phase=phase
@@ -803,16 +859,18 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 phase=phase,
             )
         it.cpu_pending = [i for i in schedule.order if schedule.sides[i] == "cpu"]
-        logger.debug(
-            "iteration %d (%s): %s, %d/%d subgroups on the device, predicted %.4f s, free device %d B",
-            self.iteration, phase, schedule.strategy, len(schedule.device_subgroups), len(schedule.sides),
-            schedule.predicted_s, free,
-        )  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):  # the arguments cost time on every step
+            logger.debug(
+                "iteration %d (%s): %s, %d/%d subgroups on the device, predicted %.4f s, free device %d B",
+                self.iteration, phase, schedule.strategy, len(schedule.device_subgroups), len(schedule.sides),
+                schedule.predicted_s, free,
+            )  # fmt: skip
         self._prefetch_ahead(it)
         return schedule
 
-    def _dispatch(self, it: _Iteration, s: int) -> None:
-        """Hand subgroup ``s`` to its lane (called with the lock held)."""
+    def _dispatch(self, it: _Iteration, s: int, inline: list[_InlineJob] | None = None) -> None:
+        """Hand subgroup ``s`` to its lane (called with the lock held); with ``inline``, a CPU-side job is
+        queued there instead, for the calling thread to run (see ``_finish``)."""
         assert it.schedule is not None
         if s in it.futures:
             return
@@ -821,12 +879,28 @@ class OffloadedAdamW(torch.optim.Optimizer):
         # backward when updates start early -- not when step() is called: an LR scheduler stepped after
         # step() (the usual order) is seen by the next iteration, as with torch's optimizers.
         hyper = AdamWHyper.from_group(self.param_groups[self._layouts[s].group])
+        threads = torch.get_num_threads()
+        if side == "cpu" and inline is not None and self._slots[s].tier != "device":
+            fut: Future[None] = Future()
+            it.futures[s] = fut
+            inline.append(_InlineJob(future=fut, index=s, hyper=hyper))
+            return
         lane = self._device_lane if side == "device" else self._cpu_lane
-        it.futures[s] = lane.submit(self._run_job, it, s, side, hyper)
+        fut = it.futures[s] = lane.submit(self._run_job, it, s, side, hyper, threads)
+        if lane is self._cpu_lane:
+            it.cpu_lane_futures.append(fut)
 
     # ---- the lanes ---------------------------------------------------------------------------------------------
 
-    def _run_job(self, it: _Iteration, s: int, side: Side, hyper: AdamWHyper) -> None:
+    def _run_job(
+        self, it: _Iteration, s: int, side: Side, hyper: AdamWHyper, threads: int | None = None
+    ) -> None:
+        if threads is not None and getattr(self._lane_threads, "count", None) != threads:
+            # NOTE: OpenMP's team size is per calling thread: a lane thread starts with OpenMP's default (every
+            # core, or OMP_NUM_THREADS), not with the training thread's torch.set_num_threads, and DeepSpeed's
+            # kernel parallelises with it. The lane adopts the count of the thread that handed it the job.
+            torch.set_num_threads(threads)
+            self._lane_threads.count = threads
         slot = self._slots[s]
         job = _Job(index=s, side=side, numel=slot.layout.numel, tier=slot.tier, staged=slot.staged)
         job.start = it.now()
@@ -867,7 +941,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         with self._lock:
             buf = self._prefetched.pop(slot.layout.index, None)
         if buf is None:
-            buf = _rows(self._state_pool.acquire(), slot.layout.numel)
+            buf = _rows(self._state_pool.acquire(), slot.layout.numel, slot.rows)
         # Ordering: with a prefetch in flight into `buf`, get(h, out=buf) waits for it; otherwise it reads now.
         slot.store.get(slot.handle, out=buf)
         return buf
@@ -887,7 +961,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 flat = self._state_pool.try_acquire()
                 if flat is None:
                     break
-                buf = _rows(flat, slot.layout.numel)
+                buf = _rows(flat, slot.layout.numel, slot.rows)
                 assert slot.store is not None
                 slot.store.prefetch(slot.handle, out=buf)  # asynchronous for NVMe; lands in buf itself
                 self._prefetched[i] = buf
@@ -905,78 +979,92 @@ class OffloadedAdamW(torch.optim.Optimizer):
         params = [self._params[lay.params[k]] for k in active]
         streams = self._streams
         staged: torch.Tensor | None = None  # a staging buffer this job holds (returned on any failure)
-        gflat = self._grad_pool.acquire()
+        gflat: torch.Tensor | None = None  # a host gradient buffer, taken only when a gradient is copied
+        in_place_grads = False
         try:
-            # 1. gradients -> host (fp32)
+            # 1. gradients on the host, fp32: used where they are when they already are (CPU device, fp32),
+            # else copied (device to host, or upcast)
             t = time.perf_counter()
             with streams.use(streams.cpu_lane):
                 # Ordering: the copies below read the gradients after backward produced them.
                 streams.wait(it.grad_events.get(lay.index, it.step_event))
                 grads = []
                 for k, p in zip(active, params):
-                    off, n = lay.offsets[k], lay.numels[k]
                     g = p.grad
                     assert g is not None
+                    if _host_fp32(g):
+                        # NOTE: clipping then scales .grad in place, as clip_grad_norm_ does
+                        grads.append(g)
+                        in_place_grads = True
+                        continue
+                    job.grad_bytes += g.numel() * g.element_size()  # bytes moved: the meter's d2h rate
+                    if gflat is None:
+                        gflat = self._grad_pool.acquire()
+                    off, n = lay.offsets[k], lay.numels[k]
                     dst = gflat[off : off + n].view_as(p)
                     dst.copy_(g, non_blocking=True)  # pinned destination on CUDA: an asynchronous D2H copy
                     grads.append(dst)
-                    job.grad_bytes += n * g.element_size()
                 # Ordering: the CPU reads the host copies only after the D2H copies have landed.
                 streams.host_wait(streams.record())
-                self._release_grads(lay, active, streams.cpu_lane)
+                if not in_place_grads:
+                    self._release_grads(lay, active, streams.cpu_lane)
             job.grads_s = time.perf_counter() - t
 
-            # 2. state: in place in the tier, or in a staging buffer (prefetched for NVMe)
+            # 2. state: in place in the tier (a view of the arena), or in a staging buffer (prefetched for NVMe)
             t = time.perf_counter()
-            view = None if slot.staged or slot.store is None else _view_fn(slot.store)
-            if view is not None:
-                assert slot.handle is not None
-                state = view(slot.handle)
-            else:
+            if slot.staged or slot.store is None:
                 state = staged = self._take_state_buffer(slot)
+                rows = _row_views(slot, state)
+            else:
+                state, rows = self._in_place_rows(slot)
             job.state_in_s = time.perf_counter() - t
-            job.state_bytes = STATE_BYTES_PER_ELEM * lay.numel
+            job.state_bytes = state.numel() * 4
 
             # 3. clip, 4. update
             t = time.perf_counter()
             if it.coef_cpu is not None:
-                torch._foreach_mul_(grads, it.coef_cpu)  # as clip_grad_norm_ does, on the host copies
-            for k in active:
-                slot.steps[k] += 1
-            self._cpu_kernel(
-                _param_views(state[MASTER], lay, active, params),
-                grads,
-                _param_views(state[EXP_AVG], lay, active, params),
-                _param_views(state[EXP_AVG_SQ], lay, active, params),
-                [slot.steps[k] for k in active],
-                hyper,
-            )
+                torch._foreach_mul_(grads, it.coef_cpu)  # as clip_grad_norm_ does
+            steps = _advance_steps(slot, active)
+            self._cpu_kernel(_update_tensors(slot, rows, active, params, grads, steps), hyper)
             job.kernel_s = time.perf_counter() - t
+            if in_place_grads:
+                self._release_grads(lay, active, None)
+
+            # 5. parameters <- master weights (nothing to do when the parameters are the master weights)
+            t = time.perf_counter()
+            if not slot.master_is_param:
+                with streams.use(streams.cpu_lane):
+                    job.param_bytes = self._scatter_params(lay, state[MASTER], active)
+                    # Ordering: the H2D copies read `state`; it is not reused or written back before they land.
+                    streams.host_wait(streams.record())
+            job.params_s = time.perf_counter() - t
         except BaseException:
             if staged is not None:
                 assert self._state_pool is not None
                 self._state_pool.release(_flat_base(staged))
             raise
         finally:
-            self._grad_pool.release(gflat)
-
-        # 5. parameters <- master weights
-        t = time.perf_counter()
-        try:
-            with streams.use(streams.cpu_lane):
-                job.param_bytes = self._scatter_params(lay, state[MASTER], active)
-                # Ordering: the H2D copies read `state`; it is not reused or written back before they land.
-                streams.host_wait(streams.record())
-        except BaseException:
-            if staged is not None:
-                assert self._state_pool is not None
-                self._state_pool.release(_flat_base(staged))
-            raise
-        job.params_s = time.perf_counter() - t
+            if gflat is not None:
+                self._grad_pool.release(gflat)
 
         # 6. write back behind (staged), nothing to do in place
         if staged is not None:
             self._write_behind(slot, staged, job)
+
+    def _in_place_rows(self, slot: _Slot) -> tuple[torch.Tensor, tuple[list[torch.Tensor], ...]]:
+        """The stored rows of a memory-tier subgroup as the tier's own bytes (``view``), and their per-parameter
+        views; both cached for the slot's handle (a view stays valid while its handle is live, and in-place
+        updates keep the handle: only a put, which makes a new handle, moves the bytes)."""
+        assert slot.store is not None and slot.handle is not None
+        cached = slot.in_place
+        if cached is not None and cached[0] is slot.handle and not slot.store.closed:
+            return cached[1], cached[2]
+        view = _view_fn(slot.store)
+        assert view is not None
+        state = view(slot.handle)
+        rows = _row_views(slot, state)
+        slot.in_place = (slot.handle, state, rows)
+        return state, rows
 
     def _write_behind(self, slot: _Slot, state: torch.Tensor, job: _Job) -> None:
         """Write a staged subgroup's state back on the writer thread; the staging buffer returns to the pool.
@@ -989,7 +1077,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             assert self._state_pool is not None
             t = time.perf_counter()
             try:
-                self._store_state(slot, state)  # put (new handle), then free the old one
+                self._write_stored(slot, state)  # put (new handle), then free the old one
             finally:
                 self._state_pool.release(_flat_base(state))
             with self._lock:
@@ -1041,34 +1129,18 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 assert slot.resident is not None
                 state = slot.resident
             else:
-                state = _rows(self._device_buffer("state", STATE_ROWS * lay.numel), lay.numel)
-                self._load_state(slot, state)
-                job.state_bytes = STATE_BYTES_PER_ELEM * lay.numel
+                state = _rows(self._device_buffer("state", slot.rows * lay.numel), lay.numel, slot.rows)
+                self._read_stored(slot, state)
+                job.state_bytes = state.numel() * 4
             job.state_in_s = time.perf_counter() - t
 
             # 3. clip, 4. update
             t = time.perf_counter()
             if it.coef is not None:
                 torch._foreach_mul_(grads, it.coef.to(self.device))  # in place on .grad, as clip_grad_norm_
-            step_host = slot.steps
-            for k in active:
-                step_host[k] += 1
-            steps = [step_host[k].to(self.device) for k in active]
-            masters: list[torch.Tensor]
-            if slot.master_is_param:
-                masters = list(params)
-                m_row, v_row = 0, 1
-            else:
-                masters = _param_views(state[MASTER], lay, active, params)
-                m_row, v_row = EXP_AVG, EXP_AVG_SQ
-            self._device_kernel(
-                masters,
-                grads,
-                _param_views(state[m_row], lay, active, params),
-                _param_views(state[v_row], lay, active, params),
-                steps,
-                hyper,
-            )
+            steps = [s.to(self.device) for s in _advance_steps(slot, active)]
+            rows = _row_views(slot, state)
+            self._device_kernel(_update_tensors(slot, rows, active, params, grads, steps), hyper)
             if streams.cuda:
                 streams.host_wait(streams.record())  # for the timing only: the kernel has run
             job.kernel_s = time.perf_counter() - t
@@ -1084,7 +1156,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
             if slot.tier != "device":
                 # put() enqueues the D2H copy on this (the lane's) stream: later work on the stream that
                 # reuses the buffer is ordered after it (the TierStore contract)
-                self._store_state(slot, state)
+                self._write_stored(slot, state)
                 streams.host_wait(streams.record())
             job.state_out_s = time.perf_counter() - t
             self._release_grads(lay, active, streams.device_lane)
@@ -1122,6 +1194,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         it.skipped = [s for s in pending if s not in with_grads]
         if self.settings.max_grad_norm is not None:
             self._clip_coefficient(it)
+        inline: list[_InlineJob] = []
         with self._lock:
             if it.schedule is None:
                 it.schedule = self._decide(it, "step")
@@ -1130,7 +1203,19 @@ class OffloadedAdamW(torch.optim.Optimizer):
             rest = [s for s in it.schedule.order if s not in it.ready_s]
             for s in done_order + rest:
                 if s in with_grads:
-                    self._dispatch(it, s)
+                    self._dispatch(it, s, inline)
+        if inline:
+            # The calling thread, which would only wait here, is the CPU lane for the rest of step(): no hand-off
+            # to the lane thread and back per job (each a wake-up, costly on a loaded machine).
+            # Ordering: jobs handed to the lane thread during backward finish first (the lane's submission order).
+            wait_futures(it.cpu_lane_futures)
+            for job in inline:
+                try:
+                    self._run_job(it, job.index, "cpu", job.hyper)
+                except Exception as exc:  # noqa: BLE001 - raised below, after every job has been waited for
+                    job.future.set_exception(exc)
+                else:
+                    job.future.set_result(None)
         errors: list[BaseException] = []
         for fut in list(it.futures.values()):
             try:
@@ -1235,10 +1320,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 self.iteration,
                 list(record.fallbacks),
             )
-        logger.debug(
-            "iteration %d done: %.4f s (predicted %.4f s), cpu busy %.4f s, device busy %.4f s",
-            self.iteration, wall, it.schedule.predicted_s, record.busy_s("cpu"), record.busy_s("device"),
-        )  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):  # the arguments cost time on every step
+            logger.debug(
+                "iteration %d done: %.4f s (predicted %.4f s), cpu busy %.4f s, device busy %.4f s",
+                self.iteration, wall, it.schedule.predicted_s, record.busy_s("cpu"), record.busy_s("device"),
+            )  # fmt: skip
         self.iteration += 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -1475,6 +1561,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 slot.steps = torch.tensor(meta["steps"], dtype=torch.float32)
                 if restore_params:
                     self._scatter_params(slot.layout, rows[MASTER])
+                # NOTE: when the parameters are the master weights (fp32 on a CPU device, or device-resident
+                # state), restore_params=False keeps the model's parameters as the master weights
                 self._store_state(slot, rows)
         self.iteration = int(header.get("iteration", 0))
         self._synchronize_stores()
@@ -1502,6 +1590,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 with contextlib.suppress(Exception):
                     slot.store.free(slot.handle)
             slot.handle = None
+            slot.in_place = None
             slot.resident = None
         self._close_stores()
         if self._state_pool is not None:
@@ -1525,11 +1614,61 @@ class OffloadedAdamW(torch.optim.Optimizer):
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
 
-def _param_views(
-    row: torch.Tensor, lay: SubgroupLayout, active: Sequence[int], params: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Each active parameter's slice of a state row, shaped like the parameter."""
-    return [row[lay.offsets[k] : lay.offsets[k] + lay.numels[k]].view_as(p) for k, p in zip(active, params)]
+def _row_views(slot: _Slot, state: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+    """For each stored row of ``state`` ([slot.rows, n]), every parameter's slice shaped like the parameter."""
+    lay = slot.layout
+    return tuple(
+        [row[off : off + n].view(shape) for off, n, shape in zip(lay.offsets, lay.numels, slot.shapes)]
+        for row in state.unbind()
+    )
+
+
+def _advance_steps(slot: _Slot, active: Sequence[int]) -> list[torch.Tensor]:
+    """Count one more step for the active parameters; their step counts (0-dim views of ``slot.steps``)."""
+    if len(active) == len(slot.layout.params):
+        slot.steps.add_(1)  # float32, as torch's AdamW counts
+        return list(slot.steps.unbind())
+    for k in active:
+        slot.steps[k] += 1
+    return [slot.steps[k] for k in active]
+
+
+def _update_tensors(
+    slot: _Slot,
+    rows: Sequence[list[torch.Tensor]],
+    active: Sequence[int],
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+) -> AdamWTensors:
+    """The kernel's operands for the active parameters of a subgroup whose stored rows are ``rows``
+    (per-parameter views, ``_row_views``). Parameters are passed as themselves (updated in place under
+    no_grad, as torch's AdamW does) when they are the master weights."""
+    m_row, v_row = slot.moment_rows
+    if len(active) == len(slot.layout.params):
+        pick: Callable[[list[torch.Tensor]], list[torch.Tensor]] = list
+    else:
+
+        def pick(views: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [views[k] for k in active]
+
+    return AdamWTensors(
+        params=list(params) if slot.master_is_param else pick(rows[MASTER]),
+        grads=grads,
+        exp_avgs=pick(rows[m_row]),
+        exp_avg_sqs=pick(rows[v_row]),
+        steps=steps,
+    )
+
+
+def _host_fp32(t: torch.Tensor) -> bool:
+    """A dense, contiguous fp32 CPU tensor: what the CPU kernels can read in place."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and t.layout == torch.strided
+        and t.is_contiguous()
+    )
 
 
 def _flat_base(t: torch.Tensor) -> torch.Tensor:

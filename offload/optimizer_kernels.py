@@ -32,6 +32,7 @@ from planner.errors import SpecError
 __all__ = [
     "CPU_KERNELS",
     "AdamWHyper",
+    "AdamWTensors",
     "DeepSpeedCpuAdam",
     "TorchFusedAdamW",
     "UpdateKernel",
@@ -76,22 +77,27 @@ class AdamWHyper:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class AdamWTensors:
+    """The operands of one AdamW step: lists of fp32 tensors, the ``i``-th of each list the same shape.
+
+    ``params`` are updated in place (the parameters themselves, or fp32 master weights), as are the moments;
+    ``steps[i]`` is tensor ``i``'s (already incremented) step count, a 0-dim float32 tensor.
+    """
+
+    params: Sequence[torch.Tensor]
+    grads: Sequence[torch.Tensor]
+    exp_avgs: Sequence[torch.Tensor]
+    exp_avg_sqs: Sequence[torch.Tensor]
+    steps: Sequence[torch.Tensor]
+
+
 class UpdateKernel(Protocol):
-    """One AdamW step on lists of same-shaped fp32 tensors (parameters, gradients, moments), in place."""
+    """One AdamW step on ``AdamWTensors``, in place."""
 
     name: ClassVar[str]
 
-    def __call__(
-        self,
-        params: Sequence[torch.Tensor],
-        grads: Sequence[torch.Tensor],
-        exp_avgs: Sequence[torch.Tensor],
-        exp_avg_sqs: Sequence[torch.Tensor],
-        steps: Sequence[torch.Tensor],
-        hyper: AdamWHyper,
-    ) -> None:
-        """``steps[i]`` is the (already incremented) step count of tensor ``i``, a 0-dim float32 tensor."""
-        ...
+    def __call__(self, t: AdamWTensors, hyper: AdamWHyper) -> None: ...
 
 
 class TorchFusedAdamW:
@@ -99,24 +105,16 @@ class TorchFusedAdamW:
 
     name: ClassVar[str] = "torch_fused"
 
-    def __call__(
-        self,
-        params: Sequence[torch.Tensor],
-        grads: Sequence[torch.Tensor],
-        exp_avgs: Sequence[torch.Tensor],
-        exp_avg_sqs: Sequence[torch.Tensor],
-        steps: Sequence[torch.Tensor],
-        hyper: AdamWHyper,
-    ) -> None:
-        if not params:
+    def __call__(self, t: AdamWTensors, hyper: AdamWHyper) -> None:
+        if not t.params:
             return
         torch._fused_adamw_(
-            list(params),
-            list(grads),
-            list(exp_avgs),
-            list(exp_avg_sqs),
+            list(t.params),
+            list(t.grads),
+            list(t.exp_avgs),
+            list(t.exp_avg_sqs),
             [],  # max_exp_avg_sqs: no AMSGrad
-            list(steps),
+            list(t.steps),
             lr=hyper.lr,
             beta1=hyper.beta1,
             beta2=hyper.beta2,
@@ -189,16 +187,8 @@ class DeepSpeedCpuAdam:
         # passes the current hyper-parameters again, so these are placeholders
         self._op.create_adam(self.opt_id, 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False)
 
-    def __call__(
-        self,
-        params: Sequence[torch.Tensor],
-        grads: Sequence[torch.Tensor],
-        exp_avgs: Sequence[torch.Tensor],
-        exp_avg_sqs: Sequence[torch.Tensor],
-        steps: Sequence[torch.Tensor],
-        hyper: AdamWHyper,
-    ) -> None:
-        for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+    def __call__(self, t: AdamWTensors, hyper: AdamWHyper) -> None:
+        for p, g, m, v, s in zip(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.steps):
             # adam_update(id, step, lr, beta1, beta2, eps, weight_decay, bias_correction, param, grad, m, v)
             self._op.adam_update(
                 self.opt_id,
@@ -259,7 +249,7 @@ def kernel_throughputs(
             p, g, m, v, step = data[k.name]
             step.add_(1)
             t0 = time.perf_counter()
-            k([p], [g], [m], [v], [step], hyper)
+            k(AdamWTensors(params=[p], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], steps=[step]), hyper)
             dt = time.perf_counter() - t0
             if i:  # the first run warms caches and page tables
                 best[k.name] = min(best[k.name], dt)
@@ -290,7 +280,9 @@ def select_cpu_kernel(choice: str = "auto", *, build: bool = False) -> str:
         if ds is not None:
             kernels.append(ds)
         try:
-            rates = kernel_throughputs(kernels)
+            # best of 9 (~0.5 s, once per process and thread count): with fewer, load from other processes
+            # can flip the choice when the two kernels are close
+            rates = kernel_throughputs(kernels, repeats=9)
         finally:
             if ds is not None:
                 ds.close()

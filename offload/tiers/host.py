@@ -82,6 +82,31 @@ class ArenaStore(TierStore):
             raise TierClosedError(f"{self.kind} tier store is closed")
         return self._arena
 
+    def view(self, handle: Handle) -> torch.Tensor:
+        """The stored tensor itself: a tensor of the handle's shape and dtype aliasing its bytes in the arena.
+
+        NOTE: unlike ``get`` (a copy), writes through the view change the stored data, and the view is only
+        valid while the handle is live: after ``free(handle)`` or ``close()`` its bytes may belong to another
+        handle (the arena itself stays allocated while a view references it, so a stale view reads and writes
+        someone else's data but never unmapped memory). In-place users (the offloaded optimizer's CPU update)
+        hold the view for one update and take a new one each time.
+
+        Ordering: the device-to-host copy of a CUDA ``put`` has completed when this returns (its event is
+        waited on), so the CPU may read the view at once; a CUDA reader of the view (``non_blocking`` copies)
+        must itself keep the handle alive until its copy has run.
+        """
+        entry = self._entry(handle)
+        self._raise_deferred()
+        if entry.offset is None:
+            return torch.empty(handle.shape, dtype=handle.dtype)
+        if entry.events:  # CUDA only; on CPU a view costs no lock and no wait
+            with self._stats.waiting():
+                for event in entry.events:
+                    event.synchronize()
+            with self._lock:  # completed events are dropped (the next view waits for nothing)
+                entry.events = [e for e in entry.events if not e.query()]
+        return typed_view(self.arena[entry.offset : entry.offset + handle.nbytes], handle)
+
     def _put(self, handle: Handle, tensor: torch.Tensor) -> _ArenaEntry:
         if handle.nbytes == 0:
             return _ArenaEntry(offset=None)

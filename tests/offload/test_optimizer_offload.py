@@ -30,6 +30,7 @@ from offload.optimizer import (
 from offload.optimizer_checkpoint import CheckpointError, write_checkpoint
 from offload.optimizer_kernels import (
     AdamWHyper,
+    AdamWTensors,
     DeepSpeedCpuAdam,
     TorchFusedAdamW,
     deepspeed_cpu_adam_prebuilt,
@@ -244,42 +245,56 @@ def test_skips_parameters_without_gradients_like_adamw():
     opt.remove()
 
 
-class ViewHostTier:
-    """Built lazily (imports offload.tiers): the host arena plus ``view(handle)``, an in-place typed view of a
-    handle's bytes -- the optional tier API offload.optimizer uses to update memory tiers in place."""
-
-    def __new__(cls, capacity_bytes: int):
-        from offload.tiers import HostTier
-        from offload.tiers.base import typed_view
-
-        class _ViewHostTier(HostTier):
-            def view(self, handle):
-                entry = self._entry(handle)
-                return typed_view(self.arena[entry.offset : entry.offset + handle.nbytes], handle)
-
-        return _ViewHostTier(capacity_bytes=capacity_bytes)
+def _arena_span(store) -> tuple[int, int]:
+    start = store.arena.data_ptr()
+    return start, start + store.arena.numel()
 
 
-def test_memory_tier_views_update_the_state_in_place():
+@pytest.mark.parametrize("clip", [None, MAX_NORM], ids=["early", "clip"])
+def test_host_tier_updates_the_state_in_place_in_the_arena(clip):
+    """The CPU lane updates host-resident moments through ``HostTier.view`` (no staging copies), the fp32
+    parameters are their own master weights (no write-back), and the result stays bit-identical."""
+    from offload.tiers import HostTier
+
     model, ref = make_net(), make_net()
-    store = ViewHostTier(capacity_bytes=1 << 20)
+    store = HostTier(capacity_bytes=1 << 20)
     opt = OffloadedAdamW(
         groups(model), lr=3e-3, placement=interleaved_plan(model, "dram"), stores={"dram": store},
-        throughputs=FAST_DEVICE, settings=OffloadSettings(grad_accum=2, schedule="plan", cpu_kernel="torch_fused"),
+        settings=OffloadSettings(grad_accum=2, schedule="cpu", cpu_kernel="torch_fused", max_grad_norm=clip),
     )  # fmt: skip
     handles = [slot.handle for slot in opt._slots]
     assert not any(slot.staged for slot in opt._slots) and opt._state_pool is None
+    assert all(slot.master_is_param and slot.rows == 2 for slot in opt._slots)
+    lo, hi = _arena_span(store)
+    views = [store.view(h) for h in handles]
+    for slot, v in zip(opt._slots, views):
+        assert v.shape == (2, slot.layout.numel) and lo <= v.data_ptr() and v.data_ptr() + v.nbytes <= hi
+    # the kernel's operands are the arena views and the parameters themselves: record what it is handed
+    seen: list[int] = []
+    kernel = opt._cpu_kernel
+
+    def recording(t, hyper):
+        seen.extend(x.data_ptr() for x in (*t.exp_avgs, *t.exp_avg_sqs))
+        assert {x.data_ptr() for x in t.params} <= {p.data_ptr() for p in model.parameters()}
+        kernel(t, hyper)
+
+    opt._cpu_kernel = recording
     fused = torch.optim.AdamW(groups(ref), lr=3e-3, fused=True)
     for m, o in ((model, opt), (ref, fused)):
         for step in range(4):
             for micro in range(2):
                 (loss_of(m, batch(step, micro)) / 2).backward()
+            if clip is not None and o is fused:
+                torch.nn.utils.clip_grad_norm_(ordered(fused), clip)
             o.step()
             o.zero_grad()
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+    assert seen and all(lo <= ptr < hi for ptr in seen)  # every moment the kernel wrote lives in the arena
     assert [slot.handle for slot in opt._slots] == handles  # updated where it lives: no new blocks
-    assert {s for rec in opt.schedule_log for s in rec.executed_sides.values()} == {"cpu", "device"}
+    for pid, st in fused.state_dict()["state"].items():  # and the arena holds torch's moments, bit for bit
+        assert torch.equal(opt.state_dict()["state"][pid]["exp_avg_sq"], st["exp_avg_sq"])
+    assert all(j.param_bytes == 0 for rec in opt.schedule_log for j in rec.jobs)  # no write-back
     opt.remove()
     assert not store.closed  # a store passed in belongs to the caller
     store.close()
@@ -588,7 +603,10 @@ def test_deepspeed_cpu_adam_kernel_is_close_to_torch():
     for step in range(1, 6):
         g = torch.randn(10_000, generator=gen)
         for name, (param, m, v) in tensors.items():
-            kernels[name]([param], [g], [m], [v], [torch.tensor(float(step))], hyper)
+            t = AdamWTensors(
+                params=[param], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], steps=[torch.tensor(float(step))]
+            )
+            kernels[name](t, hyper)
     torch.testing.assert_close(tensors["ds"][0], tensors["torch"][0], rtol=1e-5, atol=1e-6)
     assert not torch.equal(tensors["ds"][0], p)
 

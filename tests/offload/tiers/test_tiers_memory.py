@@ -69,6 +69,27 @@ def test_views_and_noncontiguous_sources(kind: str) -> None:
             store.free(h)
 
 
+def test_view_aliases_the_stored_bytes_in_the_arena(kind: str) -> None:
+    with make_memory_tier(kind, 1 << 20) as store:
+        lo, hi = store.arena.data_ptr(), store.arena.data_ptr() + store.arena.numel()
+        keep = store.put(torch.full((100,), 7.0))
+        src = torch.arange(3 * 4097, dtype=torch.float32).reshape(3, 4097)
+        h = store.put(src)
+        v = store.view(h)
+        assert v.shape == src.shape and v.dtype == src.dtype and v.is_contiguous()
+        assert lo <= v.data_ptr() and v.data_ptr() + v.nbytes <= hi and torch.equal(v, src)
+        v[1].mul_(2)  # a write through the view is the stored data
+        assert torch.equal(store.get(h)[1], src[1] * 2) and torch.equal(store.get(h)[0], src[0])
+        assert store.view(h).data_ptr() == v.data_ptr()  # the same bytes every time
+        assert torch.equal(store.get(keep), torch.full((100,), 7.0))  # neighbours untouched
+        assert store.view(store.put(torch.empty(0, 5))).shape == (0, 5)
+        store.free(h)
+        with pytest.raises(InvalidHandleError):
+            store.view(h)
+    with pytest.raises(TierClosedError):
+        store.view(keep)
+
+
 def test_source_may_be_mutated_after_put(kind: str) -> None:
     t = torch.arange(1000, dtype=torch.float32)
     with make_memory_tier(kind, 1 << 16) as store:
