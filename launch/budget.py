@@ -7,10 +7,14 @@ model (planner.memory.estimate_memory) says the step fits:
 1. everything kept on the device;
 2. the chunked linear cross-entropy (no full logits; Wijmans et al. 2024);
 3. the activation MIP (planner.mip.activations.solve_activations: per block, swap a token share to the
-   DRAM tier where the copy hides behind compute, recompute where it cannot), whose activation budget is
-   what the memory model leaves after weights, optimizer state, gradients and loss buffers;
+   DRAM tier or recompute, whichever adds less time; a copy hides behind the neighbour block's compute on
+   an accelerator and nowhere on a CPU device, `transfer_overlap`), whose activation budget is what the
+   memory model leaves after weights, optimizer state, gradients and backward temporaries;
 4. the same with optimizer state offloaded to DRAM, when the runtime can do it (`optimizer_offload`);
-5. the same with a smaller micro-batch (more accumulation steps: same tokens per step).
+   when both 3 and 4 fit, the one with the faster predicted step (offloading the optimizer can cost less
+   than the recompute it saves);
+5. the same with a smaller micro-batch (more accumulation steps: same tokens per step; accumulation keeps
+   every gradient on the device, so a smaller micro-batch saves less than it seems).
 
 Every candidate is checked with the memory model itself (the MIP's activation view is re-checked against
 the whole step's phases and its budget tightened by the excess), and the result carries the memory
@@ -25,7 +29,6 @@ from collections.abc import Sequence
 
 from planner.cluster import ClusterSpec
 from planner.errors import InfeasibleError
-from planner.flops import layer_forward_flops
 from planner.memory import (
     MemoryBreakdown,
     MemoryOptions,
@@ -33,9 +36,17 @@ from planner.memory import (
     block_input_bytes,
     block_saved_bytes,
     estimate_memory,
-    model_states,
+    gradients_during_backward,
 )
-from planner.mip.activations import ActivationBudget, ActivationSolution, LayerCost, solve_activations
+from planner.mip.activations import (
+    ActivationBudget,
+    ActivationSolution,
+    LayerCost,
+    evaluate_fractions,
+    prefetch_helps,
+    solve_activations,
+    transfer_overlap,
+)
 from planner.mip.common import MipSettings
 from planner.model import ModelSpec
 from planner.plan import (
@@ -48,7 +59,7 @@ from planner.plan import (
     SolverReport,
     TierPlan,
 )
-from planner.steptime import estimate_step_time
+from planner.steptime import block_forward_s, estimate_step_time, swap_out_early
 from planner.workload import Workload
 
 # tokens per chunk of the chunked loss, largest first (offload/loss.py measured 1024 as the knee on 2 CPU
@@ -58,11 +69,6 @@ LOSS_CHUNK_TOKENS = (1024, 512, 256)
 TIER_SLACK = 1.25
 OPTIMIZER_STATE_BYTES = 12  # per parameter in the tier: fp32 master weights and two Adam moments
 _MAX_TIGHTEN = 6
-# A block's backward holds, besides its own saved activations (kept, fetched back or recomputed), temporaries
-# (activation gradients, the prefetch of the block before it) of about this many times its saved bytes.
-# Measured with torch's MemTracker on llama-34m, fp32, batch 4x512, 7 of 8 blocks swapped: the peak was
-# params + optimizer state + the gradients of the later blocks + 2.3x one block's saved bytes.
-BACKWARD_TEMP_FACTOR = 1.3
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,12 +81,14 @@ class BudgetPlan:
 
 
 def layer_costs(
-    model: ModelSpec, cluster: ClusterSpec, workload: Workload, layout: Layout
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    layout: Layout,
+    backward_extra_bytes: Sequence[float] = (),
 ) -> list[LayerCost]:
     """Per-block inputs of the activation MIP from the memory and FLOP models."""
-    rate = cluster.device.flops(workload.dtype) * cluster.device.efficiency
-    tokens = layout.micro_batch * workload.seq_len
-    fwd = layer_forward_flops(model, tokens, workload.seq_len) / rate
+    fwd = block_forward_s(model, cluster, workload, tokens=layout.micro_batch * workload.seq_len)
     saved = block_saved_bytes(model, workload, micro_batch=layout.micro_batch)
     inp = block_input_bytes(model, workload, micro_batch=layout.micro_batch)
     return [
@@ -91,71 +99,26 @@ def layer_costs(
             fwd_time_s=fwd,
             bwd_time_s=2 * fwd,
             recompute_time_s=fwd,
+            backward_extra_bytes=int(backward_extra_bytes[i]) if backward_extra_bytes else 0,
         )
         for i in range(model.num_layers)
     ]
 
 
-def backward_sweep_bytes(
-    model: ModelSpec,
-    workload: Workload,
-    layout: Layout,
-    policies: Sequence[ActivationPolicy],
-    *,
-    offload_optimizer: bool,
-) -> int:
-    """Peak bytes while the blocks run their backward, last block first.
-
-    NOTE: planner.memory's "block_backward" phase counts one block's activations and no gradients; in a
-    measured step the gradients of the blocks already done are alive too (all of them when the optimizer
-    steps after backward). Until the memory model has this sweep, plans made here are checked against it.
-    At block l: parameters + optimizer state on the device + the head's and blocks l+1..L-1's gradients +
-    the resident activations of blocks 0..l-1 + block l's saved bytes x (1 + BACKWARD_TEMP_FACTOR).
-    An offloaded optimizer that updates in backward frees each gradient once consumed: one block's remain.
-    """
-    states = model_states(model, workload, layout)
-    opt = 0 if offload_optimizer else states.optimizer_states
-    d = workload.dtype_bytes
-    saved = block_saved_bytes(model, workload, micro_batch=layout.micro_batch)
-    inp = block_input_bytes(model, workload, micro_batch=layout.micro_batch)
-    layer_grad = model.layer_params * d
-    head_grad = (model.vocab_size * model.hidden_size + model.norm_params) * d
-    by_layer = {p.layer: p for p in policies}
-    resident = []
-    for i in range(model.num_layers):
-        p = by_layer.get(i, ActivationPolicy(layer=i))
-        resident.append(p.keep_fraction * saved + p.recompute_fraction * inp)
-    worst = 0.0
-    for l in range(model.num_layers):
-        later = model.num_layers - 1 - l
-        grads = head_grad + layer_grad * (min(1, later) if offload_optimizer else later)
-        here = states.parameters + opt + grads + sum(resident[:l]) + saved * (1 + BACKWARD_TEMP_FACTOR)
-        worst = max(worst, here)
-    return int(worst)
-
-
-def step_peak_bytes(
-    model: ModelSpec,
-    workload: Workload,
-    layout: Layout,
-    mem: MemoryBreakdown,
-    policies: Sequence[ActivationPolicy],
-    *,
-    offload_optimizer: bool,
-) -> int:
-    """The larger of the memory model's peak and the backward sweep."""
-    sweep = backward_sweep_bytes(model, workload, layout, policies, offload_optimizer=offload_optimizer)
-    return max(mem.total, sweep)
-
-
 def _options(
-    *, chunk: int, offload_optimizer: bool, policies: Sequence[ActivationPolicy], optimizer_impl: str
+    *,
+    chunk: int,
+    offload_optimizer: bool,
+    policies: Sequence[ActivationPolicy],
+    optimizer_impl: str,
+    early: bool = False,
 ) -> MemoryOptions:
     return MemoryOptions(
         policies=tuple(policies),
         loss_chunk_tokens=chunk,
         offload=Offload(optimizer=offload_optimizer, tier="dram"),
         optimizer_impl=optimizer_impl,  # type: ignore[arg-type]
+        swap_out_early=early,
     )
 
 
@@ -169,6 +132,7 @@ def _solve(
     chunk: int,
     offload_optimizer: bool,
     optimizer_impl: str,
+    early: bool,
     time_limit_s: float,
 ) -> tuple[ActivationSolution | None, MemoryBreakdown]:
     """The activation MIP for what the rest of the step leaves, tightened until the whole step fits."""
@@ -178,11 +142,27 @@ def _solve(
         workload,
         layout,
         _options(
-            chunk=chunk, offload_optimizer=offload_optimizer, policies=(), optimizer_impl=optimizer_impl
+            early=early,
+            chunk=chunk,
+            offload_optimizer=offload_optimizer,
+            policies=(),
+            optimizer_impl=optimizer_impl,
         ),
     )
-    act_budget = budget - (keep.total - keep.activations)
-    costs = layer_costs(model, cluster, workload, layout)
+    # The MIP bounds each block's backward (earlier blocks' resident shares + the block + the previous block's
+    # swapped share, fetched ahead + the gradients alive then beyond the fewest) and the loss (every resident
+    # share + `tail_bytes`) by its budget: what the memory model says the rest of the step holds at those
+    # moments (planner.memory.backward_sweep, gradients_during_backward).
+    grads_at = gradients_during_backward(model, workload, layout, _options(early=early,
+        chunk=chunk, offload_optimizer=offload_optimizer, policies=(), optimizer_impl=optimizer_impl
+    ))  # fmt: skip
+    rest_backward = keep.detail["backward_rest_bytes"] + min(grads_at)
+    saved = keep.detail["block_saved_bytes"] * keep.detail["in_flight_microbatches"]
+    rest_loss = keep.detail["phase_backward"] - saved * model.num_layers
+    act_budget = budget - rest_backward
+    # what a block's backward holds beyond its forward: the temporaries, and (one micro-batch) the gradients
+    forward_slack = int(keep.detail["backward_temp_bytes"] + (min(grads_at) if layout.grad_accum == 1 else 0))
+    costs = layer_costs(model, cluster, workload, layout, [g - min(grads_at) for g in grads_at])
     sol: ActivationSolution | None = None
     mem = keep
     for _ in range(_MAX_TIGHTEN):
@@ -195,6 +175,10 @@ def _solve(
             tier_write_bps=dram.write_bandwidth if dram is not None else 0.0,
             tier_read_bps=dram.read_bandwidth if dram is not None else 0.0,
             tier="dram",
+            tail_bytes=max(0, int(rest_loss - rest_backward)),
+            transfer_overlap=transfer_overlap(cluster.device.kind),
+            prefetch=prefetch_helps(cluster.device.kind, "dram"),
+            forward_slack_bytes=forward_slack,
         )
         sol = solve_activations(costs, swap, settings=None if time_limit_s <= 0 else _settings(time_limit_s))
         if not sol.fits:
@@ -204,19 +188,38 @@ def _solve(
             workload,
             layout,
             _options(
+                early=early,
                 chunk=chunk,
                 offload_optimizer=offload_optimizer,
                 policies=sol.policies,
                 optimizer_impl=optimizer_impl,
             ),
         )
-        peak = step_peak_bytes(
-            model, workload, layout, mem, sol.policies, offload_optimizer=offload_optimizer
-        )
+        peak = mem.total
+        if peak > budget and any(0 < p.swap_fraction < 1 for p in sol.policies):
+            # A partly swapped block holds its whole saved storage and the copy of its kept share for a
+            # moment after its swap-out (planner.memory.forward_sweep), which the MIP's linear in-flight
+            # term does not see: the same plan with those blocks swapped whole may fit where it did not.
+            whole = tuple(
+                dataclasses.replace(p, keep_fraction=0.0, swap_fraction=1.0 - p.recompute_fraction)
+                if p.swap_fraction > 0
+                else p
+                for p in sol.policies
+            )
+            opts = _options(
+                early=early,
+                chunk=chunk,
+                offload_optimizer=offload_optimizer,
+                policies=whole,
+                optimizer_impl=optimizer_impl,
+            )
+            whole_mem = estimate_memory(model, workload, layout, opts)
+            if whole_mem.total <= budget:
+                sol, mem, peak = _rescored(sol, whole, costs, swap, "+whole"), whole_mem, whole_mem.total
         if peak <= budget:
             return _keep_what_fits(
-                model, workload, layout, budget, sol, mem, chunk=chunk,
-                offload_optimizer=offload_optimizer, optimizer_impl=optimizer_impl,
+                model, workload, layout, budget, sol, mem, costs=costs, swap=swap, chunk=chunk,
+                offload_optimizer=offload_optimizer, optimizer_impl=optimizer_impl, early=early,
             )  # fmt: skip
         act_budget -= peak - budget  # the rest of the step (a fetched block, the loss, gradients) needs more
     return None, mem
@@ -230,14 +233,18 @@ def _keep_what_fits(
     sol: ActivationSolution,
     mem: MemoryBreakdown,
     *,
+    costs: Sequence[LayerCost],
+    swap: ActivationBudget,
     chunk: int,
     offload_optimizer: bool,
     optimizer_impl: str,
+    early: bool,
 ) -> tuple[ActivationSolution, MemoryBreakdown]:
     """Turn swapped or recomputed blocks back to kept, last block first, while the whole step still fits.
 
-    The MIP counts a swap hidden behind compute as free; on a CPU "device" the copy takes a core from the
-    compute, and on a GPU it still takes link bandwidth, so moving no more than the budget needs is better.
+    The MIP's budget was tightened by the whole step's excess, uniformly over the blocks, so it may move
+    more than the memory model needs; a hidden swap is free in its objective, yet it still takes link
+    bandwidth (a GPU) or memory bandwidth (a CPU). The result is re-scored by the MIP's cost model.
     """
     policies = list(sol.policies)
     for i in reversed(range(len(policies))):
@@ -246,14 +253,42 @@ def _keep_what_fits(
         trial = list(policies)
         trial[i] = ActivationPolicy(layer=policies[i].layer, swap_tier=policies[i].swap_tier)
         opts = _options(
-            chunk=chunk, offload_optimizer=offload_optimizer, policies=trial, optimizer_impl=optimizer_impl
+            early=early,
+            chunk=chunk,
+            offload_optimizer=offload_optimizer,
+            policies=trial,
+            optimizer_impl=optimizer_impl,
         )
         m = estimate_memory(model, workload, layout, opts)
-        if step_peak_bytes(model, workload, layout, m, trial, offload_optimizer=offload_optimizer) <= budget:
+        if m.total <= budget:
             policies, mem = trial, m
     if policies == list(sol.policies):
         return sol, mem
-    return dataclasses.replace(sol, policies=tuple(policies), strategy=sol.strategy + "+keep"), mem
+    return _rescored(sol, policies, costs, swap, "+keep"), mem
+
+
+def _rescored(
+    sol: ActivationSolution,
+    policies: Sequence[ActivationPolicy],
+    costs: Sequence[LayerCost],
+    swap: ActivationBudget,
+    suffix: str,
+) -> ActivationSolution:
+    """`sol` with other policies, its time and bytes re-scored by the MIP's cost model."""
+    fractions = [
+        [getattr(p, f) for p in policies] for f in ("keep_fraction", "swap_fraction", "recompute_fraction")
+    ]
+    cost = evaluate_fractions(costs, swap, *fractions)
+    return dataclasses.replace(
+        sol,
+        policies=tuple(policies),
+        strategy=sol.strategy + suffix,
+        objective_s=float(cost.objective_s),
+        recompute_s=float(cost.recompute_s),
+        exposed_transfer_s=float(cost.exposed_transfer_s),
+        device_bytes=int(math.ceil(float(cost.device_bytes))),
+        tier_bytes=int(math.ceil(float(cost.tier_bytes))),
+    )
 
 
 def _settings(time_limit_s: float):
@@ -285,6 +320,7 @@ def plan_for_budget(
         if ga < 1 or ga * mb * dp != workload.global_batch:
             continue
         layout = Layout(dp=dp, micro_batch=mb, grad_accum=ga)
+        early = swap_out_early(model, cluster, workload, layout)
         # name, loss chunk tokens (0: standard loss), activation MIP, optimizer offload
         stages: list[tuple[str, tuple[int, ...], bool, bool]] = [
             ("keep", (0,), False, False),
@@ -293,6 +329,9 @@ def plan_for_budget(
         ]
         if optimizer_offload:
             stages.append(("activations+optimizer_offload", LOSS_CHUNK_TOKENS, True, True))
+        # activation plans with and without optimizer offload: the faster predicted step wins (offloading the
+        # optimizer may cost less time than the recompute it saves), the first on a tie
+        fitting: list[tuple[float, int, BudgetPlan]] = []
         for name, chunks, acts, off in stages:
             label = f"{name} (micro-batch {mb})"
             tried.append(label)
@@ -308,6 +347,7 @@ def plan_for_budget(
                         chunk=chunk,
                         offload_optimizer=off,
                         optimizer_impl=optimizer_impl,
+                        early=early,
                         time_limit_s=time_limit_s,
                     )
                     if sol is not None:
@@ -315,19 +355,16 @@ def plan_for_budget(
                 else:
                     sol = None
                     opts = _options(
-                        chunk=chunk, offload_optimizer=off, policies=(), optimizer_impl=optimizer_impl
+                        early=early,
+                        chunk=chunk,
+                        offload_optimizer=off,
+                        policies=(),
+                        optimizer_impl=optimizer_impl,
                     )
                     mem = estimate_memory(model, workload, layout, opts)
-                    if (
-                        step_peak_bytes(model, workload, layout, mem, (), offload_optimizer=off)
-                        <= budget_bytes
-                    ):
+                    if mem.total <= budget_bytes:
                         found.append((0.0, -chunk, None, mem))
-                policies = sol.policies if sol is not None else ()
-                miss = (
-                    step_peak_bytes(model, workload, layout, mem, policies, offload_optimizer=off)
-                    - budget_bytes
-                )
+                miss = mem.total - budget_bytes
                 if best_miss is None or miss < best_miss[0]:
                     best_miss = (miss, label)
             if found:
@@ -343,9 +380,17 @@ def plan_for_budget(
                     chunk=-neg_chunk,
                     offload_optimizer=off,
                     optimizer_impl=optimizer_impl,
+                    early=early,
                     budget=budget_bytes,
                 )
-                return BudgetPlan(plan=plan, memory=mem, steps=tuple(tried))
+                if not acts:  # nothing moved and nothing recomputed: no later stage is faster
+                    return BudgetPlan(plan=plan, memory=mem, steps=tuple(tried))
+                fitting.append(
+                    (plan.predicted.step_time_s, len(fitting), BudgetPlan(plan=plan, memory=mem, steps=()))
+                )
+        if fitting:
+            best = min(fitting, key=lambda f: (f[0], f[1]))[2]
+            return dataclasses.replace(best, steps=tuple(tried))
     if best_miss is None:
         raise InfeasibleError(
             f"global_batch({workload.global_batch}) is not a multiple of dp({dp}) x any micro-batch <= "
@@ -378,11 +423,16 @@ def _make_plan(
     chunk: int,
     offload_optimizer: bool,
     optimizer_impl: str,
+    early: bool,
     budget: int,
 ) -> Plan:
     policies = sol.policies if sol is not None else ()
     opts = _options(
-        chunk=chunk, offload_optimizer=offload_optimizer, policies=policies, optimizer_impl=optimizer_impl
+        early=early,
+        chunk=chunk,
+        offload_optimizer=offload_optimizer,
+        policies=policies,
+        optimizer_impl=optimizer_impl,
     )
     swap_s = sol.exposed_transfer_s * layout.grad_accum if sol is not None else 0.0
     t = estimate_step_time(model, cluster, workload, layout, opts, swap_exposed_s=swap_s)
@@ -396,7 +446,7 @@ def _make_plan(
             OPTIMIZER_STATE_BYTES * model.params if offload_optimizer else 0,
         )
         tiers.append(TierPlan(kind="dram", capacity_bytes=need + (16 << 20)))
-    peak = step_peak_bytes(model, workload, layout, mem, policies, offload_optimizer=offload_optimizer)
+    peak = mem.total
     solvers = (
         (sol.report(),)
         if sol is not None

@@ -111,6 +111,7 @@ class BlockPolicy:
     mode: Mode = "keep"
     swap_fraction: float = 0.0  # share of each saved tensor's tokens sent to the tier (mode "swap")
     swap_tier: str = "dram"  # plan tier name: "dram", "cxl", "nvme"
+    prefetch: bool = True  # fetched during the next swapped block's backward (ActivationPolicy.prefetch)
 
     @classmethod
     def from_plan(cls, policy: ActivationPolicy, *, index: int | None = None) -> BlockPolicy:
@@ -131,6 +132,7 @@ class BlockPolicy:
                 mode="swap",
                 swap_fraction=float(policy.swap_fraction),
                 swap_tier=policy.swap_tier,
+                prefetch=policy.prefetch,
             )
         return cls(layer=policy.layer, mode="keep")
 
@@ -330,10 +332,22 @@ class _Saved:
 class _BlockRecord:
     """The swapped tensors of one block call, linked to the previous swapped block call (for prefetch)."""
 
-    __slots__ = ("layer", "prev", "entries", "dedupe", "fetch_started", "backward_started", "__weakref__")
+    __slots__ = (
+        "layer",
+        "prefetch",
+        "prev",
+        "entries",
+        "dedupe",
+        "fetch_started",
+        "backward_started",
+        "__weakref__",
+    )
 
-    def __init__(self, layer: int, prev: weakref.ReferenceType[_BlockRecord] | None) -> None:
+    def __init__(
+        self, layer: int, prev: weakref.ReferenceType[_BlockRecord] | None, *, prefetch: bool = True
+    ) -> None:
         self.layer = layer
+        self.prefetch = prefetch  # fetched ahead by the next swapped block's backward
         self.prev = prev  # weak: a record never keeps an earlier block's tensors alive
         self.entries: list[weakref.ReferenceType[_Saved]] = []
         self.dedupe: dict[tuple[Any, ...], _Saved] | None = {}  # during the block's forward only
@@ -549,8 +563,8 @@ class SwapEngine:
         activations of the last swapped block are not held through the rest of the step."""
         self.wait_until(self.last_pending())
 
-    def new_record(self, layer: int) -> _BlockRecord:
-        record = _BlockRecord(layer, self._last_record)
+    def new_record(self, layer: int, *, prefetch: bool = True) -> _BlockRecord:
+        record = _BlockRecord(layer, self._last_record, prefetch=prefetch)
         self._last_record = weakref.ref(record)
         return record
 
@@ -698,7 +712,7 @@ class SwapEngine:
             record.backward_started = True
             self.start_fetch(record)
             prev = record.prev() if record.prev is not None else None
-            if prev is not None and not prev.fetch_started:
+            if prev is not None and prev.prefetch and not prev.fetch_started:
                 self._counts["prefetches"] += 1
                 self.start_fetch(prev)
         self._fetch(entry)  # an entry shared from another record, or one added after the fetch started
@@ -932,7 +946,7 @@ def install_block_hooks(
                 return forward(*args, **kwargs)
             tokens = _block_tokens(args, kwargs, seq_dim)
             ptrs = ptrs_fn()
-            record = eng.new_record(policy.layer)
+            record = eng.new_record(policy.layer, prefetch=policy.prefetch)
 
             def pack(t: torch.Tensor) -> Any:
                 return eng.pack(t, record, policy, tokens, seq_dim, ptrs)
@@ -1171,7 +1185,7 @@ def predict_activation_peak_bytes(
     the layers outside the blocks), and the backward of each block l, when blocks before l still hold their
     resident bytes, block l's saved tensors are all materialised (kept, fetched or recomputed), the
     gradient of its output is live, its backward transient is reached, and the swapped share of the
-    previous swapped block is being prefetched.
+    previous swapped block is being prefetched (unless its policy says not to prefetch).
     """
     if len(profiles) != len(policies):
         raise PolicyError(f"{len(profiles)} profiles but {len(policies)} policies", field="policies")
@@ -1184,7 +1198,7 @@ def predict_activation_peak_bytes(
         # The closest swapped block j < l is prefetched when the first swapped block at or after l starts its
         # backward, and stays fetched until j's own backward: it is live during l's backward if one exists.
         before = [j for j in swapped if j < l]
-        if before and any(j >= l for j in swapped):
+        if before and any(j >= l for j in swapped) and policies[before[-1]].prefetch:
             at_l += profiles[before[-1]].swap_bytes(policies[before[-1]])
         peak = max(peak, at_l)
         below += res

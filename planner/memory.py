@@ -11,8 +11,13 @@ families, enumerated op by op), or for Megatron-style GPTs from Korthikanti et a
 2022, eq. 2: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, with tensor and
 sequence parallelism dividing as in their Sec. 4.2.
 
-The step's peak is the largest of its phases (end of forward, start of backward
-through the loss, optimizer step), not a sum of everything ever allocated.
+The step's peak is the largest of its phases (each block's forward, the loss, each
+block's backward, the end of backward, the optimizer step), not a sum of everything
+ever allocated. The forward and backward sweeps follow the runtime's schedule
+(offload.activations: a swap's source alive until its copy is done, one swapped block
+fetched ahead in backward) with the backward temporaries and the gradients alive at
+each block measured with torch's MemTracker (see `backward_temp_bytes`,
+`gradients_during_backward`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class MemoryOptions:
     # as large as one moment), "single_tensor" on CPU (two temporaries of the largest
     # tensor: sqrt and the division), "fused" (none)
     optimizer_impl: Literal["foreach", "single_tensor", "fused"] = "foreach"
+    # a block's swap-out finishes early in the next block's forward (its copy takes well under a block's
+    # compute: `swap_out_is_early`), so its source is released before that block's activations build up;
+    # False: the copy may run to the end of the next block's forward (and past the loss for the last block)
+    swap_out_early: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +115,12 @@ def stage_layer_counts(model: ModelSpec, pp: int, stage_layers: tuple[int, ...] 
     return tuple(base + (1 if i < extra else 0) for i in range(pp))
 
 
+def block_device_params(model: ModelSpec, tp: int) -> float:
+    """Parameters of one transformer block on one device: matmuls sharded by tp, the two norms whole."""
+    vector = 2 * model.norm_params
+    return (model.layer_params - vector) / tp + vector
+
+
 def device_params(model: ModelSpec, layout: Layout, stage: int = 0) -> int:
     """Parameters held by one device of pipeline `stage` (before ZeRO-3 partitioning).
 
@@ -115,9 +130,7 @@ def device_params(model: ModelSpec, layout: Layout, stage: int = 0) -> int:
     """
     tp, pp = layout.tp, layout.pp
     layers = stage_layer_counts(model, pp, layout.stage_layers)[stage]
-    vector = 2 * model.norm_params
-    block = (model.layer_params - vector) / tp + vector
-    total = layers * block
+    total = layers * block_device_params(model, tp)
     if stage == 0:
         total += model.embedding_params / tp
     if stage == pp - 1:
@@ -313,6 +326,108 @@ def final_bytes(model: ModelSpec, workload: Workload, *, micro_batch: int, cp: i
     return int(tokens * 3 * model.hidden_size * workload.dtype_bytes)
 
 
+def backward_temp_bytes(
+    model: ModelSpec, workload: Workload, *, micro_batch: int, tp: int = 1, sp: bool = False, cp: int = 1
+) -> int:
+    """Transient bytes of one block's backward besides its saved tensors and weight gradients.
+
+    The largest come in the MLP's backward: two tokens x ffn/tp activation gradients alive together (the
+    gradient of the down projection's input and the one the activation's backward makes from it), while
+    the gradient of the block's output (tokens x hidden) is alive throughout. Measured with torch's
+    MemTracker (offload.activations.profile_block: peak during a block's backward above the live bytes
+    before it), fp32: llama-34m (h 512, ffn 1376, seq 512) 4128 / 3440 / 3096 elements per token at batch
+    1 / 2 / 4, i.e. 2 x ffn per token + ffn x hidden (the down projection's weight gradient, counted with
+    the gradients); the same on h 64 / ffn 176 and h 128 / ffn 352 Llamas.
+    """
+    tokens = micro_batch * workload.seq_len / cp
+    out = model.hidden_size / (tp if sp else 1)
+    return int(tokens * (2 * model.ffn_hidden_size / tp + out) * workload.dtype_bytes)
+
+
+def swap_out_is_early(swap_bytes: float, write_bps: float, block_forward_s: float) -> bool:
+    """`MemoryOptions.swap_out_early`: the copy of a block's swapped bytes takes at most a quarter of the
+    next block's forward (a host copy at memory bandwidth on a CPU device; a fast host link)."""
+    return write_bps > 0 and swap_bytes / write_bps <= 0.25 * block_forward_s
+
+
+def forward_sweep(
+    resident: list[float], swapped: list[float], *, saved: int, early: bool = False
+) -> tuple[float, float]:
+    """(bytes at the worst block of the forward, bytes of the last block still in flight at the loss).
+
+    A swapped block's copies to the tier run behind the next block's forward (offload.activations: after
+    block l's forward the runtime waits for the copies submitted before l started), and until its copy
+    completes the block's original tensors stay alive (the swapped tokens are a view of them) beside the
+    compact copy of its kept tokens: block l-1 holds saved + resident[l-1] while block l's forward makes
+    its own saved tensors. The last block's copies are waited for after the model's forward, which in an
+    HF causal LM includes the loss: they are in flight there. With `early` the copy is done (and the
+    source released at the runtime's next pack) before block l's own activations build up: block l-1's
+    original then meets only block l's first tensors, and the loss finds the last block already out.
+    """
+    worst, below = 0.0, 0.0
+    for l in range(len(resident)):
+        in_flight = saved if l > 0 and swapped[l - 1] > 0 and not early else 0.0
+        worst = max(worst, below + in_flight + saved)
+        below += resident[l]
+    return worst, (float(saved) if swapped and swapped[-1] > 0 and not early else 0.0)
+
+
+def backward_sweep(
+    resident: list[float],
+    swapped: list[float],
+    *,
+    saved: int,
+    temp: int,
+    grads_at: list[float],
+    prefetch: list[bool] | None = None,
+) -> tuple[float, int, float]:
+    """(bytes, block, prefetched bytes) at the worst block of the backward sweep, blocks last to first.
+
+    While block l runs its backward (offload.activations' semantics, `predict_activation_peak_bytes`):
+    blocks before l still hold their resident shares (`resident[j]`, j < l), block l's saved tensors are
+    all materialised (kept, fetched back or recomputed: `saved`), its backward temporaries (`temp`) and
+    the gradients alive then (`grads_at[l]`) exist, and the swapped share of the closest swapped block
+    j < l is already being prefetched when some swapped block at or after l exists (the runtime fetches
+    one swapped block ahead, started by the backward of the next swapped block) — unless that block's
+    policy turns prefetch off (`prefetch[j]` False, ActivationPolicy.prefetch).
+    """
+    worst, at, pre = 0.0, 0, 0.0
+    below = 0.0
+    for l in range(len(resident)):
+        before = [j for j in range(l) if swapped[j] > 0]
+        ahead = before and any(x > 0 for x in swapped[l:]) and (prefetch is None or prefetch[before[-1]])
+        fetched = swapped[before[-1]] if ahead else 0.0
+        here = below + saved + temp + fetched + grads_at[l]
+        if here > worst:
+            worst, at, pre = here, l, fetched
+        below += resident[l]
+    return worst, at, pre
+
+
+def gradients_during_backward(
+    model: ModelSpec, workload: Workload, layout: Layout, options: MemoryOptions, *, stage: int = 0
+) -> list[float]:
+    """Gradient bytes alive while each block of `stage` runs its backward (set_to_none before backward).
+
+    With accumulation, all of them (kept through the micro-batches). Otherwise the down projection's
+    weight gradient, made by the time the block's MLP backward peaks (see `backward_temp_bytes`), plus:
+    with the optimizer offloaded, nothing more (ZeRO-Offload; memtier's OffloadedAdamW hands each
+    parameter to the CPU update as its gradient completes when nothing clips: MemTracker saw exactly that
+    one gradient at llama-34m's swap-all peak); on the device, the head's and the later blocks' (done).
+    """
+    grads = model_states(model, workload, layout, stage).gradients
+    layers = stage_layer_counts(model, layout.pp, layout.stage_layers)[stage]
+    if layout.grad_accum > 1:
+        return [float(grads)] * layers
+    psi = max(1, device_params(model, layout, stage))
+    layer_grad = grads * block_device_params(model, layout.tp) / psi  # one block's share of `grads`
+    head_grad = grads - layer_grad * layers if stage == layout.pp - 1 else 0.0
+    down_grad = grads * model.hidden_size * model.ffn_hidden_size / layout.tp / psi
+    if options.offload.optimizer:
+        return [down_grad] * layers
+    return [down_grad + head_grad + layer_grad * (layers - 1 - l) for l in range(layers)]
+
+
 def in_flight_microbatches(layout: Layout, stage: int) -> int:
     """1F1B: stage k holds up to pp - k micro-batches' activations (Narayanan et al. 2021, Sec. 2.2)."""
     return min(layout.pp - stage, layout.grad_accum) if layout.pp > 1 else 1
@@ -355,6 +470,8 @@ def estimate_memory(
     act_device = 0.0
     act_swapped = 0.0
     transient = 0  # a recomputed block's activations during its backward
+    resident: list[float] = []  # per block of the stage: bytes held between its forward and backward
+    swapped: list[float] = []  # per block: bytes sent to the tier
     for i in range(first_layer, first_layer + layers):
         pol = policies.get(i)
         if pol is None:
@@ -369,9 +486,13 @@ def estimate_memory(
             tokens = mb * workload.seq_len / cp
             sel = saved - int(tokens * c.per_sequence * workload.seq_len / tp * workload.dtype_bytes)
             act_device += sel
+            resident.append(sel)
+            swapped.append(0.0)
             continue
-        act_device += pol.keep_fraction * saved + pol.recompute_fraction * inp
-        act_swapped += pol.swap_fraction * saved
+        resident.append(pol.keep_fraction * saved + pol.recompute_fraction * inp)
+        swapped.append(pol.swap_fraction * saved)
+        act_device += resident[-1]
+        act_swapped += swapped[-1]
         if pol.recompute_fraction > 0 or pol.swap_fraction > 0:
             transient = max(transient, saved)  # recomputed or fetched back: one block at a time
     inflight = in_flight_microbatches(layout, stage)
@@ -416,24 +537,52 @@ def estimate_memory(
             / tp
             * workload.dtype_bytes
         )
+    grads_at = gradients_during_backward(model, workload, layout, options, stage=stage)
+    consumed_in_backward = options.offload.optimizer and layout.grad_accum == 1
+    layer_grad = grads * block_device_params(model, layout.tp) / max(1, device_params(model, layout, stage))
+    temp = backward_temp_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
+    ahead = [
+        policies[i].prefetch if i in policies else True for i in range(first_layer, first_layer + layers)
+    ]
+    sweep, sweep_block, prefetch = backward_sweep(
+        resident, swapped, saved=saved, temp=temp, grads_at=grads_at, prefetch=ahead
+    )
+    # other in-flight micro-batches (1F1B) hold all their resident shares meanwhile
+    others = (inflight - 1) * (act_device + final)
     # full-size gradients exist only after the block's backward ran: at the start of
     # backward no gradient is allocated yet (set_to_none), at the optimizer step all are
+    fwd_sweep, last_in_flight = forward_sweep(resident, swapped, saved=saved, early=options.swap_out_early)
     phases = {
-        "forward": params + opt + activations + loss_fwd,
+        # the loss: every block's resident share (and the last block's copy still in flight)
+        "forward": int(params + opt + activations + loss_fwd + last_in_flight),
         "backward": params + opt + activations + loss_bwd,
-        # a recomputed (or fetched-back) block during its own backward, loss buffers gone
-        "block_backward": params + opt + activations + transient,
-        "backward_end": params + opt + grads + emb_tmp,
-        "optimizer": params + grads + opt + bucket + opt_tmp,
+        # the forward sweep: the worst block's forward (see `forward_sweep`)
+        "block_forward": int(params + opt + fwd_sweep + others),
+        # the backward sweep, loss buffers gone: the worst block's backward (see `backward_sweep`)
+        "block_backward": int(params + opt + sweep + others),
+        # an offloaded optimizer has consumed the other gradients by then (and steps off the device)
+        "backward_end": params + opt + (int(layer_grad) if consumed_in_backward else grads) + emb_tmp,
+        "optimizer": params + (0 if consumed_in_backward else grads) + opt + bucket + opt_tmp,
     }
     if layout.grad_accum > 1:
         # accumulation keeps gradients alive through the next micro-batches
         phases["forward"] += grads
         phases["backward"] += grads
+        phases["block_forward"] += grads
     phase = max(phases, key=lambda k: phases[k])
     peak = phases[phase]
     in_grads = grads if phase in ("optimizer", "backward_end") or layout.grad_accum > 1 else 0
-    in_acts = activations if phase in ("forward", "backward", "block_backward") else 0
+    if consumed_in_backward and phase in ("optimizer", "backward_end"):
+        in_grads = 0  # (the one block's gradient at the end of backward counts as a buffer)
+    in_acts = activations if phase in ("forward", "backward") else 0
+    sweep_grads = int(grads_at[sweep_block]) if layers else 0
+    if phase == "block_backward":
+        in_grads = sweep_grads
+        in_acts = peak - params - opt - in_grads - temp
+    elif phase == "block_forward":
+        in_acts = peak - params - opt - in_grads
+    elif phase == "forward":
+        in_acts = activations + int(last_in_flight)
     buffers = peak - params - opt - in_grads - in_acts
     frag = int(peak * options.fragmentation)
     return MemoryBreakdown(
@@ -452,6 +601,13 @@ def estimate_memory(
             "loss_forward_bytes": loss_fwd,
             "loss_backward_bytes": loss_bwd,
             "recompute_transient_bytes": transient,
+            "backward_temp_bytes": temp,
+            "backward_sweep_block": first_layer + sweep_block,
+            "backward_prefetch_bytes": int(prefetch),
+            # what the step holds besides the blocks' activations and the gradients (per block:
+            # `gradients_during_backward`) while a block runs its backward: states, the backward
+            # temporaries, the other in-flight micro-batches
+            "backward_rest_bytes": int(params + opt + temp + others),
             "bucket_bytes": bucket,
             "optimizer_temp_bytes": opt_tmp,
             "embedding_backward_bytes": emb_tmp,

@@ -68,6 +68,10 @@ class ActivationPolicy:
     swap_tier: TierName = "dram"
     buffer_offsets: tuple[int, ...] = ()  # byte offsets in the reuse arena, per saved tensor
     buffer_bytes: tuple[int, ...] = ()  # aligned bytes of each saved tensor at buffer_offsets
+    # fetch the swapped share one block ahead (during the backward of the next swapped block) so the copy
+    # hides behind compute; False where nothing would hide it (a CPU device swapping to DRAM/CXL: the
+    # copy runs on the compute cores), fetched at its own backward and never two blocks on the device
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         if len(self.buffer_bytes) != len(self.buffer_offsets):

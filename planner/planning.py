@@ -21,7 +21,7 @@ from planner.errors import InfeasibleError, LayoutError
 from planner.estimate import budget_bytes as usable_bytes
 from planner.lifetimes import block_lifetimes
 from planner.mapping import AnnealSettings
-from planner.memory import MemoryOptions, Offload
+from planner.memory import MemoryOptions, Offload, model_states
 from planner.mip.buffers import BufferSettings, offsets_by_role, solve_buffers
 from planner.mip.common import MipSettings
 from planner.model import ModelSpec
@@ -45,6 +45,7 @@ from planner.search import (
     search,
 )
 from planner.stages import ACTIVATION_STAGES, OPTIMIZER_STAGES, Stage
+from planner.steptime import swap_out_early
 from planner.units import GiB, fmt_bytes, fmt_rate
 from planner.workload import Workload
 
@@ -200,7 +201,13 @@ def memory_options(plan: Plan) -> MemoryOptions:
     if plan.optimizer.offload and tier != "device":
         offload = Offload(optimizer=True, tier=tier)
     chunk = plan.loss.chunk_size if plan.loss.kind == "chunked" else 0
-    return MemoryOptions(offload=offload, policies=plan.activations, loss_chunk_tokens=chunk)
+    swapped = [p for p in plan.activations if p.swap_fraction > 0]
+    early = bool(swapped) and swap_out_early(
+        plan.model, plan.cluster, plan.workload, plan.layout, swapped[0].swap_tier
+    )
+    return MemoryOptions(
+        offload=offload, policies=plan.activations, loss_chunk_tokens=chunk, swap_out_early=early
+    )
 
 
 def optimizer_settings(workload: Workload) -> dict[str, Any]:
@@ -404,6 +411,16 @@ def infeasible_error(
         parts.append(
             f"with ZeRO-{off.layout.zero_stage} + optimizer offload ({off.describe}) it needs"
             f" {fmt_bytes(off.need_bytes)}"
+        )
+    else:
+        # every offload layout was left out because the host tiers cannot take the optimizer state:
+        # say how much they would need at the finest sharding (ZeRO-3 over all devices)
+        sharded = Layout(dp=cluster.world_size, zero_stage=3, micro_batch=1)
+        per_node = model_states(model, workload, sharded).optimizer_states * cluster.devices_per_node
+        dram = cluster.tier("dram")
+        parts.append(
+            f"optimizer offload needs {fmt_bytes(per_node)} of DRAM per node even with ZeRO-3 over"
+            f" {cluster.world_size} devices, the node has {fmt_bytes(dram.capacity if dram else 0)}"
         )
     message = "no layout fits: " + "; ".join(parts)
 

@@ -146,8 +146,10 @@ def states_bytes(model: ModelSpec, workload: Workload, layout: Layout, offload: 
         st = model_states(model, workload, layout, s)
         opt = 0 if offload.optimizer else st.optimizer_states
         params = 0 if offload.params else st.parameters
-        # grads live at the optimizer step whatever the activation policy
-        worst = max(worst, params + opt + st.gradients)
+        # grads live at the optimizer step whatever the activation policy, unless an offloaded
+        # optimizer takes each as it completes (one micro-batch: planner.memory.gradients_during_backward)
+        grads = 0 if offload.optimizer and layout.grad_accum == 1 else st.gradients
+        worst = max(worst, params + opt + grads)
     return worst
 
 
@@ -371,10 +373,10 @@ class ActivationMip:
         return inp.cluster.tier(self.tier) is not None
 
     def solve(self, inp: StageInput) -> StageResult:
-        from planner.flops import layer_forward_flops
         from planner.memory import (
             block_input_bytes,
             block_saved_bytes,
+            gradients_during_backward,
             in_flight_microbatches,
             stage_layer_counts,
         )
@@ -383,9 +385,12 @@ class ActivationMip:
             ActivationSettings,
             ActivationSolution,
             LayerCost,
+            prefetch_helps,
             solve_activations,
+            transfer_overlap,
         )
         from planner.mip.common import MipSettings
+        from planner.steptime import block_forward_s, swap_out_early
 
         model, w, layout, cluster = inp.model, inp.workload, inp.layout, inp.cluster
         tier = cluster.tier(self.tier)
@@ -395,8 +400,10 @@ class ActivationMip:
         saved = block_saved_bytes(model, w, micro_batch=mb, tp=tp, sp=sp, cp=cp)
         inp_bytes = block_input_bytes(model, w, micro_batch=mb, tp=tp, sp=sp, cp=cp)
         dev = cluster.device
-        rate = dev.flops(w.dtype) * dev.efficiency
-        fwd_s = layer_forward_flops(model, mb * w.seq_len, w.seq_len) / (tp * cp) / rate
+        fwd_s = block_forward_s(model, cluster, w, tokens=mb * w.seq_len, shard=tp * cp)
+        base_options = dataclasses.replace(
+            inp.options, swap_out_early=swap_out_early(model, cluster, w, layout, self.tier)
+        )
         per_node = cluster.devices_per_node
         link = min(dev.host_link.bandwidth, tier.write_bandwidth / per_node)
         link_in = min(dev.host_link.bandwidth, tier.read_bandwidth / per_node)
@@ -409,6 +416,10 @@ class ActivationMip:
             inflight = in_flight_microbatches(layout, stage)
             layers = range(first, first + n)
             first += n
+            # gradients alive while each block runs its backward: the fewest go into the budget's rest,
+            # the excess over them is per block (planner.memory.gradients_during_backward)
+            grads_at = gradients_during_backward(model, w, layout, inp.options, stage=stage)
+            fewest = min(grads_at)
             costs = [
                 LayerCost(
                     layer=i,
@@ -417,8 +428,9 @@ class ActivationMip:
                     fwd_time_s=fwd_s,
                     bwd_time_s=2 * fwd_s,
                     recompute_time_s=fwd_s,
+                    backward_extra_bytes=int(g - fewest),
                 )
-                for i in layers
+                for i, g in zip(layers, grads_at)
             ]
             # what the step holds besides the blocks' saved tensors, while a block runs its
             # backward: the stage's states and the final norm's tensors (the loss buffers are
@@ -428,16 +440,18 @@ class ActivationMip:
                 for i in layers
             )
             rest = estimate_memory(
-                model, w, layout, dataclasses.replace(inp.options, policies=all_out), stage=stage
+                model, w, layout, dataclasses.replace(base_options, policies=all_out), stage=stage
             )
-            besides_block = rest.detail["phase_block_backward"] - saved
+            besides_block = rest.detail["backward_rest_bytes"] + int(fewest)
             hi = inp.budget_bytes - besides_block
+            slack = rest.detail["backward_temp_bytes"] + (int(fewest) if layout.grad_accum == 1 else 0)
             tail = max(rest.detail["phase_backward"], rest.detail["phase_forward"]) - besides_block
 
             def attempt(
                 device_bytes: int,
                 costs: list[LayerCost] = costs,
                 tail: int = tail,
+                slack: int = slack,
                 stage: int = stage,
             ) -> tuple[ActivationSolution, bool]:
                 budget = ActivationBudget(
@@ -447,11 +461,14 @@ class ActivationMip:
                     tier_read_bps=link_in,
                     tier=self.tier,
                     tail_bytes=max(0, tail),
+                    transfer_overlap=transfer_overlap(dev.kind),
+                    prefetch=prefetch_helps(dev.kind, self.tier),
+                    forward_slack_bytes=max(0, slack),
                 )
                 sol = solve_activations(costs, budget, strategy=self.strategy, settings=settings)
                 if not sol.fits:
                     return sol, False
-                opts = dataclasses.replace(inp.options, recompute="none", policies=sol.policies)
+                opts = dataclasses.replace(base_options, recompute="none", policies=sol.policies)
                 return sol, estimate_memory(model, w, layout, opts, stage=stage).total <= inp.budget_bytes
 
             # the loss's backward buffers meet the resident shares but not a block's transient,
@@ -483,7 +500,7 @@ class ActivationMip:
                 )
             solutions.append(sol)
         policies = tuple(p for sol in solutions for p in sol.policies)
-        options = dataclasses.replace(inp.options, recompute="none", policies=policies)
+        options = dataclasses.replace(base_options, recompute="none", policies=policies)
         result = _activation_result(inp, self.name, options, estimate_memory(model, w, layout, options))
         # the exposed transfer repeats for every micro-batch of the step; stages run in parallel
         added = max(sol.exposed_transfer_s for sol in solutions) * layout.grad_accum

@@ -203,6 +203,25 @@ def block_forward_s(
     return flops / (dev.flops(workload.dtype) * dev.efficiency) + dev.block_overhead / 3
 
 
+def swap_out_early(
+    model: ModelSpec, cluster: ClusterSpec, workload: Workload, layout: Layout, tier: str = "dram"
+) -> bool:
+    """MemoryOptions.swap_out_early for this machine: one block's swap-out to `tier` is a small part of a
+    block's forward (planner.memory.swap_out_is_early)."""
+    from planner.memory import block_saved_bytes, swap_out_is_early
+
+    spec = cluster.tier(tier)
+    if spec is None:
+        return False
+    tp, cp, sp = layout.tp, layout.cp, layout.sequence_parallel
+    saved = block_saved_bytes(model, workload, micro_batch=layout.micro_batch, tp=tp, sp=sp, cp=cp)
+    write = min(cluster.device.host_link.bandwidth, spec.write_bandwidth / cluster.devices_per_node)
+    fwd = block_forward_s(
+        model, cluster, workload, tokens=layout.micro_batch * workload.seq_len, shard=tp * cp
+    )
+    return swap_out_is_early(saved, write, fwd)
+
+
 def _recomputed_layers(model: ModelSpec, options: MemoryOptions) -> float:
     if options.policies:
         return sum(p.recompute_fraction for p in options.policies)

@@ -11,6 +11,10 @@ behind the compute and recomputes the rest; here the choice is a MIP whose
 objective is the step time the policy adds, so swapping more than can be hidden is
 allowed when it is cheaper than recomputing.
 
+How much of a neighbour's compute a transfer can hide behind is `ActivationBudget.transfer_overlap`
+(1 on an accelerator with a copy engine; 0 on a CPU "device", where the copy runs on the computing cores
+and every swapped byte costs its copy time: `transfer_overlap(device_kind)`).
+
 The runtime recomputes whole blocks (`recompute_granularity="layer"`: r_l binary);
 `"token"` makes r_l continuous for a token-wise recompute (as MEMO does) with the same
 model.
@@ -63,9 +67,12 @@ class LayerCost:
     fwd_time_s: float  # forward compute time, seconds
     bwd_time_s: float  # backward compute time (without recompute), seconds
     recompute_time_s: float  # time to rerun the whole block's forward during backward, seconds
+    # bytes the rest of the step holds while this block runs its backward beyond what the budget already
+    # leaves out for every block (without an offloaded optimizer: the gradients of the blocks after it)
+    backward_extra_bytes: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("layer", "act_bytes", "input_bytes"):
+        for name in ("layer", "act_bytes", "input_bytes", "backward_extra_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ActivationInputError(f"must be an integer >= 0, got {value!r}", field=name)
@@ -91,9 +98,19 @@ class ActivationBudget:
     # bytes alive at the loss (after the last block's forward, before any block's backward)
     # besides the blocks' resident shares: the logits and the loss's backward buffers
     tail_bytes: int = 0
+    # share of the neighbouring block's compute a transfer can hide behind, in [0, 1]: 1 on an accelerator
+    # (a copy engine moves the bytes while the SMs compute), 0 where the copy runs on the cores that compute
+    # (a CPU "device": see `transfer_overlap`), so every swapped byte adds its copy time to the step
+    transfer_overlap: float = 1.0
+    # whether block l-1's swapped share is fetched ahead during block l's backward (ActivationPolicy.prefetch;
+    # see `prefetch_helps`). Off, block l-1's share is on the device only while its swap-out runs in block
+    # l's forward, a moment that lacks the backward's temporaries: `forward_slack_bytes` (the bytes the
+    # backward moment holds beyond the forward one, which `device_bytes` was net of)
+    prefetch: bool = True
+    forward_slack_bytes: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("device_bytes", "tier_capacity_bytes", "tail_bytes"):
+        for name in ("device_bytes", "tier_capacity_bytes", "tail_bytes", "forward_slack_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ActivationInputError(f"must be an integer >= 0 bytes, got {value!r}", field=name)
@@ -112,6 +129,9 @@ class ActivationBudget:
                 )
         if self.tier == "device":
             raise ActivationInputError("the swap tier cannot be the device itself", field="tier")
+        x = self.transfer_overlap
+        if isinstance(x, bool) or not isinstance(x, int | float) or not (math.isfinite(x) and 0 <= x <= 1):
+            raise ActivationInputError(f"must be a number in [0, 1], got {x!r}", field="transfer_overlap")
 
     @property
     def can_swap(self) -> bool:
@@ -176,15 +196,41 @@ class _Instance:
     costs: tuple[LayerCost, ...]
     act: np.ndarray  # bytes saved by block l
     inp: np.ndarray  # bytes a recomputed block l keeps
+    extra: (
+        np.ndarray
+    )  # bytes the rest of the step adds during block l's backward (LayerCost.backward_extra_bytes)
     rc: np.ndarray  # recompute seconds of block l
     out_window: np.ndarray  # forward seconds of block l+1 (swap-out of l overlaps it); 0 for the last
     bwd_next: (
         np.ndarray
     )  # backward seconds of block l+1 (swap-in of l is prefetched during it); 0 for the last
     rc_next: np.ndarray  # recompute seconds of block l+1 (also inside that window when l+1 is recomputed)
+    # (the three windows are the compute times times ActivationBudget.transfer_overlap)
 
 
-def _instance(costs: Sequence[LayerCost]) -> _Instance:
+def transfer_overlap(device_kind: str) -> float:
+    """`ActivationBudget.transfer_overlap` for a device kind ("cuda", "rocm", "cpu", ...).
+
+    On a CPU "device" the tier is host memory and a swap is a memcpy run by a thread on the same cores as
+    the compute (offload.activations' CPU worker): it takes as long as the copy and hides behind nothing.
+    On an accelerator a DMA engine copies over the host link while kernels run (MEMO's premise).
+    """
+    return 0.0 if device_kind == "cpu" else 1.0
+
+
+def prefetch_helps(device_kind: str, tier: str) -> bool:
+    """`ActivationBudget.prefetch` for a device kind and swap tier.
+
+    Fetching a block ahead hides the copy when something other than the compute moves the bytes: an
+    accelerator's copy engine, or the drive's DMA for an NVMe read. On a CPU device swapping to DRAM or CXL
+    the fetch is a memcpy on the compute cores, which nothing hides: fetching ahead then only holds a
+    second block on the device.
+    """
+    return not (device_kind == "cpu" and tier in ("dram", "cxl"))
+
+
+def _instance(costs: Sequence[LayerCost], overlap: float = 1.0) -> _Instance:
+    """The costs as arrays; the overlap windows scaled by `overlap` (ActivationBudget.transfer_overlap)."""
     costs = tuple(costs)
     if not costs:
         raise ActivationInputError("no layers to plan", field="costs")
@@ -205,10 +251,11 @@ def _instance(costs: Sequence[LayerCost]) -> _Instance:
         costs=costs,
         act=act,
         inp=np.array([c.input_bytes for c in costs], dtype=np.float64),
+        extra=np.array([c.backward_extra_bytes for c in costs], dtype=np.float64),
         rc=rc,
-        out_window=shift(fwd),
-        bwd_next=shift(bwd),
-        rc_next=shift(rc),
+        out_window=shift(fwd) * overlap,
+        bwd_next=shift(bwd) * overlap,
+        rc_next=shift(rc) * overlap,
     )
 
 
@@ -238,7 +285,7 @@ def _cost(
     (k_j·act_j + r_j·input_j), all of block l's activations (made in forward, needed whole
     in backward whether kept, fetched or recomputed), and block l-1's swapped share, still
     in flight (swap-out of l-1 runs during l's forward; the prefetch of l-1 runs during
-    l's backward).
+    l's backward), plus what the rest of the step adds then (`LayerCost.backward_extra_bytes`).
     Time: Σ r_l·recompute_l plus the transfer time not hidden: swap-out of l overlaps the
     forward of l+1; swap-in of l overlaps the backward (and recompute) of l+1.
 
@@ -254,7 +301,12 @@ def _cost(
     before = np.cumsum(resident, axis=-1) - resident  # Σ_{j<l} resident_j
     swapped = s * act
     in_flight = np.concatenate([np.zeros_like(swapped[..., :1]), swapped[..., :-1]], axis=-1)
-    peaks = before + act + in_flight
+    if budget.prefetch:
+        peaks = before + act + in_flight + inst.extra
+    else:
+        # the backward moment without the prefetch, or the forward moment (swap-out of l-1 in flight, no
+        # backward temporaries), both measured against the backward's budget
+        peaks = np.maximum(before + act + inst.extra, before + act + in_flight - budget.forward_slack_bytes)
     # at the loss: every block's resident share, the last block's swap-out still in flight,
     # and the loss's own buffers (`ActivationBudget.tail_bytes`)
     at_loss = resident.sum(axis=-1) + swapped[..., -1] + budget.tail_bytes
@@ -284,7 +336,7 @@ def evaluate_fractions(
     recompute: Sequence[float],
 ) -> PolicyCost:
     """The cost of given per-layer fractions under the model every strategy is scored by."""
-    inst = _instance(costs)
+    inst = _instance(costs, budget.transfer_overlap)
     arrays = [np.asarray(v, dtype=np.float64) for v in (keep, swap, recompute)]
     for name, a in zip(("keep", "swap", "recompute"), arrays):
         if a.shape[-1] != len(inst.costs):
@@ -322,6 +374,7 @@ def _solution(
             swap_fraction=float(si),
             recompute_fraction=float(ri),
             swap_tier=budget.tier,
+            prefetch=budget.prefetch,
         )
         for c, ki, si, ri in zip(inst.costs, k, s, r)
     )
@@ -350,7 +403,7 @@ def keep_all(
 ) -> ActivationSolution:
     """No offload, no recompute: every block keeps its activations on the device."""
     started = time.perf_counter()
-    inst = _instance(costs)
+    inst = _instance(costs, budget.transfer_overlap)
     n = len(inst.costs)
     return _solution(
         "keep_all", inst, budget, np.ones(n), np.zeros(n), np.zeros(n), status=None, gap=None, started=started
@@ -362,7 +415,7 @@ def recompute_all(
 ) -> ActivationSolution:
     """Full activation checkpointing: every block keeps only its input and is recomputed."""
     started = time.perf_counter()
-    inst = _instance(costs)
+    inst = _instance(costs, budget.transfer_overlap)
     n = len(inst.costs)
     return _solution(
         "recompute_all",
@@ -398,7 +451,7 @@ def greedy(
     Moves are whole-block, so the answer is valid for both recompute granularities.
     """
     started = time.perf_counter()
-    inst = _instance(costs)
+    inst = _instance(costs, budget.transfer_overlap)
     n = len(inst.costs)
     k, s, r = np.ones(n), np.zeros(n), np.zeros(n)
     cost = _cost(inst, budget, k, s, r)
@@ -490,6 +543,7 @@ def _build_model(
     time_unit_s = float(max(max(times), 1e-9))  # TIME_UNIT: seconds per model time unit
     act = inst.act / mem_unit_bytes  # block l's saved activations, memory units
     inp = inst.inp / mem_unit_bytes  # block l's kept input when recomputed, memory units
+    extra = inst.extra / mem_unit_bytes  # the rest of the step's extra bytes at block l, memory units
     rc = inst.rc / time_unit_s  # block l's recompute time, time units
     can_swap = budget.can_swap
     # seconds per memory unit over the tier, in time units
@@ -542,10 +596,15 @@ def _build_model(
         prob += exposed_in[l] >= read_t * act[l] * swap[l] - window_in, f"swap_in_{l}"
 
     # device peak at block l: earlier blocks' resident shares + all of block l + block l-1's share in flight
-    def peak(l: int) -> pulp.LpAffineExpression:
+    # (prefetched in backward; without prefetch only in forward, which lacks the backward's temporaries)
+    slack = budget.forward_slack_bytes / mem_unit_bytes
+
+    def peaks(l: int) -> list[pulp.LpAffineExpression]:
         resident = pulp.lpSum(act[j] * keep[j] + inp[j] * rec[j] for j in range(l))
         in_flight = act[l - 1] * swap[l - 1] if l > 0 else 0
-        return resident + act[l] + in_flight
+        if budget.prefetch:
+            return [resident + act[l] + in_flight + extra[l]]
+        return [resident + act[l] + extra[l], resident + act[l] + in_flight - slack]
 
     # device bytes at the loss: all resident shares + the last block's share in flight + the tail
     at_loss = (
@@ -558,7 +617,8 @@ def _build_model(
         device_cap = budget.device_bytes / mem_unit_bytes
         for l in range(n):
             # [Constraint] device activation budget at every block boundary (forward end = backward start)
-            prob += peak(l) <= device_cap, f"device_{l}"
+            for i, expr in enumerate(peaks(l)):
+                prob += expr <= device_cap, f"device_{l}_{i}"
         # [Constraint] device activation budget at the loss, between the last forward and the first backward
         prob += at_loss <= device_cap, "device_at_loss"
         # [Objective] added step time: recompute + exposed transfer (+ a tie-break against needless swapping)
@@ -571,7 +631,8 @@ def _build_model(
         # top: the device peak over all blocks, memory units
         top = pulp.LpVariable("peak", 0)
         for l in range(n):
-            prob += peak(l) <= top, f"peak_{l}"
+            for i, expr in enumerate(peaks(l)):
+                prob += expr <= top, f"peak_{l}_{i}"
         prob += at_loss <= top, "peak_at_loss"
         prob += top, "device_peak"
     if can_swap:
@@ -637,7 +698,7 @@ def least_device_bytes(
 ) -> int:
     """The smallest device peak any policy reaches with this tier: what an infeasible budget must grow to."""
     settings = settings or ActivationSettings()
-    inst = _instance(costs)
+    inst = _instance(costs, budget.transfer_overlap)
     fractions = _least_peak(inst, budget, settings)
     if fractions is None:  # the solver found no point in time; recompute-all is always one
         return recompute_all(costs, budget).device_bytes
@@ -763,7 +824,7 @@ def solve_mip(
     """The swap/recompute MIP, warm-started from the best baseline and never worse than any baseline."""
     started = time.perf_counter()
     settings = settings or ActivationSettings()
-    inst = _instance(costs)
+    inst = _instance(costs, budget.transfer_overlap)
     baselines = [f(costs, budget, settings) for f in (keep_all, recompute_all, greedy)]
     feasible = [b for b in baselines if b.fits]
     best = min(feasible, key=lambda b: b.objective_s) if feasible else None

@@ -54,9 +54,14 @@ def test_budget_plans_shed_memory_in_order():
     base = _baseline_peak()
     full = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base)
     assert full.plan.predicted.peak_bytes <= base and not full.plan.activations
-    half = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 2)
+    resident = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 2)
+    assert resident.plan.predicted.peak_bytes <= base // 2 and not resident.plan.optimizer.offload
+    half = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 2, optimizer_offload=True)
     assert half.plan.predicted.peak_bytes <= base // 2
-    # DRAM copies hide behind a block's compute here: the plan swaps rather than recomputes
+    # a DRAM copy costs far less than recomputing a block here: with the optimizer state off the device
+    # (faster than recomputing, so preferred) the plan swaps rather than recomputes
+    assert half.plan.optimizer.offload
+    assert half.plan.predicted.step_time_s < resident.plan.predicted.step_time_s
     assert sum(a.swap_fraction for a in half.plan.activations) > sum(
         a.recompute_fraction for a in half.plan.activations
     )
@@ -66,6 +71,23 @@ def test_budget_plans_shed_memory_in_order():
     assert err.value.need_bytes > err.value.have_bytes == base // 4
     quarter = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 4, optimizer_offload=True)
     assert quarter.plan.optimizer.offload and quarter.plan.predicted.peak_bytes <= base // 4
+
+
+def test_cpu_budget_plans_keep_the_micro_batch_and_price_the_copies():
+    """Issue #9: at 25 % the plan keeps micro-batch 4 (accumulation would keep every gradient on the device);
+    on a CPU device a swap is a memcpy on the computing cores, so its copy time is in the predicted step."""
+    cluster = cpu_cluster(1)
+    assert cluster.device.kind == "cpu"
+    base = _baseline_peak()
+    half = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 2, optimizer_offload=True).plan
+    swapped = sum(a.swap_fraction for a in half.activations)
+    assert swapped > 0 and half.predicted.time_breakdown["swap"] > 0
+    assert half.predicted.bytes_by_tier["dram"] > 0  # the swapped bytes and the optimizer state
+    quarter = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 4, optimizer_offload=True)
+    assert quarter.plan.layout.micro_batch == 4 and quarter.plan.layout.grad_accum == 1
+    assert quarter.plan.predicted.peak_bytes == quarter.memory.total <= base // 4
+    # the memory model's step phases, the backward sweep included, are what the plan was checked against
+    assert quarter.memory.detail["phase_block_backward"] <= base // 4
 
 
 @pytest.mark.integration
