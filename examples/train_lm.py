@@ -898,6 +898,7 @@ def _loop(args, d: Dist, settings: Settings, corpus: ByteCorpus, engine: Engine,
     if (
         settings.plan is not None
         and settings.plan.layout.zero_stage
+        and settings.plan.layout.dp > 1  # one data-parallel rank: ZeRO partitions nothing
         and args.engine != "deepspeed"
         and d.main
     ):
