@@ -829,8 +829,14 @@ def solve_mip(
     feasible = [b for b in baselines if b.fits]
     best = min(feasible, key=lambda b: b.objective_s) if feasible else None
 
-    if best is not None and best.objective_s <= _ZERO_S:
-        # nothing is added to the step time: no plan can do better (e.g. keeping everything fits)
+    if (
+        best is not None
+        and best.objective_s <= _ZERO_S
+        and not any(p.swap_fraction > 0 for p in best.policies)
+    ):
+        # nothing is added to the step time and nothing moved: no plan can do better (keeping everything
+        # fits). A zero-cost baseline that swaps (greedy's hidden shares) goes on to the MIP, whose
+        # tie-break moves no more bytes than the budget needs.
         return _with(best, strategy="mip", status="optimal", gap=0.0, seconds=time.perf_counter() - started)
     model = _build_model(inst, budget, settings)
     fractions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
