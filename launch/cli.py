@@ -24,7 +24,12 @@ def _positive_int(text: str) -> int:
 
 
 def _add_specs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="preset name (e.g. llama3-8b) or path to an HF config.json")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="preset name (e.g. llama3-8b), path to an HF config.json, or FILE.py:FUNCTION (or"
+        " package.module:FUNCTION) returning a transformers causal LM, built on the meta device",
+    )
     p.add_argument(
         "--cluster", default="local", help="preset name (e.g. dgx-a100-8x80g), cluster YAML, or 'local'"
     )
@@ -77,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="FILE.png", help="draw the memory breakdown as a stacked bar chart")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="also trace the model on the meta device: per-module parameters and saved-activation bytes",
+    )
 
     p = sub.add_parser("plan", help="search layouts and solve placements: plan.json + emitted configs")
     _add_specs(p)

@@ -92,7 +92,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "mfu": t.mfu,
         "hfu": t.hfu,
+        **({"trace": trace_table(args.model, model, workload)} if getattr(args, "trace", False) else {}),
     }
+
+
+def trace_table(ref: str, spec: ModelSpec, workload: Workload) -> dict[str, Any]:
+    """Per-module parameters and saved-activation bytes of one micro-batch, traced on the meta device
+    (planner.trace): the model's top-level modules and the children of its first repeated block."""
+    import torch
+
+    from launch.specs import build_module, is_factory, module_for_spec
+    from planner.trace import trace_module
+
+    module = build_module(ref) if is_factory(ref) else module_for_spec(spec)
+    module.train()
+    # mixed precision: the weights and activations in the workload's dtype (fp32 master copies are model
+    # states, counted by the memory model)
+    module.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(workload.dtype, torch.float32))
+    ids = torch.zeros(workload.micro_batch, workload.seq_len, dtype=torch.long, device="meta")
+    tr = trace_module(module, {"input_ids": ids, "labels": ids})
+    # the first repeated block: the first module whose class recurs num_layers times
+    kinds = [m.kind for m in tr.modules]
+    block = next((m for m in tr.modules if kinds.count(m.kind) == spec.num_layers), None)
+    shown = [m for m in tr.modules if m.name and m.name.count(".") <= 1 and m.kind != "ModuleList"]
+    if block is not None:
+        shown += [block, *tr.children_of(block.name)]
+    rows = [
+        {"module": m.name, "kind": m.kind, "params": m.params, "saved_bytes": m.saved_bytes, "calls": m.calls}
+        for m in shown
+    ]
+    return {"params": tr.params, "saved_bytes": tr.saved_bytes, "saved_by_dtype": dict(tr.saved_by_dtype),
+            "modules": rows}  # fmt: skip
 
 
 def render(r: dict[str, Any]) -> str:
@@ -135,6 +165,18 @@ def render(r: dict[str, Any]) -> str:
         f"throughput {th['tflops_per_device']:.1f} TFLOP/s per device, {th['tokens_per_s']:,.0f} tokens/s,"
         f" MFU {100 * r['mfu']:.1f}%, HFU {100 * r['hfu']:.1f}%"
     )
+    if "trace" in r:
+        tr = r["trace"]
+        lines.append("")
+        lines.append(
+            f"traced on the meta device (one micro-batch): {fmt_count(tr['params'])} parameters,"
+            f" {fmt_bytes(tr['saved_bytes'])} saved for backward"
+        )
+        lines.append(f"  {'module':40s} {'kind':26s} {'params':>10s} {'saved':>12s}")
+        for m in tr["modules"]:
+            lines.append(
+                f"  {m['module']:40s} {m['kind']:26s} {fmt_count(m['params']):>10s} {fmt_bytes(m['saved_bytes']):>12s}"
+            )
     return "\n".join(lines)
 
 

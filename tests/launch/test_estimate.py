@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from launch.cli import main
 
 
@@ -61,3 +63,47 @@ def test_batch_not_divisible(capsys):
     code, _, err = run(capsys, "estimate", "--model", "llama2-7b", "--cluster", "dgx-a100-8x80g",
                        "--global-batch", "12", "--micro-batch", "1")  # fmt: skip
     assert code == 2 and "global_batch(12) % (micro_batch(1) * dp(8)) = 4 != 0" in err
+
+
+FACTORY = """
+import transformers
+
+
+def build():
+    # no dropout: the memory model's formulas assume none (with dropout HF's attention saves the s x s
+    # probabilities and masks, which the trace shows and the formula does not)
+    cfg = transformers.GPT2Config(n_layer=3, n_embd=256, n_head=4, vocab_size=1000, n_positions=512,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def not_a_module():
+    return 42
+"""
+
+
+def test_model_from_a_factory_and_the_meta_trace(capsys, tmp_path):
+    path = tmp_path / "my_model.py"
+    path.write_text(FACTORY)
+    code, out, _ = run(capsys, "estimate", "--model", f"{path}:build", "--cluster", "rtx4090-nvme", "--seq", "512",
+                       "--dtype", "fp32", "--micro-batch", "2", "--trace", "--json")  # fmt: skip
+    assert code == 0
+    r = json.loads(out)
+    trace = r["trace"]
+    # the spec read from the module's config counts exactly the module's parameters
+    assert r["params"] == trace["params"]
+    blocks = [m for m in trace["modules"] if m["kind"] == "GPT2Block"]
+    assert len(blocks) == 1 and blocks[0]["saved_bytes"] > 0
+    # one block's traced saved bytes are the memory model's per-block figure (within 10%)
+    assert blocks[0]["saved_bytes"] == pytest.approx(r["memory"]["detail"]["block_saved_bytes"], rel=0.10)
+    code, out, _ = run(capsys, "estimate", "--model", f"{path}:build", "--cluster", "rtx4090-nvme", "--trace")
+    assert code == 0 and "traced on the meta device" in out and "GPT2Block" in out
+
+
+def test_bad_factories_exit_2(capsys, tmp_path):
+    path = tmp_path / "my_model.py"
+    path.write_text(FACTORY)
+    for ref, msg in ((f"{path}:missing", "no function"), (f"{path}:not_a_module", "not a torch.nn.Module"),
+                     (f"{tmp_path}/nope.py:build", "file not found")):  # fmt: skip
+        code, _, err = run(capsys, "estimate", "--model", ref, "--cluster", "rtx4090-nvme")
+        assert code == 2 and msg in err and "Traceback" not in err, (ref, err)
