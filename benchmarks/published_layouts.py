@@ -21,6 +21,7 @@ may drop the recompute the papers used when memory allows, which is most of its 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -103,6 +104,10 @@ ROWS: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
+# model chunks per device tried for the interleaved 1F1B schedule (Narayanan et al. 2021, Sec. 2.2.2)
+INTERLEAVE = (1, 2, 3, 4, 6, 8)
+
+
 def eq3_flops(model: ModelSpec, batch: int, seq: int) -> float:
     """Narayanan et al. 2021, eq. 3 (with recompute): 96 B s l h^2 (1 + s/(6h) + V/(16 l h))."""
     b, s, ell, h, v = batch, seq, model.num_layers, model.hidden_size, model.vocab_size
@@ -139,9 +144,15 @@ def cost_row(row: dict[str, Any]) -> dict[str, Any]:
     best: tuple[float, Layout, MemoryOptions, Any] | None = None
     fits_any = False
     split = stage_splits(model, w, pp)[-1][1] if model.num_layers % pp else ()
-    for mb in micro_batches(w, dp, SearchSpace()):
+    per_stage = split or (model.num_layers // pp,)
+    # the interleaved schedule these runs could use (Megatron-LM): chunks dividing every stage's blocks
+    chunks = [v for v in INTERLEAVE if v == 1 or (pp > 1 and all(n % v == 0 for n in per_stage))]
+    for mb, v in itertools.product(micro_batches(w, dp, SearchSpace()), chunks):
         layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=mb, grad_accum=row["batch"] // (dp * mb),
-                        zero_stage=row["zero"], sequence_parallel=tp > 1, stage_layers=split)  # fmt: skip
+                        zero_stage=row["zero"], sequence_parallel=tp > 1, stage_layers=split,
+                        virtual_stages=v)  # fmt: skip
+        if v > 1 and layout.grad_accum % pp:
+            continue  # Megatron's interleaving needs the micro-batches to be a multiple of the stages
         validate_layout(model, cluster, w, layout)
         if row["recompute"] == "auto":
             inp = StageInput(model=model, cluster=cluster, workload=w, layout=layout, budget_bytes=budget)
@@ -183,7 +194,8 @@ def cost_row(row: dict[str, Any]) -> dict[str, Any]:
     else:
         predicted = t.mfu
     out.update(
-        micro_batch=layout.micro_batch, recompute=options.recompute if not options.policies else "block",
+        micro_batch=layout.micro_batch, virtual_stages=layout.virtual_stages,
+        recompute=options.recompute if not options.policies else "block",
         predicted=predicted, ratio=predicted / row["published"], step_s=step,
         predicted_model_tflops=t.tflops_per_device, predicted_hfu=t.hfu, bottleneck=t.bottleneck,
         breakdown_s=t.breakdown(), peak_bytes=estimate_memory(model, w, layout, options).total, budget_bytes=budget,
@@ -245,8 +257,8 @@ def main() -> None:
                                           for r in rows]},
         "notes": [
             "narayanan2021: metric is eq. 3 FLOPs (with the recompute forward) per second per GPU; all runs used "
-            "full activation recomputation and the non-interleaved 1F1B schedule is modelled (the paper used the "
-            "interleaved one for some rows); micro-batch chosen by the model (fastest that fits).",
+            "full activation recomputation; micro-batch and interleaving (model chunks per device, INTERLEAVE, "
+            "where Megatron's constraints allow) chosen by the model (fastest that fits), as the paper tuned them.",
             "korthikanti2022: MFU/HFU from the Megatron-LM README table (data-parallel size one); selective "
             "recompute and sequence parallelism.",
             "llama3_2024: BF16 MFU; activation policy chosen by the planner (fewest recompute that fits), ZeRO-1.",

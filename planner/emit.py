@@ -188,6 +188,16 @@ def launch_script(plan: Plan) -> str:
             if runtime_offloads(plan)
             else []
         ),
+        *(
+            [
+                f"# pipeline: interleaved 1F1B with {layout.virtual_stages} model chunks per device. DeepSpeed's",
+                "#   pipeline engine runs plain 1F1B only: use Megatron-LM with --num-layers-per-virtual-pipeline-"
+                f"stage {(layout.stage_layers[0] if layout.stage_layers else plan.model.num_layers // layout.pp) // layout.virtual_stages}",
+                "#   for the predicted step time (plain 1F1B has a bubble this many times larger).",
+            ]
+            if layout.virtual_stages > 1
+            else []
+        ),
         "set -euo pipefail",
         'PLAN_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
     ]

@@ -428,9 +428,19 @@ def gradients_during_backward(
     return [down_grad + head_grad + layer_grad * (layers - 1 - l) for l in range(layers)]
 
 
-def in_flight_microbatches(layout: Layout, stage: int) -> int:
-    """1F1B: stage k holds up to pp - k micro-batches' activations (Narayanan et al. 2021, Sec. 2.2)."""
-    return min(layout.pp - stage, layout.grad_accum) if layout.pp > 1 else 1
+def in_flight_microbatches(layout: Layout, stage: int) -> float:
+    """1F1B: stage k holds up to pp - k micro-batches' activations (Narayanan et al. 2021, Sec. 2.2).
+
+    Interleaved over v chunks per device, stage k runs 2 (p - k - 1) + (v - 1) p chunk forwards before its
+    first backward (Megatron-LM's interleaved schedule), so it holds that plus one chunk's activations, each
+    1/v of the stage's layers: p + (p - 1 - 2k) / v micro-batches of them. For the first stage that is
+    1 + (p - 1) / (p v) times the plain schedule's p (Korthikanti et al. 2022, Sec. 4.2.3).
+    """
+    p, v = layout.pp, layout.virtual_stages
+    if p == 1:
+        return 1
+    held: float = p - stage if v == 1 else (2 * (p - stage - 1) + (v - 1) * p + 1) / v
+    return min(held, layout.grad_accum)
 
 
 def estimate_memory(
@@ -596,7 +606,8 @@ def estimate_memory(
         detail={
             "block_saved_bytes": saved,
             "block_input_bytes": inp,
-            "in_flight_microbatches": inflight,
+            "in_flight_microbatches": math.ceil(inflight),
+            "in_flight_block_bytes": int(saved * inflight),  # one block's saved bytes over those in flight
             "logits_bytes": logits_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp) if last else 0,
             "loss_forward_bytes": loss_fwd,
             "loss_backward_bytes": loss_bwd,

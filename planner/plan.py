@@ -39,6 +39,9 @@ class Layout:
     zero_stage: int = field(default=0, metadata={"min": 0, "max": 3})
     sequence_parallel: bool = False
     stage_layers: tuple[int, ...] = ()  # transformer blocks per pipeline stage
+    # interleaved 1F1B: each device holds this many model chunks (Narayanan et al. 2021, Sec. 2.2.2;
+    # Megatron's --num-layers-per-virtual-pipeline-stage); 1 is plain 1F1B
+    virtual_stages: int = field(default=1, metadata={"positive": True})
     rank_to_device: tuple[str, ...] = ()  # logical rank -> "nN:dM"
 
     @property
@@ -47,6 +50,8 @@ class Layout:
 
     def describe(self) -> str:
         s = f"dp{self.dp} tp{self.tp} pp{self.pp}"
+        if self.virtual_stages > 1:
+            s += f"v{self.virtual_stages}"
         if self.cp > 1:
             s += f" cp{self.cp}"
         return s + f" mb{self.micro_batch} ga{self.grad_accum} z{self.zero_stage}"

@@ -74,12 +74,18 @@ class SearchSpace:
     # standard loss. Its time equals the standard loss's (same FLOPs), so it is on by default
     # and the memory model decides whether it lowers the peak (it never raises it)
     loss_chunk_tokens: int = field(default=1024, metadata={"min": 0})
+    # model chunks per device for the interleaved 1F1B schedule (Megatron-LM runs it; DeepSpeed's pipeline
+    # engine does not, so only 1 by default): tried where every stage's blocks divide evenly and the
+    # micro-batches per step are a multiple of the stages
+    virtual_stages: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
         if self.micro_batch is not None and self.micro_batch < 1:
             raise SearchSpaceError(f"must be >= 1, got {self.micro_batch}", field="micro_batch")
         if self.max_micro_batch < 1:
             raise SearchSpaceError(f"must be >= 1, got {self.max_micro_batch}", field="max_micro_batch")
+        if not self.virtual_stages or any(v < 1 for v in self.virtual_stages):
+            raise SearchSpaceError(f"must be >= 1, got {self.virtual_stages}", field="virtual_stages")
         bad = [z for z in self.zero_stages if z not in (0, 1, 2, 3)]
         if bad or not self.zero_stages:
             raise SearchSpaceError(f"ZeRO stages are 0..3, got {self.zero_stages}", field="zero_stages")
@@ -288,11 +294,13 @@ def zero_choices(space: SearchSpace, *, pp: int) -> list[int]:
 
 def shape_variants(
     model: ModelSpec, workload: Workload, space: SearchSpace, *, pp: int
-) -> Iterator[tuple[str, tuple[int, ...], int]]:
-    """(split name, blocks per stage, ZeRO stage) for one parallel shape with `pp` stages."""
+) -> Iterator[tuple[str, tuple[int, ...], int, int]]:
+    """(split name, blocks per stage, ZeRO stage, virtual stages) for one parallel shape with `pp` stages."""
     for split_name, split in stage_splits(model, workload, pp, uneven=space.uneven_splits):
+        chunks = [v for v in space.virtual_stages if v == 1 or (pp > 1 and all(n % v == 0 for n in split))]
         for zero in zero_choices(space, pp=pp):
-            yield split_name, split, zero
+            for v in chunks:
+                yield split_name, split, zero, v
 
 
 def full_layout(
@@ -303,6 +311,7 @@ def full_layout(
     micro_batch: int,
     zero: int,
     split: tuple[int, ...],
+    virtual: int = 1,
 ) -> Layout:
     """The layout of a (dp, tp, pp, cp) shape at a micro-batch (grad_accum follows from the global batch)."""
     dp, tp, pp, cp = shape
@@ -316,7 +325,13 @@ def full_layout(
         zero_stage=zero,
         sequence_parallel=space.sequence_parallel and tp > 1,
         stage_layers=split,
+        virtual_stages=virtual,
     )
+
+
+def interleave_ok(layout: Layout) -> bool:
+    """Megatron's interleaved schedule needs the micro-batches of a step to be a multiple of the stages."""
+    return layout.virtual_stages == 1 or layout.grad_accum % layout.pp == 0
 
 
 # ---- the search ---------------------------------------------------------------------------
@@ -430,7 +445,7 @@ def search(
         shape_layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp)
         links = LinkEvaluator(shape_layout, cluster).links(default_mapping(cluster.world_size))
         mbs = micro_batches(workload, dp, space)
-        for split_name, split, zero in shape_variants(model, workload, space, pp=pp):
+        for split_name, split, zero, virtual in shape_variants(model, workload, space, pp=pp):
             for opt_stage in optimizer_stages:
                 probe = StageInput(
                     model=model,
@@ -454,8 +469,16 @@ def search(
                     continue
                 for mb in mbs:
                     layout = full_layout(
-                        (dp, tp, pp, cp), workload, space, micro_batch=mb, zero=zero, split=split
+                        (dp, tp, pp, cp),
+                        workload,
+                        space,
+                        micro_batch=mb,
+                        zero=zero,
+                        split=split,
+                        virtual=virtual,
                     )
+                    if not interleave_ok(layout):
+                        continue
                     inp = dataclasses.replace(probe, layout=layout)
                     opt, fitting = _run_stages(
                         inp, opt_stage, cheap_acts, first_fit=True, tally=tally, split=split_name
@@ -623,8 +646,12 @@ def least_memory(
         if not mbs:
             continue
         mb = mbs[0]
-        for split_name, split, zero in shape_variants(model, workload, space, pp=pp):
-            layout = full_layout((dp, tp, pp, cp), workload, space, micro_batch=mb, zero=zero, split=split)
+        for split_name, split, zero, virtual in shape_variants(model, workload, space, pp=pp):
+            layout = full_layout(
+                (dp, tp, pp, cp), workload, space, micro_batch=mb, zero=zero, split=split, virtual=virtual
+            )
+            if not interleave_ok(layout):
+                continue
             base = StageInput(
                 model=model,
                 cluster=cluster,

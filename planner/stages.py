@@ -423,8 +423,8 @@ class ActivationMip:
             costs = [
                 LayerCost(
                     layer=i,
-                    act_bytes=saved * inflight,
-                    input_bytes=inp_bytes * inflight,
+                    act_bytes=int(saved * inflight),
+                    input_bytes=int(inp_bytes * inflight),
                     fwd_time_s=fwd_s,
                     bwd_time_s=2 * fwd_s,
                     recompute_time_s=fwd_s,

@@ -11,7 +11,9 @@ tensor parallel: 2 all-reduces of the block's b*s*h activations in forward and 2
             On the critical path.
 pipeline  = 1F1B: (m + p - 1) slots of one micro-batch's forward + backward per stage
             (Narayanan et al. 2021, Sec. 2.2): bubble (p - 1) / m of the compute, plus
-            point-to-point sends of b*s*h activations at every boundary, on the path.
+            point-to-point sends of b*s*h activations at every boundary, on the path;
+            interleaved over v chunks per device: bubble (p - 1) / (v m), v times the sends
+            (Sec. 2.2.2).
 data parallel: gradient all-reduce (ZeRO-1/2: reduce-scatter + all-gather, same volume;
             ZeRO-3 adds a parameter all-gather in forward and backward: 1.5x, Rajbhandari
             et al. 2020, Sec. 7.2.2) overlapped with backward except the last bucket.
@@ -132,9 +134,12 @@ def estimate_step_time(
     pp_comm = 0.0
     bubble = 0.0
     if pp > 1:
-        pp_per_mb = 2 * p2p_time(act / (tp if layout.sequence_parallel else 1), links["pp"])
+        # interleaved over v chunks: v times the boundaries crossed, a bubble v times smaller
+        # (Narayanan et al. 2021, Sec. 2.2.2)
+        v = layout.virtual_stages
+        pp_per_mb = 2 * v * p2p_time(act / (tp if layout.sequence_parallel else 1), links["pp"])
         pp_comm = pp_per_mb * m
-        bubble = (pp - 1) * (per_mb + tp_per_mb + pp_per_mb)
+        bubble = (pp - 1) * (per_mb + tp_per_mb + pp_per_mb) / v
 
     # data parallel over the dp (and cp) group: gradients of this device's parameters
     psi = max(device_params(model, layout, s) for s in range(pp))

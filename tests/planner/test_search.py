@@ -397,3 +397,26 @@ def test_deterministic_for_a_seed():
     assert a.plan.layout == b.plan.layout
     assert a.plan.predicted.step_time_s == b.plan.predicted.step_time_s
     assert [c.describe() for c in a.search.ranked] == [c.describe() for c in b.search.ranked]
+
+
+def test_interleaved_schedule_is_searched_when_asked_and_wins_where_the_bubble_costs():
+    model = MODEL_PRESETS["gpt3-175b"]
+    cluster = resolve_cluster("dgx-a100-8x80g", nodes=8)
+    w = Workload(global_batch=64, seq_len=2048)
+    budget = budget_bytes(cluster, w)
+    plain = search(model, cluster, w, budget_bytes=budget).best
+    inter = search(model, cluster, w, budget_bytes=budget, space=SearchSpace(virtual_stages=(1, 2, 4))).best
+    assert plain is not None and inter is not None
+    assert plain.layout.virtual_stages == 1  # DeepSpeed's engine cannot interleave: not by default
+    lay = inter.layout
+    assert lay.virtual_stages > 1 and inter.step_s < plain.step_s
+    # Megatron's constraints: every stage's blocks split into v chunks, micro-batches a multiple of pp
+    assert all(n % lay.virtual_stages == 0 for n in lay.stage_layers) and lay.grad_accum % lay.pp == 0
+    assert inter.peak_bytes <= budget
+    plan = make_plan(model, cluster, w, space=SearchSpace(virtual_stages=(1, 2, 4)), mapping_top=0).plan
+    assert plan.layout.virtual_stages == lay.virtual_stages
+    from planner.emit import launch_script
+
+    script = launch_script(plan)
+    chunk = lay.stage_layers[0] // lay.virtual_stages
+    assert f"--num-layers-per-virtual-pipeline-stage {chunk}" in script  # DeepSpeed cannot run it: said so

@@ -104,3 +104,30 @@ def test_block_overhead_adds_per_block_and_per_recompute():
         b = estimate(spec, slow, w, layout, opts).time.compute_s
         # every micro-batch runs each block forward + backward once; recompute adds a forward (1/3)
         assert b - a == pytest.approx(4 * blocks * 1e-3, rel=1e-9)
+
+
+def test_interleaved_1f1b_divides_the_bubble_and_multiplies_the_sends():
+    spec = MODEL_PRESETS["llama2-13b"]
+    cluster = resolve_cluster("dgx-a100-8x80g", nodes=4)
+    w = W.replace(global_batch=8)
+    plain = estimate(spec, cluster, w, Layout(tp=8, pp=4, grad_accum=8)).time
+    inter = estimate(spec, cluster, w, Layout(tp=8, pp=4, grad_accum=8, virtual_stages=2)).time
+    # Narayanan et al. 2021, Sec. 2.2.2: bubble (p - 1) / (v m) of the per-micro-batch work, v x the sends
+    assert inter.pp_comm_s == pytest.approx(2 * plain.pp_comm_s)
+    per_mb = (inter.compute_s + inter.tp_comm_s + inter.pp_comm_s) / 8
+    assert inter.bubble_s == pytest.approx(3 * per_mb / 2)
+    assert inter.step_s < plain.step_s  # the bubble saved outweighs the extra sends here
+
+
+def test_interleaved_schedule_holds_more_activations_on_the_first_stage():
+    from planner.memory import in_flight_microbatches
+
+    # Korthikanti et al. 2022, Sec. 4.2.3: the first stage holds 1 + (p - 1) / (p v) times plain 1F1B's p
+    for p, v in ((4, 2), (8, 4), (16, 3)):
+        layout = Layout(pp=p, grad_accum=64, virtual_stages=v)
+        assert in_flight_microbatches(layout, 0) == pytest.approx(p * (1 + (p - 1) / (p * v)))
+        assert in_flight_microbatches(Layout(pp=p, grad_accum=64), 0) == p
+        # every stage holds more than under plain 1F1B, the first the most
+        held = [in_flight_microbatches(layout, k) for k in range(p)]
+        assert held == sorted(held, reverse=True)
+        assert all(h >= p - k for k, h in enumerate(held))
