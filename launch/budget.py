@@ -157,7 +157,7 @@ def _solve(
         chunk=chunk, offload_optimizer=offload_optimizer, policies=(), optimizer_impl=optimizer_impl
     ))  # fmt: skip
     rest_backward = keep.detail["backward_rest_bytes"] + min(grads_at)
-    saved = keep.detail["block_saved_bytes"] * keep.detail["in_flight_microbatches"]
+    saved = keep.detail["in_flight_block_bytes"]
     rest_loss = keep.detail["phase_backward"] - saved * model.num_layers
     act_budget = budget - rest_backward
     # what a block's backward holds beyond its forward: the temporaries, and (one micro-batch) the gradients
