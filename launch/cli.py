@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for plan.json, ds_config.json, accelerate.yaml, launch.sh")
     p.add_argument("--json", action="store_true")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds per solver")
+    p.add_argument(
+        "--interleave",
+        type=_positive_int,
+        nargs="+",
+        default=[1],
+        metavar="V",
+        help="model chunks per device to try for the interleaved 1F1B schedule (e.g. 1 2 4; Megatron-LM runs "
+        "it, DeepSpeed does not): default 1, plain 1F1B",
+    )
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("launch", help="run a training script under torchrun with a plan applied")

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = workload_from_args(args, model, 1, default_dtype)
     if args.time_limit <= 0:
         raise SpecError(f"must be positive, got {args.time_limit}", field="--time-limit")
-    space = SearchSpace(micro_batch=args.micro_batch)
+    space = SearchSpace(micro_batch=args.micro_batch, virtual_stages=tuple(args.interleave))
     result = make_plan(
         model,
         cluster,

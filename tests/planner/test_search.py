@@ -2,6 +2,7 @@
 
 import dataclasses
 import itertools
+import json
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -420,3 +421,14 @@ def test_interleaved_schedule_is_searched_when_asked_and_wins_where_the_bubble_c
     script = launch_script(plan)
     chunk = lay.stage_layers[0] // lay.virtual_stages
     assert f"--num-layers-per-virtual-pipeline-stage {chunk}" in script  # DeepSpeed cannot run it: said so
+
+
+def test_cli_plan_interleave_flag(capsys, tmp_path):
+    argv = ["plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-8x80g", "--nodes", "8", "--global-batch", "64",
+            "--seq", "2048", "--interleave", "1", "2", "4", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["layout"]["virtual_stages"] > 1
+    with pytest.raises(SystemExit) as bad:  # not a positive count: argparse's usage error
+        main([*argv[:-6], "--interleave", "0"])
+    assert bad.value.code == 2
