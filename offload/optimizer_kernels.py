@@ -188,11 +188,15 @@ class DeepSpeedCpuAdam:
         self._op.create_adam(self.opt_id, 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False)
 
     def __call__(self, t: AdamWTensors, hyper: AdamWHyper) -> None:
-        for p, g, m, v, s in zip(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.steps):
+        # NOTE: the step counts are read before the first kernel, in one op: a torch op right after one of
+        # DeepSpeed's OpenMP kernels waits ~20-150 us here for the cores the kernel's team still holds, so
+        # nothing runs between the kernels but the calls themselves (as in DeepSpeedCPUAdam.step)
+        counts = [int(c) for c in torch.stack(list(t.steps)).tolist()] if t.steps else []
+        for p, g, m, v, count in zip(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, counts):
             # adam_update(id, step, lr, beta1, beta2, eps, weight_decay, bias_correction, param, grad, m, v)
             self._op.adam_update(
                 self.opt_id,
-                int(s.item()),
+                count,
                 hyper.lr,
                 hyper.beta1,
                 hyper.beta2,
