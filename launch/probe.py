@@ -262,7 +262,12 @@ def probe(*, disk: str | None = None, quick: bool = False) -> ProbeResult:
     _log(
         f"{cores} cores, {dram / 2**30:.1f} GiB DRAM, torch {torch.__version__} with {torch.get_num_threads()} threads"
     )
-    n, reps = (1024, 3) if quick else (2048, 5)
+    n, reps = (1024, 6) if quick else (2048, 8)
+    # a few hundred ms of GEMMs first: a core that was idle runs its first ones at a lower clock
+    warm_until = time.perf_counter() + 0.3
+    a = torch.randn(n, n)
+    while time.perf_counter() < warm_until:
+        torch.mm(a, a)
     gemm: dict[str, float] = {}
     for dt in ("fp32", "bf16"):
         gemm[dt] = measure_gemm(dt, n, reps)
