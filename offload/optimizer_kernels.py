@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
+from offload.deepspeed_ops import DeepSpeedOp
 from planner.errors import SpecError
 
 __all__ = [
@@ -127,49 +126,19 @@ class TorchFusedAdamW:
 
 # ---- DeepSpeed CPU Adam ------------------------------------------------------------------------------------
 
-_ds_lock = threading.Lock()
-_ds_module: Any = None
-_ds_failure: str | None = None
+_CPU_ADAM = DeepSpeedOp("CPUAdamBuilder", "cpu_adam", not_built_hint="it compiles on first use, ~100 s")
 # DeepSpeedCPUAdam numbers its optimizers from 0 in a class counter; ours start far above so both can coexist
 _ds_ids = itertools.count(1 << 20)
 
 
 def deepspeed_cpu_adam_prebuilt() -> bool:
     """Whether DeepSpeed's cpu_adam op is built and cached (loading it then takes seconds, not minutes)."""
-    try:
-        from deepspeed.ops.op_builder import CPUAdamBuilder
-        from torch.utils.cpp_extension import _get_build_directory
-
-        name = CPUAdamBuilder().name
-        return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
-    except Exception:  # noqa: BLE001 - best effort: "not built"
-        return False
+    return _CPU_ADAM.prebuilt()
 
 
 def deepspeed_cpu_adam_status(*, build: bool = False) -> tuple[bool, str]:
     """(usable, reason if not) for DeepSpeed's cpu_adam op; loads it (compiling only if ``build``)."""
-    global _ds_module, _ds_failure
-    with _ds_lock:
-        if _ds_module is not None:
-            return True, ""
-        if _ds_failure is not None:
-            return False, _ds_failure
-        try:
-            from deepspeed.ops.op_builder import CPUAdamBuilder
-        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-            _ds_failure = f"deepspeed is not importable: {exc}"
-            return False, _ds_failure
-        if not build and not deepspeed_cpu_adam_prebuilt():
-            # not cached as a failure: a later call with build=True may compile it
-            return False, "DeepSpeed's cpu_adam op is not built yet (it compiles on first use, ~100 s)"
-        try:
-            _ds_module = CPUAdamBuilder().load(verbose=False)
-        except BaseException as exc:  # noqa: BLE001 - compiler errors surface as many exception types
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            _ds_failure = f"building DeepSpeed's cpu_adam op failed: {type(exc).__name__}: {exc}"
-            return False, _ds_failure
-        return True, ""
+    return _CPU_ADAM.status(build=build)
 
 
 class DeepSpeedCpuAdam:
@@ -181,7 +150,7 @@ class DeepSpeedCpuAdam:
         ok, why = deepspeed_cpu_adam_status(build=build)
         if not ok:
             raise KernelError(why, field="cpu_kernel")
-        self._op = _ds_module
+        self._op = _CPU_ADAM.module
         self.opt_id = next(_ds_ids)
         # create_adam(id, lr, beta1, beta2, eps, weight_decay, adamw_mode, should_log); every adam_update call
         # passes the current hyper-parameters again, so these are placeholders

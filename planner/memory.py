@@ -428,6 +428,12 @@ def gradients_during_backward(
     return [down_grad + head_grad + layer_grad * (layers - 1 - l) for l in range(layers)]
 
 
+def gradients_consumed_in_backward(layout: Layout, offload: Offload) -> bool:
+    """An offloaded optimizer takes each gradient off the device as it completes (ZeRO-Offload; memtier's
+    OffloadedAdamW), unless accumulation keeps the gradients through later micro-batches."""
+    return offload.optimizer and layout.grad_accum == 1
+
+
 def in_flight_microbatches(layout: Layout, stage: int) -> float:
     """1F1B: stage k holds up to pp - k micro-batches' activations (Narayanan et al. 2021, Sec. 2.2).
 
@@ -548,7 +554,7 @@ def estimate_memory(
             * workload.dtype_bytes
         )
     grads_at = gradients_during_backward(model, workload, layout, options, stage=stage)
-    consumed_in_backward = options.offload.optimizer and layout.grad_accum == 1
+    consumed_in_backward = gradients_consumed_in_backward(layout, options.offload)
     layer_grad = grads * block_device_params(model, layout.tp) / max(1, device_params(model, layout, stage))
     temp = backward_temp_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     ahead = [

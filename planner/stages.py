@@ -34,7 +34,14 @@ from typing import Literal, Protocol, runtime_checkable
 
 from planner.cluster import ClusterSpec
 from planner.comm import GroupLink
-from planner.memory import MemoryBreakdown, MemoryOptions, Offload, estimate_memory, model_states
+from planner.memory import (
+    MemoryBreakdown,
+    MemoryOptions,
+    Offload,
+    estimate_memory,
+    gradients_consumed_in_backward,
+    model_states,
+)
 from planner.model import ModelSpec
 from planner.optimizer_placement import OptimizerInterleaved  # imports this module lazily: no cycle
 from planner.plan import ActivationPolicy, Layout, OptimizerPlan, SolverReport
@@ -148,7 +155,7 @@ def states_bytes(model: ModelSpec, workload: Workload, layout: Layout, offload: 
         params = 0 if offload.params else st.parameters
         # grads live at the optimizer step whatever the activation policy, unless an offloaded
         # optimizer takes each as it completes (one micro-batch: planner.memory.gradients_during_backward)
-        grads = 0 if offload.optimizer and layout.grad_accum == 1 else st.gradients
+        grads = 0 if gradients_consumed_in_backward(layout, offload) else st.gradients
         worst = max(worst, params + opt + grads)
     return worst
 

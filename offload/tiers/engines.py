@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from offload.deepspeed_ops import DeepSpeedOp
 from offload.tiers.errors import TierCorruptionError, TierIOError, TierUnavailableError, io_error
 from offload.tiers.preflight import DIRECT_IO_ALIGNMENT
 
@@ -137,29 +138,15 @@ class PosixEngine(IOEngine):
 
 # ----------------------------------------------------------------------------------------------- DeepSpeed aio
 
-_aio_lock = threading.Lock()
-_aio_module: Any = None
-_aio_failure: str | None = None
+_AIO = DeepSpeedOp(
+    "AsyncIOBuilder",
+    "async_io",
+    not_built_hint="python -m offload.tiers.engines build",
+    incompatible_hint=" (libaio-dev missing?)",
+    installed_key="async_io",
+    precheck=lambda: None if sys.platform.startswith("linux") else "libaio is Linux-only",
+)
 _aio_primed = False
-
-
-def _aio_prebuilt() -> bool:
-    """Whether the op is installed or already JIT-compiled (loading it will not compile)."""
-    try:
-        from deepspeed.git_version_info import installed_ops  # type: ignore[import-not-found]
-
-        if installed_ops.get("async_io"):
-            return True
-    except Exception:  # noqa: BLE001 - best effort
-        pass
-    try:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-        from torch.utils.cpp_extension import _get_build_directory
-
-        name = AsyncIOBuilder().name
-        return os.path.exists(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
-    except Exception:  # noqa: BLE001 - best effort
-        return False
 
 
 def _memlock_ok(nbytes: int) -> tuple[bool, str]:
@@ -174,34 +161,7 @@ def _memlock_ok(nbytes: int) -> tuple[bool, str]:
 
 def aio_status(*, build: bool = True) -> tuple[bool, str]:
     """(usable, reason if not) for DeepSpeed's async I/O op; loads it (compiling if ``build``) on first call."""
-    global _aio_module, _aio_failure
-    with _aio_lock:
-        if _aio_module is not None:
-            return True, ""
-        if _aio_failure is not None:
-            return False, _aio_failure
-        if not sys.platform.startswith("linux"):
-            return False, "libaio is Linux-only"
-        try:
-            from deepspeed.ops.op_builder import AsyncIOBuilder
-        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-            _aio_failure = f"deepspeed is not importable: {exc}"
-            return False, _aio_failure
-        builder = AsyncIOBuilder()
-        if not builder.is_compatible(verbose=False):
-            _aio_failure = "DeepSpeed's async_io op is not compatible here (libaio-dev missing?)"
-            return False, _aio_failure
-        if not build and not _aio_prebuilt():
-            # Not cached as a failure: a later call with build=True may compile it.
-            return False, "DeepSpeed's async_io op is not built yet (python -m offload.tiers.engines build)"
-        try:
-            _aio_module = builder.load(verbose=False)
-        except BaseException as exc:  # noqa: BLE001 - compiler errors surface as many exception types
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            _aio_failure = f"building DeepSpeed's async_io op failed: {type(exc).__name__}: {exc}"
-            return False, _aio_failure
-        return True, ""
+    return _AIO.status(build=build)
 
 
 class AioEngine(IOEngine):
@@ -219,7 +179,7 @@ class AioEngine(IOEngine):
         ok, why = aio_status(build=build)
         if not ok:
             raise TierUnavailableError("DeepSpeed async I/O", why)
-        self._module = _aio_module
+        self._module = _AIO.module
         self.block_bytes = block_bytes
         self.queue_depth = queue_depth
         self._local = threading.local()
@@ -251,7 +211,7 @@ class AioEngine(IOEngine):
         # a deadlock (seen with two writer threads). One write from a single thread takes the flag out of play.
         """
         global _aio_primed
-        with _aio_lock:
+        with _AIO.lock:
             if _aio_primed:
                 return
             path = os.path.join(directory, ".aio-prime")
