@@ -81,14 +81,16 @@ class AdamWTensors:
     """The operands of one AdamW step: lists of fp32 tensors, the ``i``-th of each list the same shape.
 
     ``params`` are updated in place (the parameters themselves, or fp32 master weights), as are the moments;
-    ``steps[i]`` is tensor ``i``'s (already incremented) step count, a 0-dim float32 tensor.
+    ``steps[i]`` is tensor ``i``'s (already incremented) step count, a Python number: counting in Python keeps
+    torch ops out from between DeepSpeed's kernels (see ``DeepSpeedCpuAdam``), and torch's kernel gets them
+    as the float32 0-dim tensors torch's AdamW counts in (exact below 2**24 steps).
     """
 
     params: Sequence[torch.Tensor]
     grads: Sequence[torch.Tensor]
     exp_avgs: Sequence[torch.Tensor]
     exp_avg_sqs: Sequence[torch.Tensor]
-    steps: Sequence[torch.Tensor]
+    steps: Sequence[float]
 
 
 class UpdateKernel(Protocol):
@@ -107,13 +109,15 @@ class TorchFusedAdamW:
     def __call__(self, t: AdamWTensors, hyper: AdamWHyper) -> None:
         if not t.params:
             return
+        # one tensor of the counts, on the parameters' device (one copy on CUDA), viewed per parameter
+        steps = torch.tensor(list(t.steps), dtype=torch.float32, device=t.params[0].device).unbind()
         torch._fused_adamw_(
             list(t.params),
             list(t.grads),
             list(t.exp_avgs),
             list(t.exp_avg_sqs),
             [],  # max_exp_avg_sqs: no AMSGrad
-            list(t.steps),
+            list(steps),
             lr=hyper.lr,
             beta1=hyper.beta1,
             beta2=hyper.beta2,
@@ -157,15 +161,13 @@ class DeepSpeedCpuAdam:
         self._op.create_adam(self.opt_id, 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False)
 
     def __call__(self, t: AdamWTensors, hyper: AdamWHyper) -> None:
-        # NOTE: the step counts are read before the first kernel, in one op: a torch op right after one of
-        # DeepSpeed's OpenMP kernels waits ~20-150 us here for the cores the kernel's team still holds, so
-        # nothing runs between the kernels but the calls themselves (as in DeepSpeedCPUAdam.step)
-        counts = [int(c) for c in torch.stack(list(t.steps)).tolist()] if t.steps else []
-        for p, g, m, v, count in zip(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, counts):
+        # NOTE: nothing runs between the kernels but the calls themselves (as in DeepSpeedCPUAdam.step): a torch
+        # op right after one of DeepSpeed's OpenMP kernels waits ~20-150 us here, hence Python step counts
+        for p, g, m, v, count in zip(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, t.steps):
             # adam_update(id, step, lr, beta1, beta2, eps, weight_decay, bias_correction, param, grad, m, v)
             self._op.adam_update(
                 self.opt_id,
-                count,
+                int(count),
                 hyper.lr,
                 hyper.beta1,
                 hyper.beta2,
@@ -214,15 +216,15 @@ def kernel_throughputs(
     for k in kernels:
         p = torch.randn(numel, generator=gen)
         g = torch.randn(numel, generator=gen).mul_(1e-2)
-        data[k.name] = (p, g, torch.zeros(numel), torch.zeros(numel), torch.zeros((), dtype=torch.float32))
+        data[k.name] = (p, g, torch.zeros(numel), torch.zeros(numel), [0.0])
     hyper = AdamWHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
     best = {k.name: float("inf") for k in kernels}
     for i in range(repeats + 1):
         for k in kernels:
             p, g, m, v, step = data[k.name]
-            step.add_(1)
+            step[0] += 1
             t0 = time.perf_counter()
-            k(AdamWTensors(params=[p], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], steps=[step]), hyper)
+            k(AdamWTensors(params=[p], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], steps=step), hyper)
             dt = time.perf_counter() - t0
             if i:  # the first run warms caches and page tables
                 best[k.name] = min(best[k.name], dt)

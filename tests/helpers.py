@@ -42,3 +42,18 @@ def measure_step_peak(model, optimizer, ids, *, steps: int = 1) -> dict[str, int
     snap = tracker.get_tracker_snapshot("peak")
     per_dev = next(iter(snap.values()))
     return {str(k).split(".")[-1]: int(v) for k, v in per_dev.items()}
+
+
+def vm_flags(address: int) -> list[str]:
+    """The kernel's VmFlags of the mapping that holds ``address`` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")

@@ -9,6 +9,8 @@ allocated (MemAscend, Liao et al. 2025: pooled pinned buffers, no fragmentation,
 from __future__ import annotations
 
 import dataclasses
+import logging
+import mmap
 from typing import ClassVar
 
 import psutil
@@ -18,7 +20,9 @@ from offload.tiers.arena import OffsetAllocator
 from offload.tiers.base import Handle, TierStore, as_byte_view, typed_view
 from offload.tiers.errors import TierCapacityError, TierClosedError, TierValueError
 
-__all__ = ["ArenaStore", "HostSettings", "HostTier"]
+__all__ = ["ArenaStore", "HostSettings", "HostTier", "anonymous_memory"]
+
+logger = logging.getLogger("memtier.offload.tiers")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,6 +33,10 @@ class HostSettings:
     alignment_bytes: int = 512  # every block starts at a multiple (O_DIRECT-compatible, >= any dtype's size)
     pin_memory: bool | None = None  # None: pin when CUDA is available
     prefault: bool = False  # touch every page at construction so the memory is committed up front
+    # unpinned arenas: ask Linux for transparent huge pages (madvise MADV_HUGEPAGE) before any page is touched.
+    # The CPU optimizer update streams its moments through the arena; 2 MiB pages cut its TLB misses (measured
+    # here: DeepSpeed's CPU Adam 1-2% faster with the moments in huge pages, benchmarks/optimizer_offload.py)
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.capacity_bytes, int) or self.capacity_bytes <= 0:
@@ -190,12 +198,14 @@ class HostTier(ArenaStore):
         alignment_bytes: int = 512,
         pin_memory: bool | None = None,
         prefault: bool = False,
+        huge_pages: bool = True,
     ) -> None:
         self.settings = HostSettings(
             capacity_bytes=capacity_bytes,
             alignment_bytes=alignment_bytes,
             pin_memory=pin_memory,
             prefault=prefault,
+            huge_pages=huge_pages,
         )
         available = psutil.virtual_memory().available
         if capacity_bytes > available:
@@ -209,7 +219,12 @@ class HostTier(ArenaStore):
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         if pin and not torch.cuda.is_available():
             raise TierValueError("pin_memory", "pinned memory needs CUDA, which is not available")
-        arena = torch.empty(capacity_bytes, dtype=torch.uint8, pin_memory=pin)
+        # whether the arena is advised to use huge pages (the kernel may still decline, e.g. THP "never")
+        self.huge_pages = False
+        if pin:
+            arena = torch.empty(capacity_bytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            arena, self.huge_pages = anonymous_memory(capacity_bytes, huge_pages=huge_pages)
         if prefault:
             arena.zero_()
         super().__init__(arena=arena, alignment_bytes=alignment_bytes)
@@ -218,3 +233,22 @@ class HostTier(ArenaStore):
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         return True, ""
+
+
+def anonymous_memory(nbytes: int, *, huge_pages: bool) -> tuple[torch.Tensor, bool]:
+    """``nbytes`` of private anonymous memory (zero-filled; a page costs nothing until first touched) as a 1-D
+    uint8 tensor, and whether it was advised to use transparent huge pages.
+
+    The tensor keeps the mapping alive (torch.frombuffer holds the mmap object); it is unmapped when the last
+    view of it dies.
+    """
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advised = False
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            # before the first touch: the faults that populate the arena then take 2 MiB pages where they can
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+            advised = True
+        except OSError as exc:  # a kernel without THP: EINVAL
+            logger.debug("madvise(MADV_HUGEPAGE) on a %d-byte arena failed: %s", nbytes, exc)
+    return torch.frombuffer(mapping, dtype=torch.uint8), advised

@@ -45,6 +45,7 @@ from offload.optimizer_sched import (
     simulate,
 )
 from planner.plan import OptimizerPlan, Subgroup, TierPlan
+from tests.helpers import vm_flags
 
 VOCAB = 64
 STEPS = 20
@@ -404,6 +405,98 @@ def test_schedule_follows_phase_memory_and_falls_back(caplog):
     opt.remove()
 
 
+@pytest.mark.parametrize("schedule", ["cpu", "auto"])
+def test_every_step_is_logged_forced_schedules_decided_once(schedule):
+    """Every step() reaches schedule_log, in order, whenever it is read. A forced schedule is decided once (per
+    mode, phase and readiness order) and its iterations are folded into the rates in batches; the scheduler
+    ("auto") decides every iteration from rates that include the iteration before."""
+    model = make_net()
+    opt = OffloadedAdamW(
+        model.parameters(), lr=1e-3, subgroup_size=SUBGROUP,
+        settings=OffloadSettings(schedule=schedule, cpu_kernel="torch_fused"),
+    )  # fmt: skip
+    initial = opt.throughputs
+    steps = 40  # more than one batch of a forced schedule's records
+    for step in range(steps):
+        loss_of(model, batch(step, 0)).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 2:
+            assert [r.iteration for r in opt.schedule_log] == [
+                0,
+                1,
+                2,
+            ]  # reading the log brings it up to date
+    log = list(opt.schedule_log)
+    assert [r.iteration for r in log] == list(range(steps))
+    assert all(len(r.jobs) == len(opt.subgroups) for r in log)
+    assert opt.throughputs.cpu_params_per_s != initial.cpu_params_per_s  # measurements folded in
+    later = log[4:]
+    if schedule == "cpu":
+        # the first iteration's observed readiness order replaces the default one once; then one decision
+        assert len({id(r.schedule) for r in later}) == 1
+        assert all(set(r.schedule.sides) == {"cpu"} and r.schedule.strategy == "forced:cpu" for r in log)
+    else:
+        assert len({id(r.schedule) for r in later}) == len(later)
+        assert all(a.rates != b.rates for a, b in zip(later, later[1:]))  # every iteration measured
+    opt.remove()
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE here")
+def test_cpu_parameters_move_into_huge_pages_and_train_bit_identically():
+    """On a CPU device the fp32 parameters that own their storage move into one huge-page buffer (same
+    Parameter objects, same bytes); a parameter sharing its storage stays; training is bit-identical."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 8))
+        m.register_parameter("alias", nn.Parameter(m[0].bias.data))  # shares the bias's storage
+        return m
+
+    model, ref = build(), build()
+    before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    opt = OffloadedAdamW(
+        model.parameters(), lr=1e-2, subgroup_size=1 << 20, settings=OffloadSettings(cpu_kernel="torch_fused")
+    )
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    assert opt.params_in_huge_pages == 3  # both weights and the last bias; not the bias and its alias
+    for name, p in model.named_parameters():
+        assert p is before[name][0] and torch.equal(p, before[name][1])
+    assert "hg" in vm_flags(model[0].weight.data_ptr())
+    assert model.alias.data_ptr() == model[0].bias.data_ptr()  # still shared
+    x = torch.randn(16, 1024, generator=torch.Generator().manual_seed(1))
+    for m, o in ((model, opt), (ref, ropt)):
+        for _ in range(3):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    opt.remove()
+
+
+def test_zero_grad_clears_gradients_kept_or_set_after_step():
+    model = make_net()
+    params = list(model.parameters())
+    opt = OffloadedAdamW(
+        params,
+        lr=1e-3,
+        subgroup_size=SUBGROUP,
+        settings=OffloadSettings(free_grads=False, cpu_kernel="torch_fused"),
+    )
+    loss_of(model, batch(0, 0)).backward()
+    opt.step()
+    assert all(p.grad is not None for p in params)  # free_grads=False keeps them
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in params)
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+    params[0].grad = torch.ones_like(params[0])  # set by hand after step()
+    opt.zero_grad()
+    assert params[0].grad is None
+    opt.remove()
+
+
 # ---- state dict, checkpoints --------------------------------------------------------------------------------
 
 
@@ -603,9 +696,7 @@ def test_deepspeed_cpu_adam_kernel_is_close_to_torch():
     for step in range(1, 6):
         g = torch.randn(10_000, generator=gen)
         for name, (param, m, v) in tensors.items():
-            t = AdamWTensors(
-                params=[param], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], steps=[torch.tensor(float(step))]
-            )
+            t = AdamWTensors(params=[param], grads=[g], exp_avgs=[m], exp_avg_sqs=[v], steps=[float(step)])
             kernels[name](t, hyper)
     torch.testing.assert_close(tensors["ds"][0], tensors["torch"][0], rtol=1e-5, atol=1e-6)
     assert not torch.equal(tensors["ds"][0], p)

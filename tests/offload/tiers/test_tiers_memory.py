@@ -19,6 +19,7 @@ from offload.tiers import (
     TierValueError,
 )
 from offload.tiers.host import ArenaStore
+from tests.helpers import vm_flags
 
 
 def make_memory_tier(kind: str, capacity_bytes: int) -> ArenaStore:
@@ -214,3 +215,19 @@ def test_cuda_round_trip(kind: str) -> None:
         t.zero_()  # stream order: the D2H copy of put() ran first
         got = store.get(h)
         assert got.device.type == "cuda" and torch.equal(got.cpu(), store.get(h, out=torch.empty(1000)))
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE here")
+def test_host_arena_asks_for_huge_pages_unless_told_not_to() -> None:
+    """An unpinned host arena is its own anonymous mapping advised MADV_HUGEPAGE ("hg" in its VmFlags), so
+    the CPU update streams the state through 2 MiB pages; huge_pages=False leaves it as it is."""
+    with HostTier(capacity_bytes=8 << 20) as store:
+        assert store.huge_pages
+        h = store.put(torch.arange(1 << 20, dtype=torch.float32))
+        assert "hg" in vm_flags(store.arena.data_ptr())
+        assert torch.equal(store.get(h), torch.arange(1 << 20, dtype=torch.float32))
+        view = store.view(h)
+    assert torch.equal(view, torch.arange(1 << 20, dtype=torch.float32))  # the mapping outlives close()
+    with HostTier(capacity_bytes=8 << 20, huge_pages=False) as plain:
+        assert not plain.huge_pages
+        assert "hg" not in vm_flags(plain.arena.data_ptr())
