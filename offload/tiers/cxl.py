@@ -40,6 +40,7 @@ class CxlSettings:
     alignment_bytes: int = 512
     prefault: bool = True  # touch every page at construction: memory is on the node and committed up front
     pin_memory: bool | None = None  # None: register with CUDA (cudaHostRegister) when CUDA is available
+    huge_pages: bool = True  # advise transparent huge pages before the first touch (HostSettings.huge_pages)
 
     def __post_init__(self) -> None:
         if not isinstance(self.capacity_bytes, int) or self.capacity_bytes <= 0:
@@ -66,6 +67,7 @@ class CxlTier(ArenaStore):
         alignment_bytes: int = 512,
         prefault: bool = True,
         pin_memory: bool | None = None,
+        huge_pages: bool = True,
     ) -> None:
         self.settings = CxlSettings(
             capacity_bytes=capacity_bytes,
@@ -74,6 +76,7 @@ class CxlTier(ArenaStore):
             alignment_bytes=alignment_bytes,
             prefault=prefault,
             pin_memory=pin_memory,
+            huge_pages=huge_pages,
         )
         if node is None:
             candidates = cpuless_memory_nodes()
@@ -81,7 +84,10 @@ class CxlTier(ArenaStore):
                 raise TierUnavailableError("cxl tier", self.availability()[1])
             node = candidates[0].node_id
         self.node = node
-        self._buffer = NumaBuffer(capacity_bytes, node=node, backend=numa_backend, prefault=prefault)
+        self._buffer = NumaBuffer(
+            capacity_bytes, node=node, backend=numa_backend, prefault=prefault, huge_pages=huge_pages
+        )
+        self.huge_pages = self._buffer.huge_pages
         arena = self._buffer.tensor
         if arena is None:
             raise TierUnavailableError("cxl tier", "NUMA buffer allocation returned nothing")

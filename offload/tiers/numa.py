@@ -9,6 +9,7 @@ Binding a buffer to such a node with ``MPOL_BIND`` places every page of it there
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -249,7 +250,15 @@ class NumaBuffer:
     cap larger than the node raises ``TierCapacityError`` instead of invoking the OOM killer.
     """
 
-    def __init__(self, nbytes: int, *, node: int, backend: Backend = "auto", prefault: bool = True) -> None:
+    def __init__(
+        self,
+        nbytes: int,
+        *,
+        node: int,
+        backend: Backend = "auto",
+        prefault: bool = True,
+        huge_pages: bool = False,
+    ) -> None:
         if nbytes <= 0:
             raise TierValueError("capacity_bytes", f"must be > 0, got {nbytes}")
         nodes = {n.node_id: n for n in numa_nodes()}
@@ -270,6 +279,7 @@ class NumaBuffer:
         self.node = node
         self.backend = backend
         self.nbytes = nbytes
+        self.huge_pages = False  # advised MADV_HUGEPAGE (the syscall backend's own mapping only)
         self._mmap: mmap.mmap | None = None
         self._libnuma_ptr: int | None = None
         if backend == "syscall":
@@ -281,6 +291,11 @@ class NumaBuffer:
             try:
                 # Bind before the first touch: no page exists yet, so all of them will be allocated on `node`.
                 mbind(tensor.data_ptr(), nbytes, node)
+                if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+                    # also before the first touch: the faults then take 2 MiB pages (on `node`) where they can
+                    with contextlib.suppress(OSError):  # a kernel without THP: EINVAL
+                        self._mmap.madvise(mmap.MADV_HUGEPAGE)
+                        self.huge_pages = True
             except BaseException:
                 del tensor
                 self._mmap.close()

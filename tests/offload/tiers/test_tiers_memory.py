@@ -218,16 +218,21 @@ def test_cuda_round_trip(kind: str) -> None:
 
 
 @pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE here")
-def test_host_arena_asks_for_huge_pages_unless_told_not_to() -> None:
-    """An unpinned host arena is its own anonymous mapping advised MADV_HUGEPAGE ("hg" in its VmFlags), so
-    the CPU update streams the state through 2 MiB pages; huge_pages=False leaves it as it is."""
-    with HostTier(capacity_bytes=8 << 20) as store:
+def test_arena_asks_for_huge_pages_unless_told_not_to(kind: str) -> None:
+    """An unpinned arena is its own anonymous mapping advised MADV_HUGEPAGE before its first touch ("hg" in its
+    VmFlags), so the CPU update streams the state through 2 MiB pages; huge_pages=False leaves it as it is."""
+    cls = HostTier if kind == "host" else CxlTier
+    extra = {} if kind == "host" else {"node": 0, "numa_backend": "syscall"}
+    values = torch.arange(1 << 20, dtype=torch.float32)
+    with cls(capacity_bytes=8 << 20, **extra) as store:
         assert store.huge_pages
-        h = store.put(torch.arange(1 << 20, dtype=torch.float32))
+        h = store.put(values)
         assert "hg" in vm_flags(store.arena.data_ptr())
-        assert torch.equal(store.get(h), torch.arange(1 << 20, dtype=torch.float32))
+        assert torch.equal(store.get(h), values)
         view = store.view(h)
-    assert torch.equal(view, torch.arange(1 << 20, dtype=torch.float32))  # the mapping outlives close()
-    with HostTier(capacity_bytes=8 << 20, huge_pages=False) as plain:
+    if kind == "host":
+        assert torch.equal(view, values)  # the mapping outlives close() while a view holds it
+    del view
+    with cls(capacity_bytes=8 << 20, huge_pages=False, **extra) as plain:
         assert not plain.huge_pages
         assert "hg" not in vm_flags(plain.arena.data_ptr())
