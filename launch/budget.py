@@ -179,6 +179,7 @@ def _solve(
             transfer_overlap=transfer_overlap(cluster.device.kind),
             prefetch=prefetch_helps(cluster.device.kind, "dram"),
             forward_slack_bytes=forward_slack,
+            swap_out_early=early,
         )
         sol = solve_activations(costs, swap, settings=None if time_limit_s <= 0 else _settings(time_limit_s))
         if not sol.fits:
@@ -196,26 +197,6 @@ def _solve(
             ),
         )
         peak = mem.total
-        if peak > budget and any(0 < p.swap_fraction < 1 for p in sol.policies):
-            # A partly swapped block holds its whole saved storage and the copy of its kept share for a
-            # moment after its swap-out (planner.memory.forward_sweep), which the MIP's linear in-flight
-            # term does not see: the same plan with those blocks swapped whole may fit where it did not.
-            whole = tuple(
-                dataclasses.replace(p, keep_fraction=0.0, swap_fraction=1.0 - p.recompute_fraction)
-                if p.swap_fraction > 0
-                else p
-                for p in sol.policies
-            )
-            opts = _options(
-                early=early,
-                chunk=chunk,
-                offload_optimizer=offload_optimizer,
-                policies=whole,
-                optimizer_impl=optimizer_impl,
-            )
-            whole_mem = estimate_memory(model, workload, layout, opts)
-            if whole_mem.total <= budget:
-                sol, mem, peak = _rescored(sol, whole, costs, swap, "+whole"), whole_mem, whole_mem.total
         if peak <= budget:
             return _keep_what_fits(
                 model, workload, layout, budget, sol, mem, costs=costs, swap=swap, chunk=chunk,

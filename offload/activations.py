@@ -897,38 +897,51 @@ def install_block_hooks(
 
     ptrs_fn = param_ptrs or own_ptrs
 
+    try:
+        signature: inspect.Signature | None = inspect.signature(forward)
+    except (TypeError, ValueError):
+        signature = None
+    cache_params = [n for n in _CACHE_KWARGS if signature is not None and n in signature.parameters]
+    warned = False
+
+    def without_cache(
+        args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments with any KV cache dropped (as HF gradient checkpointing does).
+
+        NOTE: in training a block that is not kept does not write a KV cache. A recomputed block would write
+        it a second time in backward; a swapped block's cache would hold its keys and values on the device,
+        undoing that part of the swap (measured: ~10% of a Llama block's saved bytes stayed). Training
+        outputs do not depend on the cache.
+        """
+        nonlocal warned
+        if signature is None or not (cache_params or kwargs.get("use_cache")):
+            return args, kwargs
+        bound = signature.bind_partial(*args, **kwargs)
+        dropped = [n for n in cache_params if bound.arguments.get(n) is not None]
+        if not dropped:
+            return args, kwargs
+        for n in dropped:
+            bound.arguments[n] = None
+        if "use_cache" in bound.arguments:
+            bound.arguments["use_cache"] = False
+        if not warned:
+            warned = True
+            warnings.warn(
+                f"memtier: block {policy.layer} is {'recomputed' if policy.mode == 'recompute' else 'swapped'}"
+                f"; not writing its KV cache ({', '.join(dropped)} ignored)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return tuple(bound.args), dict(bound.kwargs)
+
     if policy.mode == "recompute":
-        try:
-            signature: inspect.Signature | None = inspect.signature(forward)
-        except (TypeError, ValueError):
-            signature = None
-        cache_params = [n for n in _CACHE_KWARGS if signature is not None and n in signature.parameters]
-        warned = False
 
         @functools.wraps(forward)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            nonlocal warned
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
-            if signature is not None and (cache_params or kwargs.get("use_cache")):
-                bound = signature.bind_partial(*args, **kwargs)
-                dropped = [n for n in cache_params if bound.arguments.get(n) is not None]
-                if dropped:
-                    # NOTE: like HF gradient checkpointing, a recomputed block does not write a KV cache: the
-                    # recompute in backward would write it a second time. Training outputs do not depend on it.
-                    for n in dropped:
-                        bound.arguments[n] = None
-                    if "use_cache" in bound.arguments:
-                        bound.arguments["use_cache"] = False
-                    if not warned:
-                        warned = True
-                        warnings.warn(
-                            f"memtier: block {policy.layer} is recomputed; not writing its KV cache "
-                            f"({', '.join(dropped)} ignored)",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
-                    args, kwargs = tuple(bound.args), dict(bound.kwargs)
+            args, kwargs = without_cache(args, kwargs)
             # Non-reentrant checkpoint: the block's graph is kept with placeholders for its saved tensors,
             # which are recomputed (with the forward's RNG state restored) when backward first needs one.
             return torch.utils.checkpoint.checkpoint(
@@ -944,6 +957,7 @@ def install_block_hooks(
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
+            args, kwargs = without_cache(args, kwargs)
             tokens = _block_tokens(args, kwargs, seq_dim)
             ptrs = ptrs_fn()
             record = eng.new_record(policy.layer, prefetch=policy.prefetch)

@@ -471,6 +471,7 @@ class ActivationMip:
                     transfer_overlap=transfer_overlap(dev.kind),
                     prefetch=prefetch_helps(dev.kind, self.tier),
                     forward_slack_bytes=max(0, slack),
+                    swap_out_early=base_options.swap_out_early,
                 )
                 sol = solve_activations(costs, budget, strategy=self.strategy, settings=settings)
                 if not sol.fits:

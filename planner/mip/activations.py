@@ -108,6 +108,9 @@ class ActivationBudget:
     # backward moment holds beyond the forward one, which `device_bytes` was net of)
     prefetch: bool = True
     forward_slack_bytes: int = 0
+    # the runtime's MemoryOptions.swap_out_early: a swapped block's copy to the tier completes before the next
+    # block's activations build up, so no swapped block is in flight during the forward or at the loss
+    swap_out_early: bool = False
 
     def __post_init__(self) -> None:
         for name in ("device_bytes", "tier_capacity_bytes", "tail_bytes", "forward_slack_bytes"):
@@ -280,12 +283,13 @@ def _cost(
 ) -> PolicyCost:
     """The memory and time model, written once; the MIP below is its linear form.
 
-    Memory at block l (the moment its forward ends, which is also the moment its backward
-    starts, with the same bytes alive): every earlier block's resident share
-    (k_j·act_j + r_j·input_j), all of block l's activations (made in forward, needed whole
-    in backward whether kept, fetched or recomputed), and block l-1's swapped share, still
-    in flight (swap-out of l-1 runs during l's forward; the prefetch of l-1 runs during
-    l's backward), plus what the rest of the step adds then (`LayerCost.backward_extra_bytes`).
+    Memory at block l, at two moments: every earlier block's resident share (k_j·act_j +
+    r_j·input_j) and all of block l's activations (made in forward, needed whole in backward
+    whether kept, fetched or recomputed), plus block l-1 in flight: in backward its swapped
+    share, prefetched during l's backward (with `prefetch`), and what the rest of the step adds
+    then (`LayerCost.backward_extra_bytes`); in forward, when it swaps any share, its whole
+    saved storage, alive beside the compact copy of its kept share until its swap-out (during
+    l's forward) completes, without the backward's temporaries (`forward_slack_bytes`).
     Time: Σ r_l·recompute_l plus the transfer time not hidden: swap-out of l overlaps the
     forward of l+1; swap-in of l overlaps the backward (and recompute) of l+1.
 
@@ -300,16 +304,22 @@ def _cost(
     resident = k * act + r * inp
     before = np.cumsum(resident, axis=-1) - resident  # Σ_{j<l} resident_j
     swapped = s * act
-    in_flight = np.concatenate([np.zeros_like(swapped[..., :1]), swapped[..., :-1]], axis=-1)
-    if budget.prefetch:
-        peaks = before + act + in_flight + inst.extra
-    else:
-        # the backward moment without the prefetch, or the forward moment (swap-out of l-1 in flight, no
-        # backward temporaries), both measured against the backward's budget
-        peaks = np.maximum(before + act + inst.extra, before + act + in_flight - budget.forward_slack_bytes)
+
+    def previous(a: np.ndarray) -> np.ndarray:  # block l-1's value at index l
+        return np.concatenate([np.zeros_like(a[..., :1]), a[..., :-1]], axis=-1)
+
+    # the backward moment: block l-1's swapped share prefetched (when the runtime fetches ahead)
+    fetched = previous(swapped) if budget.prefetch else 0.0
+    backward = before + act + fetched + inst.extra
+    # the forward moment (no backward temporaries: forward_slack_bytes less): a block with any swapped share
+    # keeps its whole saved storage alive beside the compact copy of its kept share until its copy to the
+    # tier completes, during the next block's forward (planner.memory.forward_sweep)
+    out = np.zeros_like(swapped) if budget.swap_out_early else act * (s > 0)
+    forward = before + act + previous(out) + inst.extra - budget.forward_slack_bytes
+    peaks = np.maximum(backward, forward)
     # at the loss: every block's resident share, the last block's swap-out still in flight,
     # and the loss's own buffers (`ActivationBudget.tail_bytes`)
-    at_loss = resident.sum(axis=-1) + swapped[..., -1] + budget.tail_bytes
+    at_loss = resident.sum(axis=-1) + out[..., -1] + budget.tail_bytes
     recompute_s = (r * inst.rc).sum(axis=-1)
     if budget.can_swap:
         r_next = np.concatenate([r[..., 1:], np.zeros_like(r[..., :1])], axis=-1)
@@ -519,6 +529,7 @@ class _Model:
     exposed_in: list[Any]
     time_unit_s: float
     mem_unit_bytes: float
+    out: list[Any]  # per layer, when a swapped block's whole storage is in flight (else empty)
 
 
 def _build_model(
@@ -595,21 +606,30 @@ def _build_model(
             window_in = 0
         prob += exposed_in[l] >= read_t * act[l] * swap[l] - window_in, f"swap_in_{l}"
 
-    # device peak at block l: earlier blocks' resident shares + all of block l + block l-1's share in flight
-    # (prefetched in backward; without prefetch only in forward, which lacks the backward's temporaries)
+    # out[l]: 1 when block l swaps any share. Until its copy to the tier completes (during block l+1's
+    # forward) its whole saved storage stays alive beside the compact copy of its kept share: a partial swap
+    # holds as much then as a whole one (planner.memory.forward_sweep). Not with swap_out_early.
+    whole_out = can_swap and not budget.swap_out_early
+    out = [pulp.LpVariable(f"out_{l}", 0, 1, cat=pulp.LpBinary) for l in range(n)] if whole_out else []
+    for l in range(len(out)):
+        # [Constraint] a swapped share marks its block as in flight
+        prob += swap[l] <= out[l], f"in_flight_{l}"
+
+    # device peak at block l: earlier blocks' resident shares + all of block l + block l-1 in flight: its
+    # swapped share prefetched in backward, or its whole storage during the forward (which lacks the
+    # backward's temporaries: forward_slack_bytes less)
     slack = budget.forward_slack_bytes / mem_unit_bytes
 
     def peaks(l: int) -> list[pulp.LpAffineExpression]:
         resident = pulp.lpSum(act[j] * keep[j] + inp[j] * rec[j] for j in range(l))
-        in_flight = act[l - 1] * swap[l - 1] if l > 0 else 0
-        if budget.prefetch:
-            return [resident + act[l] + in_flight + extra[l]]
-        return [resident + act[l] + extra[l], resident + act[l] + in_flight - slack]
+        fetched = act[l - 1] * swap[l - 1] if l > 0 and budget.prefetch else 0
+        in_flight = act[l - 1] * out[l - 1] if l > 0 and whole_out else 0
+        return [resident + act[l] + fetched + extra[l], resident + act[l] + in_flight + extra[l] - slack]
 
-    # device bytes at the loss: all resident shares + the last block's share in flight + the tail
+    # device bytes at the loss: all resident shares + the last block in flight + the tail
     at_loss = (
         pulp.lpSum(act[j] * keep[j] + inp[j] * rec[j] for j in range(n))
-        + act[n - 1] * swap[n - 1]
+        + (act[n - 1] * out[n - 1] if whole_out else 0)
         + budget.tail_bytes / mem_unit_bytes
     )
 
@@ -641,7 +661,7 @@ def _build_model(
             pulp.lpSum(act[l] * swap[l] for l in range(n)) <= budget.tier_capacity_bytes / mem_unit_bytes,
             "tier_capacity",
         )
-    return _Model(prob, keep, swap, rec, exposed_out, exposed_in, time_unit_s, mem_unit_bytes)
+    return _Model(prob, keep, swap, rec, exposed_out, exposed_in, time_unit_s, mem_unit_bytes, out)
 
 
 def _read_fractions(model: _Model, integral: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -672,6 +692,8 @@ def _warm_start(model: _Model, start: ActivationSolution, inst: _Instance, budge
         model.keep[l].setInitialValue(float(k[l]))
         model.swap[l].setInitialValue(float(s[l]))
         model.rec[l].setInitialValue(float(r[l]))
+        if model.out:
+            model.out[l].setInitialValue(1.0 if s[l] > 0 else 0.0)
         if budget.can_swap:
             r_next = r[l + 1] if l + 1 < len(k) else 0.0
             out_exp = max(0.0, swapped[l] / budget.tier_write_bps - inst.out_window[l])
@@ -751,7 +773,7 @@ def _search_recompute_count(
         return deadline - time.perf_counter()
 
     def relax(on: bool) -> None:
-        for v in model.rec:
+        for v in (*model.rec, *model.out):
             v.cat = pulp.LpContinuous if on else pulp.LpInteger  # (bounds stay 0..1: binary)
 
     def solve(time_limit_s: float, *, warm: bool = False) -> MipOutcome:

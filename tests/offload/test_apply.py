@@ -160,8 +160,10 @@ HF_POLICIES = {
 def test_hf_training_is_bit_identical(name, policy):
     model = MODELS[name]()
     with warnings.catch_warnings():
-        # Recomputed blocks ignore the KV cache that training does not use (and say so once per block).
-        warnings.filterwarnings("ignore", message="memtier: block .* is recomputed", category=RuntimeWarning)
+        # Recomputed and swapped blocks ignore the KV cache that training does not use (and say so once per block).
+        warnings.filterwarnings(
+            "ignore", message="memtier: block .* is (recomputed|swapped)", category=RuntimeWarning
+        )
         with offload.apply(model, None, make_plan(HF_POLICIES[policy], [DRAM])) as handle:
             got = train(model, 20)
     assert_identical(reference(name, 20, False), got)
@@ -172,18 +174,29 @@ def test_hf_training_is_bit_identical(name, policy):
 def test_hf_llama_bf16_autocast_mixed_plan_is_bit_identical():
     model = llama()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="memtier: block .* is recomputed", category=RuntimeWarning)
+        warnings.filterwarnings(
+            "ignore", message="memtier: block .* is (recomputed|swapped)", category=RuntimeWarning
+        )
         with offload.apply(model, None, make_plan(HF_POLICIES["mixed"], [DRAM])):
             got = train(model, 10, autocast=True)
     assert_identical(reference("llama", 10, True), got)
 
 
-def test_recomputed_hf_block_warns_once_about_the_kv_cache():
+@pytest.mark.parametrize("mode", ["recomputed", "swapped"])
+def test_hf_block_not_kept_writes_no_kv_cache_and_warns_once(mode):
+    """A recomputed block would write the cache twice; a swapped block's cache would hold its keys and values
+    on the device, undoing part of the swap: neither writes it in training (as HF checkpointing does)."""
     model = llama()
     ids = torch.randint(0, VOCAB, (BATCH, SEQ))
-    with offload.apply(model, None, make_plan([recompute(0)])):
-        with pytest.warns(RuntimeWarning, match="block 0 is recomputed; not writing its KV cache"):
-            model(input_ids=ids, labels=ids, use_cache=True).loss.backward()
+    policy = recompute(0) if mode == "recomputed" else swap(0, 1.0)
+    with offload.apply(model, None, make_plan([policy], [DRAM])):
+        with pytest.warns(RuntimeWarning, match=f"block 0 is {mode}; not writing its KV cache"):
+            out = model(input_ids=ids, labels=ids, use_cache=True)
+            out.loss.backward()
+        cache = out.past_key_values
+        assert (
+            cache.get_seq_length(0) == 0 and cache.get_seq_length(1) == SEQ
+        )  # the kept blocks still write it
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             model(input_ids=ids, labels=ids, use_cache=True).loss.backward()

@@ -312,7 +312,35 @@ def test_cbc_and_highs_agree_on_uneven_blocks(n: int) -> None:
     highs = solve_mip(costs, budget, fast(solver="highs", time_limit_s=5.0))
     assert cbc.status == highs.status == "optimal"
     assert cbc.objective_s == pytest.approx(highs.objective_s, rel=1e-3)
-    assert cbc.objective_s < greedy(costs, budget).objective_s  # uneven blocks: the greedy is beaten
+    base = greedy(costs, budget).objective_s
+    assert cbc.objective_s <= base + TOL_S
+    if n == 16:
+        # uneven blocks: the greedy is beaten. (At 8 blocks it was too, by a partial swap whose kept share
+        # the forward then held twice -- the whole block in flight beside its kept copy -- which the MIP
+        # now counts: that plan did not fit.)
+        assert cbc.objective_s < base - 1e-6
+
+
+def test_a_partly_swapped_block_is_whole_in_flight_during_the_next_forward() -> None:
+    """Until its swap-out completes (during the next block's forward) a partly swapped block holds its whole
+    saved storage beside the compact copy of its kept share; with swap_out_early nothing is in flight."""
+    costs = [LayerCost(layer=i, act_bytes=10 * GB, input_bytes=GB, fwd_time_s=1.0, bwd_time_s=2.0,
+                       recompute_time_s=1.0) for i in range(2)]  # fmt: skip
+    # no prefetch; the forward moment holds 5 GB less than the backward one (no backward temporaries)
+    tier = dict(tier_capacity_bytes=100 * GB, tier_write_bps=1e12, tier_read_bps=1e12, prefetch=False,
+                forward_slack_bytes=5 * GB)  # fmt: skip
+    late = ActivationBudget(device_bytes=100 * GB, **tier)
+    early = ActivationBudget(device_bytes=100 * GB, swap_out_early=True, **tier)
+    k, s, r = [0.6, 1.0], [0.4, 0.0], [0.0, 0.0]
+    # block 1's forward: block 0's kept 6 GB + its whole 10 GB in flight + block 1's 10 GB, less the slack;
+    # its backward: block 0's kept 6 GB + block 1's 10 GB
+    assert float(evaluate_fractions(costs, late, k, s, r).layer_peaks[1]) == (6 + 10 + 10 - 5) * GB
+    assert float(evaluate_fractions(costs, early, k, s, r).layer_peaks[1]) == (6 + 10) * GB
+    # in 16 GB the backward lets block 0 keep 6 GB, but the forward then holds 21: the MIP keeps at most
+    # 1 GB (forward 1 + 10 + 10 - 5), where counting only the swapped share in flight it kept 6
+    sol = solve_mip(costs, ActivationBudget(device_bytes=16 * GB, **tier), fast())
+    assert sol.fits and sol.device_bytes <= 16 * GB
+    assert sol.policies[0].keep_fraction <= 0.1 + 1e-6 and sol.policies[0].recompute_fraction == 0.0
 
 
 # ---- records and bad input --------------------------------------------------------------------------
