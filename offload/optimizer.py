@@ -409,6 +409,19 @@ class _InlineJob:
     hyper: AdamWHyper
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Unlogged:
+    """A finished step not yet turned into an IterationRecord (see OffloadedAdamW._record)."""
+
+    iteration: int
+    schedule: Schedule
+    jobs: list[_Job]
+    rates: Throughputs  # the rates its decision used
+    grad_norm: float | None
+    coef_cpu: torch.Tensor | None
+    skipped: tuple[int, ...]
+
+
 class _Iteration:
     """Bookkeeping of one optimizer step, from the first completed gradient to the end of step()."""
 
@@ -554,7 +567,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
         self._free_device_bytes_fn = free_device_bytes
         self._log: collections.deque[IterationRecord] = collections.deque(maxlen=self.settings.log_limit)
         # (iteration, its bookkeeping, the rates it was decided with) of steps not yet in the log (_record)
-        self._unrecorded: list[tuple[int, _Iteration, Throughputs]] = []
+        self._unrecorded: list[_Unlogged] = []  # steps not yet in the log (see _record)
         self._forced: dict[tuple[str, Phase], Schedule] = {}  # forced schedules by (mode, phase): _decide
         self.iteration = 0
         self._order: tuple[int, ...] = tuple(
@@ -1355,7 +1368,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def _record(self, it: _Iteration) -> None:
         """Log iteration ``it`` and learn from it: its readiness order now, its records and rates per batch."""
         assert it.schedule is not None
-        self._unrecorded.append((self.iteration, it, self._meter.rates))
+        # only what the record needs: the iteration's norms and futures are released now
+        self._unrecorded.append(
+            _Unlogged(
+                iteration=self.iteration, schedule=it.schedule, jobs=it.jobs, rates=self._meter.rates,
+                grad_norm=it.grad_norm, coef_cpu=it.coef_cpu, skipped=tuple(it.skipped),
+            )
+        )  # fmt: skip
         # expected readiness of the next iteration: this one's observed order and times
         if it.ready_s:
             seen = sorted(it.ready_s, key=lambda s: it.ready_s[s])
@@ -1375,8 +1394,8 @@ class OffloadedAdamW(torch.optim.Optimizer):
         """Turn the iterations not yet logged into IterationRecords and fold their jobs into the rates."""
         with self._lock:
             pending, self._unrecorded = self._unrecorded, []
-        for iteration, it, rates in pending:
-            assert it.schedule is not None
+        for it in pending:
+            iteration = it.iteration
             jobs = tuple(
                 JobRecord(
                     index=j.index, side=j.side, numel=j.numel, start_s=j.start, end_s=j.end, kernel_s=j.kernel_s,
@@ -1391,11 +1410,11 @@ class OffloadedAdamW(torch.optim.Optimizer):
                 iteration=iteration,
                 schedule=it.schedule,
                 jobs=jobs,
-                rates=rates,
+                rates=it.rates,
                 wall_s=wall,
                 grad_norm=it.grad_norm,
                 clip_coef=None if it.coef_cpu is None else float(it.coef_cpu),
-                skipped=tuple(it.skipped),
+                skipped=it.skipped,
             )
             self._log.append(record)
             self._meter.update(jobs)
