@@ -45,6 +45,7 @@ class ProbeResult:
     numa_nodes: tuple[dict[str, Any], ...]
     gpus: tuple[dict[str, Any], ...]
     seconds: float
+    transparent_huge_pages: str = "unavailable"  # the kernel's THP mode (see transparent_huge_pages())
 
 
 def _log(msg: str) -> None:
@@ -221,6 +222,24 @@ def measure_disk(path: str, nbytes: int) -> tuple[float, float, bool]:
     return nbytes / write_s, nbytes / read_s, direct
 
 
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def transparent_huge_pages(path: str = _THP_MODE) -> str:
+    """The kernel's transparent-huge-page mode: "always", "madvise", "never", or "unavailable".
+
+    memtier's host and CXL arenas and a CPU device's parameters ask for huge pages (MADV_HUGEPAGE): they get
+    them under "always" or "madvise", not under "never". The file marks the active mode in brackets.
+    """
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return "unavailable"
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else "unavailable"
+
+
 def numa_nodes() -> tuple[dict[str, Any], ...]:
     nodes = []
     for d in sorted(glob.glob("/sys/devices/system/node/node[0-9]*")):
@@ -291,6 +310,15 @@ def probe(*, disk: str | None = None, quick: bool = False) -> ProbeResult:
     _log(f"NUMA nodes: {len(nodes)}, CPU-less (CXL): {len(cxl)}")
     gpu = gpus()
     _log(f"GPUs: {len(gpu)}" + "".join(f"\n[probe]   {g['index']}: {g['name']}" for g in gpu))
+    thp = transparent_huge_pages()
+    _log(
+        f"transparent huge pages: {thp}"
+        + (
+            " (memtier's arenas ask for them)"
+            if thp in ("always", "madvise")
+            else f" (memtier's arenas use 4 KiB pages; 'echo madvise > {_THP_MODE}' as root enables them)"
+        )
+    )
     return ProbeResult(
         cores=cores,
         dram_bytes=dram,
@@ -307,6 +335,7 @@ def probe(*, disk: str | None = None, quick: bool = False) -> ProbeResult:
         numa_nodes=nodes,
         gpus=gpu,
         seconds=time.perf_counter() - t_start,
+        transparent_huge_pages=thp,
     )
 
 

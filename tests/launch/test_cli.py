@@ -108,6 +108,18 @@ def test_probe_quick_writes_loadable_yaml(tmp_path):
     assert cluster.device.peak_flops["fp32"] > 1e9
     assert cluster.tier("nvme") is not None and cluster.tier("nvme").write_bandwidth > 0
     assert not list(tmp_path.glob(".memtier-probe-*"))  # the probe file is gone
+    assert "[probe] transparent huge pages: " in proc.stderr
+
+
+def test_transparent_huge_pages_reads_the_bracketed_mode(tmp_path):
+    from launch.probe import transparent_huge_pages
+
+    mode = tmp_path / "enabled"
+    mode.write_text("always [madvise] never\n")
+    assert transparent_huge_pages(str(mode)) == "madvise"
+    mode.write_text("[always] madvise never\n")
+    assert transparent_huge_pages(str(mode)) == "always"
+    assert transparent_huge_pages(str(tmp_path / "missing")) == "unavailable"
 
 
 def test_probe_bad_disk(capsys, tmp_path):
