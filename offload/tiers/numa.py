@@ -9,7 +9,6 @@ Binding a buffer to such a node with ``MPOL_BIND`` places every page of it there
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -26,6 +25,7 @@ from offload.tiers.errors import TierCapacityError, TierUnavailableError, TierVa
 __all__ = [
     "MPOL_BIND",
     "NumaBuffer",
+    "advise_huge_pages",
     "NumaNode",
     "cpuless_memory_nodes",
     "libnuma_available",
@@ -142,6 +142,22 @@ def _node_mask(node: int) -> ctypes.Array[ctypes.c_ulong]:
     mask = (ctypes.c_ulong * (_MASK_BITS // _ULONG_BITS))()
     mask[node // _ULONG_BITS] = 1 << (node % _ULONG_BITS)
     return mask
+
+
+def advise_huge_pages(mapping: mmap.mmap) -> bool:
+    """Ask Linux for transparent huge pages on ``mapping`` (madvise MADV_HUGEPAGE); whether it took.
+
+    Call it before the first touch: the faults that populate the mapping then take 2 MiB pages where they can
+    (under THP "always" or "madvise"; "never" accepts the advice and ignores it). A kernel without THP refuses
+    it (EINVAL): the mapping keeps 4 KiB pages.
+    """
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        return False
+    return True
 
 
 def mbind(addr: int, nbytes: int, node: int, *, mode: int = MPOL_BIND, move: bool = True) -> None:
@@ -291,11 +307,8 @@ class NumaBuffer:
             try:
                 # Bind before the first touch: no page exists yet, so all of them will be allocated on `node`.
                 mbind(tensor.data_ptr(), nbytes, node)
-                if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
-                    # also before the first touch: the faults then take 2 MiB pages (on `node`) where they can
-                    with contextlib.suppress(OSError):  # a kernel without THP: EINVAL
-                        self._mmap.madvise(mmap.MADV_HUGEPAGE)
-                        self.huge_pages = True
+                # also before the first touch: the pages (on `node`) are 2 MiB ones where they can be
+                self.huge_pages = huge_pages and advise_huge_pages(self._mmap)
             except BaseException:
                 del tensor
                 self._mmap.close()

@@ -623,8 +623,10 @@ def _build_model(
     def peaks(l: int) -> list[pulp.LpAffineExpression]:
         resident = pulp.lpSum(act[j] * keep[j] + inp[j] * rec[j] for j in range(l))
         fetched = act[l - 1] * swap[l - 1] if l > 0 and budget.prefetch else 0
-        in_flight = act[l - 1] * out[l - 1] if l > 0 and whole_out else 0
-        return [resident + act[l] + fetched + extra[l], resident + act[l] + in_flight + extra[l] - slack]
+        backward = resident + act[l] + fetched + extra[l]
+        if l == 0 or not whole_out:
+            return [backward]  # the forward moment holds no more than this one (forward_slack_bytes >= 0)
+        return [backward, resident + act[l] + act[l - 1] * out[l - 1] + extra[l] - slack]
 
     # device bytes at the loss: all resident shares + the last block in flight + the tail
     at_loss = (
