@@ -93,7 +93,9 @@ __all__ = [
 ALIGN_BYTES = 512
 _EPS = 1e-9
 # kwargs a block writes a KV cache through: a recomputed block would write it twice (HF drops them too).
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+# transformers 5.25 renamed the decoder layers' `past_key_values` to `cache` (the old name is still accepted
+# and renamed by `deprecate_kwarg` until 5.40); both are dropped.
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 Mode = Literal["keep", "swap", "recompute"]
 

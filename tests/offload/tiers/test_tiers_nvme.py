@@ -282,3 +282,79 @@ def test_cuda_round_trip(tmp_path: Path, io_engine: str) -> None:
         t.zero_()
         got = store.get(h)
         assert got.device.type == "cuda" and torch.equal(got, store.get(h, out=torch.empty_like(got)))
+
+
+# ---------------------------------------------------------------------------------------- stale build lock
+_STALE_LOCK_SCRIPT = """
+import sys
+from offload.tiers import NvmeTier, TierUnavailableError
+try:
+    NvmeTier(path=sys.argv[1], io_engine="aio", build_aio=True)
+except TierUnavailableError as exc:
+    print(exc)
+    raise SystemExit(0)
+raise SystemExit("the NVMe tier started although the op could not load")
+"""
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["stale", "held-past-the-wait"])
+def test_build_lock_is_named_not_waited_on_forever(tmp_path: Path, held: bool) -> None:
+    """An interrupted JIT build leaves `<build dir>/lock`; torch's builder polls it with no time limit. The tier
+    names the lock (stale: at once; held by a live process: after MEMTIER_OP_BUILD_WAIT_S) instead of hanging."""
+    import subprocess
+    import sys
+    import time
+
+    from offload.tiers.engines import _AIO
+
+    ext = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "MEMTIER_OP_BUILD_WAIT_S": "3"}
+    # the op's build directory under this TORCH_EXTENSIONS_DIR, as torch computes it
+    build_dir = Path(
+        subprocess.run(
+            [sys.executable, "-c", "from offload.tiers.engines import _AIO; print(_AIO.build_dir())"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()[-1]  # DeepSpeed logs to stdout first
+    )
+    assert build_dir.is_relative_to(ext), build_dir
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = build_dir / "lock"
+    holder = None
+    if held:  # a live "builder": a process with the lock file open
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import os, time; fd = os.open({str(lock)!r}, os.O_CREAT); time.sleep(120)",
+            ]
+        )
+        for _ in range(100):
+            if lock.exists():
+                break
+            time.sleep(0.05)
+    else:
+        lock.touch()
+    (tmp_path / "disk").mkdir()
+    try:
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-c", _STALE_LOCK_SCRIPT, str(tmp_path / "disk")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert str(lock) in proc.stdout and f"rm {lock}" in proc.stdout
+    assert ("stale" in proc.stdout) != held and ("pid" in proc.stdout) == held
+    assert elapsed < 100  # bounded: not the builder's endless wait
+    assert lock.exists()  # named, not removed behind the user's back
+    assert _AIO.label == "async_io"
