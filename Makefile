@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.memtier-installed
 
-.PHONY: setup demo test lint typecheck unit clean
+.PHONY: setup demo test lint typecheck unit clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -39,6 +39,16 @@ unit: setup
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
+
+# Wheels the GPU check needs beyond the GPU machine's own torch/transformers (it has no network): PuLP (the
+# planner's MIPs) and DeepSpeed (the ZeRO-Offload baseline) with what they import, for CPython 3.12 x86-64.
+# Kept out of git (.git/info/exclude); the device run names `.whl` in `carry` (see benchmarks/gpu_check.sh).
+WHEEL_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels: setup
+	@mkdir -p .whl && (grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(WHEEL_PLATFORMS) -d .whl pulp==3.3.2 hjson pydantic pydantic-core annotated-types typing-inspection
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps -w .whl deepspeed==$$($(PY) -m pip show deepspeed 2>/dev/null | sed -n "s/^Version: //p")
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .memtier

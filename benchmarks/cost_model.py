@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import savefig, write_json  # noqa: E402
-from launch.probe import probe, to_cluster  # noqa: E402
+from launch.measure.probe import probe, to_cluster  # noqa: E402
+from launch.measure.record import savefig, write_json  # noqa: E402
 from planner.estimate import estimate  # noqa: E402
 from planner.memory import MemoryOptions  # noqa: E402
 from planner.model import ModelSpec  # noqa: E402

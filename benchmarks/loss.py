@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import savefig, write_json
+from launch.measure.record import savefig, write_json
 from offload.loss import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_MODE,
@@ -241,7 +241,7 @@ def grad_digest(model: nn.Module) -> list[float]:
     return [float(p.grad.double().norm()) if p.grad is not None else 0.0 for p in model.parameters()]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="llama-head-heavy")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -258,26 +258,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--replot", metavar="JSON", help="only redraw the PNG of an earlier run's JSON")
     args = parser.parse_args(argv)
-    if args.replot:
-        payload = json.loads(Path(args.replot).read_text())
-        plot(payload, Path(args.replot).with_suffix(".png"))
-        return payload
-    if args.quick:
+    if args.quick and not args.replot:
         args.chunk_sizes = [512, DEFAULT_CHUNK_TOKENS, 2048]
         args.rounds = 3
         args.seq = min(args.seq, 1024)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = MODELS[args.model]
-    dtype = DTYPES[args.dtype]
-    out_json = Path(args.out) if args.out else RESULTS / ("loss_quick.json" if args.quick else "loss.json")
+    return args
 
-    model = build_model(cfg, dtype)
-    ids = torch.randint(0, cfg.vocab, (args.batch, args.seq))
-    labels = ids.clone()
-    labels[:, : args.seq // 8] = -100  # a masked prompt, as in instruction tuning
-    tokens = args.batch * args.seq
 
+def make_methods(args: argparse.Namespace) -> tuple[list[Method], str | None, str]:
+    """The standard loss, every chunked (mode, chunk size) and every CCE implementation (with why one cannot
+    run); then the installed cut-cross-entropy version and its import status."""
     methods = [Method(name="standard", kind="standard")]
     for mode in args.modes:
         for c in args.chunk_sizes:
@@ -291,15 +281,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
             )
     cce_version, cce_import = cce_status()
-    steps: dict[str, Callable] = {}
     for impl in args.cce_impls:
         m = Method(name=f"cce-{impl}", kind="cce", impl=impl)
         m.result["note"] = CCE_NOTES[impl]
         if not cce_import.startswith("ok"):
             m.status = cce_import if cce_version is None else f"cut-cross-entropy {cce_version}: {cce_import}"
         methods.append(m)
+    return methods, cce_version, cce_import
 
-    # Warm-up (and CCE's torch.compile): one step per method; a method that fails here is recorded, not run.
+
+def warm_up(
+    methods: list[Method], model: nn.Module, ids: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Callable]:
+    """One step per method (and CCE's torch.compile), its loss and gradients checked against the standard
+    loss's; a method that fails here is recorded, not run. The step function of each method that runs."""
+    steps: dict[str, Callable] = {}
     standard_loss = None
     standard_grads: list[float] = []
     for m in methods:
@@ -325,17 +321,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             m.status = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             m.result["traceback_tail"] = traceback.format_exc().splitlines()[-3:]
             print(f"[loss] {m.name} cannot run: {m.status}", flush=True)
+    return steps
 
-    runnable = [m for m in methods if m.status == "ok"]
-    for r in range(args.rounds):
+
+def time_rounds(
+    runnable: list[Method],
+    rounds: int,
+    model: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    steps: dict[str, Callable],
+) -> None:
+    """Every method once per round, in an order that rotates every round (noise hits all alike)."""
+    for r in range(rounds):
         k = r % len(runnable)
         for m in runnable[k:] + runnable[:k]:  # rotate the order every round
             elapsed, cpu, _ = run_step(m, model, ids, labels, steps[m.name])
             m.times_s.append(elapsed)
             m.cpu_times_s.append(cpu)
         line = ", ".join(f"{m.name} {m.times_s[-1]:.2f}" for m in runnable)
-        print(f"[loss] round {r + 1}/{args.rounds}: {line}", flush=True)
+        print(f"[loss] round {r + 1}/{rounds}: {line}", flush=True)
 
+
+def measure_peaks(
+    runnable: list[Method],
+    model: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    steps: dict[str, Callable],
+) -> None:
+    """Each method's RSS rise and MemTracker peak over one step (an error is recorded beside a None)."""
     for m in runnable:
         # RSS first: a failed MemTracker run (compiled code under a dispatch mode) can leave torch.compile's
         # caches unusable for the rest of the process
@@ -355,11 +370,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
 
-    standard = methods[0]
+
+def compare(
+    standard: Method, runnable: list[Method], cfg: ModelConfig, tokens: int, dtype_bytes: int, std_pred: int
+) -> None:
+    """Ratios against the standard loss (time, CPU time, peak) and, for a chunked loss, the measured peak drop
+    against offload.loss's predicted drop."""
     base_time = statistics.median(standard.times_s)
     base_peak = standard.result["peak_bytes"]
-    dtype_bytes = torch.finfo(dtype).bits // 8
-    std_pred = standard_loss_peak_bytes(tokens=tokens, vocab=cfg.vocab, dtype_bytes=dtype_bytes)
     for m in runnable:
         m.result["median_s"] = statistics.median(m.times_s)
         m.result["min_s"] = min(m.times_s)
@@ -387,14 +405,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if m.result.get("peak_drop_bytes") is not None:
                 m.result["drop_vs_predicted"] = m.result["peak_drop_bytes"] / (std_pred - pred)
 
-    # The default chunk size: the smallest whose paired CPU-time ratio is within 3% of the best chunk's.
+
+def choose_chunk_sizes(runnable: list[Method], modes: list[str]) -> dict[str, int | None]:
+    """The default chunk size: the smallest whose paired CPU-time ratio is within 3% of the best chunk's."""
     chosen: dict[str, int | None] = {}
-    for mode in args.modes:
+    for mode in modes:
         cands = [m for m in runnable if m.kind == "chunked" and m.mode == mode]
         if cands:
             best = min(m.result["cpu_time_ratio_paired_median"] for m in cands)
             ok = [m for m in cands if m.result["cpu_time_ratio_paired_median"] <= best * 1.03]
             chosen[mode] = min(m.chunk_size for m in ok)
+    return chosen
+
+
+def print_summary(runnable: list[Method]) -> None:
+    for m in runnable:
+        print(
+            f"[loss] {m.name:28s} wall x{m.result['time_ratio_paired_median']:.3f} "
+            f"cpu x{m.result['cpu_time_ratio_paired_median']:.3f}  "
+            f"peak {m.result['peak_bytes'] / MiB if m.result.get('peak_bytes') else float('nan'):8.1f} MiB"
+            + (
+                f"  drop/predicted {m.result['drop_vs_predicted']:.3f}"
+                if "drop_vs_predicted" in m.result
+                else ""
+            ),
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.replot:
+        payload = json.loads(Path(args.replot).read_text())
+        plot(payload, Path(args.replot).with_suffix(".png"))
+        return payload
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = MODELS[args.model]
+    dtype = DTYPES[args.dtype]
+    out_json = Path(args.out) if args.out else RESULTS / ("loss_quick.json" if args.quick else "loss.json")
+
+    model = build_model(cfg, dtype)
+    ids = torch.randint(0, cfg.vocab, (args.batch, args.seq))
+    labels = ids.clone()
+    labels[:, : args.seq // 8] = -100  # a masked prompt, as in instruction tuning
+    tokens = args.batch * args.seq
+
+    methods, cce_version, cce_import = make_methods(args)
+    steps = warm_up(methods, model, ids, labels)
+    runnable = [m for m in methods if m.status == "ok"]
+    time_rounds(runnable, args.rounds, model, ids, labels, steps)
+    measure_peaks(runnable, model, ids, labels, steps)
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    std_pred = standard_loss_peak_bytes(tokens=tokens, vocab=cfg.vocab, dtype_bytes=dtype_bytes)
+    compare(methods[0], runnable, cfg, tokens, dtype_bytes, std_pred)
 
     payload = {
         "question": "chunked linear cross-entropy vs the standard loss and Cut Cross-Entropy: peak, time",
@@ -408,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "logits_bytes_fp32": logits_bytes(tokens, cfg.vocab, 4),
         "predicted_standard_loss_peak_bytes": std_pred,
         "time_goal_ratio": TIME_GOAL,
-        "chosen_chunk_size": chosen,
+        "chosen_chunk_size": choose_chunk_sizes(runnable, args.modes),
         "default_chunk_size_in_code": DEFAULT_CHUNK_TOKENS,
         "default_mode_in_code": DEFAULT_MODE,
         "methods": [
@@ -429,18 +493,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(str(out_json), payload)
     plot(payload, out_json.with_suffix(".png"))
     print(f"[loss] wrote {out_json} and {out_json.with_suffix('.png')}", flush=True)
-    for m in runnable:
-        print(
-            f"[loss] {m.name:28s} wall x{m.result['time_ratio_paired_median']:.3f} "
-            f"cpu x{m.result['cpu_time_ratio_paired_median']:.3f}  "
-            f"peak {m.result['peak_bytes'] / MiB if m.result.get('peak_bytes') else float('nan'):8.1f} MiB"
-            + (
-                f"  drop/predicted {m.result['drop_vs_predicted']:.3f}"
-                if "drop_vs_predicted" in m.result
-                else ""
-            ),
-            flush=True,
-        )
+    print_summary(runnable)
     return payload
 
 

@@ -80,79 +80,71 @@ def _rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_config(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+def _memtier_optimizer(args: argparse.Namespace, model: Any, hyper: dict[str, Any]) -> tuple[Any, str | None]:
+    """memtier's OffloadedAdamW with its state in the configuration's tier; (optimizer, its NVMe directory)."""
+    from offload.optimizer import OffloadedAdamW, OffloadSettings
+    from planner.plan import OptimizerPlan, TierPlan
 
-    torch.set_num_threads(args.threads)
-    spec, model = _build_model(args.model, args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    data = [
-        torch.randint(0, spec.vocab_size, (args.micro_batch, args.seq), generator=gen)
-        for _ in range((args.warmup + args.steps) * args.accum)
-    ]
-    hyper: dict[str, Any] = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01}
-    info: dict[str, Any] = {"config": args.worker, "params": n_params}
-    engine = None
-    opt: Any = None
+    tier = {
+        "memtier-device": "device",
+        "memtier-host": "dram",
+        "memtier-nvme": "nvme",
+    }[args.worker]
+    tier_plans: tuple[TierPlan, ...] = ()
     nvme_dir = None
-    if args.worker == "resident":
-        opt = torch.optim.AdamW(model.parameters(), fused=True, **hyper)
-    elif args.worker.startswith("memtier"):
-        from offload.optimizer import OffloadedAdamW, OffloadSettings
-        from planner.plan import OptimizerPlan, TierPlan
+    if tier == "nvme":
+        nvme_dir = tempfile.mkdtemp(prefix="memtier-opt-", dir=args.nvme_dir)
+        tier_plans = (TierPlan(kind="nvme", capacity_bytes=0, path=nvme_dir),)
+    opt = OffloadedAdamW(
+        model.parameters(),
+        placement=OptimizerPlan(offload=tier != "device", tier=tier, subgroup_size=args.subgroup_size),  # type: ignore[arg-type]
+        tier_plans=tier_plans,
+        settings=OffloadSettings(
+            grad_accum=args.accum,
+            max_grad_norm=args.clip,
+            cpu_kernel=args.kernel,
+            nvme_io_engine=args.io_engine,
+        ),
+        **hyper,
+    )
+    return opt, nvme_dir
 
-        tier = {
-            "memtier-device": "device",
-            "memtier-host": "dram",
-            "memtier-nvme": "nvme",
-        }[args.worker]
-        tier_plans: tuple[TierPlan, ...] = ()
-        if tier == "nvme":
-            nvme_dir = tempfile.mkdtemp(prefix="memtier-opt-", dir=args.nvme_dir)
-            tier_plans = (TierPlan(kind="nvme", capacity_bytes=0, path=nvme_dir),)
-        opt = OffloadedAdamW(
-            model.parameters(),
-            placement=OptimizerPlan(offload=tier != "device", tier=tier, subgroup_size=args.subgroup_size),  # type: ignore[arg-type]
-            tier_plans=tier_plans,
-            settings=OffloadSettings(
-                grad_accum=args.accum,
-                max_grad_norm=args.clip,
-                cpu_kernel=args.kernel,
-                nvme_io_engine=args.io_engine,
-            ),
-            **hyper,
-        )
-        info["subgroups"] = len(opt.subgroups)
-        info["cpu_kernel"] = opt.cpu_kernel_name
-    elif args.worker == "deepspeed":
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")  # fmt: skip
-        import deepspeed
-        import deepspeed.ops
 
-        # NOTE: DeepSpeed's CPU comm backend would compile a shared-memory op; one process needs only gloo
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="gloo")
-        cfg = {
-            "train_micro_batch_size_per_gpu": args.micro_batch,
-            "gradient_accumulation_steps": args.accum,
-            # buckets of 5e7 elements (DeepSpeed's default 5e8 would allocate 2 GB fp32 buffers each)
-            "zero_optimization": {
-                "stage": 2,
-                "offload_optimizer": {"device": "cpu", "pin_memory": False},
-                "reduce_bucket_size": int(5e7),
-                "allgather_bucket_size": int(5e7),
-                "contiguous_gradients": True,
-            },
-            "optimizer": {"type": "AdamW", "params": {**hyper, "betas": list(hyper["betas"])}},
-            "gradient_clipping": args.clip or 0.0,
-            "steps_per_print": 1 << 30,
-        }
-        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-        info["optimizer"] = f"{type(opt).__name__}/{type(getattr(opt, 'optimizer', None)).__name__}"
-    else:
-        raise SystemExit(f"unknown config {args.worker!r}")
+def _deepspeed_engine(args: argparse.Namespace, model: Any, hyper: dict[str, Any]) -> tuple[Any, Any]:
+    """DeepSpeed ZeRO-2 with CPU optimizer offload, one gloo rank; (engine, optimizer)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")  # fmt: skip
+    import deepspeed
+    import deepspeed.ops
+
+    # NOTE: DeepSpeed's CPU comm backend would compile a shared-memory op; one process needs only gloo
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": args.accum,
+        # buckets of 5e7 elements (DeepSpeed's default 5e8 would allocate 2 GB fp32 buffers each)
+        "zero_optimization": {
+            "stage": 2,
+            "offload_optimizer": {"device": "cpu", "pin_memory": False},
+            "reduce_bucket_size": int(5e7),
+            "allgather_bucket_size": int(5e7),
+            "contiguous_gradients": True,
+        },
+        "optimizer": {"type": "AdamW", "params": {**hyper, "betas": list(hyper["betas"])}},
+        "gradient_clipping": args.clip or 0.0,
+        "steps_per_print": 1 << 30,
+    }
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine, opt
+
+
+def _train_steps(
+    args: argparse.Namespace, model: Any, data: list[Any], engine: Any, opt: Any
+) -> dict[str, Any]:
+    """Warm-up then measured steps (forward + backward of `args.accum` micro-batches, then the optimizer
+    step); medians of the measured ones and every step's loss."""
+    import torch
 
     fwd_bwd, step_s, update_s, losses = [], [], [], []
     k = 0
@@ -188,17 +180,21 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         log(
             f"{args.worker}: step {it + 1}/{args.warmup + args.steps} {t2 - t0:.2f} s (optimizer {t2 - t1:.2f} s)"
         )
-    info.update(
-        step_s=statistics.median(step_s),
-        fwd_bwd_s=statistics.median(fwd_bwd),
-        optimizer_s=statistics.median(update_s),
-        step_s_all=step_s,
-        losses=losses,
-        peak_rss_bytes=_rss_peak_bytes(),
-    )
-    if args.worker.startswith("memtier"):
-        recs = list(opt.schedule_log)[args.warmup :]
-        info["schedule"] = [
+    return {
+        "step_s": statistics.median(step_s),
+        "fwd_bwd_s": statistics.median(fwd_bwd),
+        "optimizer_s": statistics.median(update_s),
+        "step_s_all": step_s,
+        "losses": losses,
+    }
+
+
+def _memtier_schedule(opt: Any, warmup: int) -> dict[str, Any]:
+    """What memtier's scheduler decided and measured over the measured steps."""
+    recs = list(opt.schedule_log)[warmup:]
+    rates = opt.throughputs
+    return {
+        "schedule": [
             {
                 "strategy": r.schedule.strategy,
                 "phase": r.schedule.phase,
@@ -211,16 +207,50 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
                 "fallbacks": len(r.fallbacks),
             }
             for r in recs
-        ]
-        rates = opt.throughputs
-        info["measured_rates"] = {
+        ],
+        "measured_rates": {
             "cpu_params_per_s": rates.cpu_params_per_s,
             "device_params_per_s": rates.device_params_per_s,
             "h2d_bytes_per_s": rates.h2d_bytes_per_s,
             "d2h_bytes_per_s": rates.d2h_bytes_per_s,
             "read_bytes_per_s": dict(rates.read_bytes_per_s),
             "write_bytes_per_s": dict(rates.write_bytes_per_s),
-        }
+        },
+    }
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    spec, model = _build_model(args.model, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    data = [
+        torch.randint(0, spec.vocab_size, (args.micro_batch, args.seq), generator=gen)
+        for _ in range((args.warmup + args.steps) * args.accum)
+    ]
+    hyper: dict[str, Any] = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01}
+    info: dict[str, Any] = {"config": args.worker, "params": n_params}
+    engine = None
+    opt: Any = None
+    nvme_dir = None
+    if args.worker == "resident":
+        opt = torch.optim.AdamW(model.parameters(), fused=True, **hyper)
+    elif args.worker.startswith("memtier"):
+        opt, nvme_dir = _memtier_optimizer(args, model, hyper)
+        info["subgroups"] = len(opt.subgroups)
+        info["cpu_kernel"] = opt.cpu_kernel_name
+    elif args.worker == "deepspeed":
+        engine, opt = _deepspeed_engine(args, model, hyper)
+        info["optimizer"] = f"{type(opt).__name__}/{type(getattr(opt, 'optimizer', None)).__name__}"
+    else:
+        raise SystemExit(f"unknown config {args.worker!r}")
+
+    info.update(_train_steps(args, model, data, engine, opt))
+    info["peak_rss_bytes"] = _rss_peak_bytes()
+    if args.worker.startswith("memtier"):
+        info.update(_memtier_schedule(opt, args.warmup))
         opt.remove()
     if nvme_dir:
         shutil.rmtree(nvme_dir, ignore_errors=True)
@@ -236,7 +266,7 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from offload.optimizer import OffloadedAdamW, OffloadSettings
-    from offload.optimizer_kernels import deepspeed_cpu_adam_status, select_cpu_kernel
+    from offload.optimizer.kernels import deepspeed_cpu_adam_status, select_cpu_kernel
     from planner.plan import OptimizerPlan, TierPlan
 
     torch.set_num_threads(args.threads)
@@ -364,7 +394,7 @@ def _plot(payload: dict[str, Any], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.common import savefig
+    from launch.measure.record import savefig
 
     runs = [r for r in payload["configs"] if "step_s" in r]
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
@@ -398,7 +428,7 @@ def _plot(payload: dict[str, Any], png: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -448,12 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (2 if args.quick else 4)
     args.subgroup_size = args.subgroup_size or ((1 << 22) if args.quick else (1 << 24))
     args.kernel_numel = args.kernel_numel or ((1 << 24) if args.quick else (1 << 25))
+    return args
 
-    if args.worker:
-        result = run_kernels(args) if args.worker == "kernels" else run_config(args)
-        Path(args.worker_out).write_text(json.dumps(result))
-        return 0
 
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    """The options every worker process gets (the parent's settings, defaults resolved)."""
     common = [
         "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup), "--accum", str(args.accum),
         "--micro-batch", str(args.micro_batch), "--seq", str(args.seq), "--subgroup-size", str(args.subgroup_size),
@@ -466,15 +495,13 @@ def main(argv: list[str] | None = None) -> int:
         common += ["--clip", str(args.clip)]
     if args.build_deepspeed:
         common += ["--build-deepspeed"]
-    t0 = time.perf_counter()
-    log(f"CPU-update throughput on {args.kernel_numel / 1e6:.0f}M parameters")
-    kernels = _worker(args, "kernels", common)
-    configs = []
-    for name in args.configs:
-        log(
-            f"{name}: {args.model}, {args.steps} steps of {args.accum} x {args.micro_batch} x {args.seq} tokens"
-        )
-        configs.append(_worker(args, name, common))
+    return common
+
+
+def _ratios(
+    configs: list[dict[str, Any]], kernels: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], float | None]:
+    """(step-time ratios per configuration, CPU-update ratios, the resident baseline's step seconds)."""
     base = next((r for r in configs if r.get("config") == "resident" and "step_s" in r), None)
     base_step = base["step_s"] if base else None
     ratios = {
@@ -499,6 +526,27 @@ def main(argv: list[str] | None = None) -> int:
         for r in configs:
             if r.get("config", "").startswith("memtier") and "step_s" in r:
                 ratios[r["config"]]["step_vs_deepspeed"] = r["step_s"] / ds_step
+    return ratios, kernel_ratios, base_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        result = run_kernels(args) if args.worker == "kernels" else run_config(args)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return 0
+
+    common = _worker_args(args)
+    t0 = time.perf_counter()
+    log(f"CPU-update throughput on {args.kernel_numel / 1e6:.0f}M parameters")
+    kernels = _worker(args, "kernels", common)
+    configs = []
+    for name in args.configs:
+        log(
+            f"{name}: {args.model}, {args.steps} steps of {args.accum} x {args.micro_batch} x {args.seq} tokens"
+        )
+        configs.append(_worker(args, name, common))
+    ratios, kernel_ratios, base_step = _ratios(configs, kernels)
     payload = {
         "benchmark": "optimizer_offload",
         "question": "step time with optimizer state resident / host / NVMe / DeepSpeed ZeRO-2 CPU offload; "
@@ -512,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t0,
     }
     out = Path(args.out) if args.out else RESULTS / f"optimizer_offload{'_quick' if args.quick else ''}.json"
-    from benchmarks.common import write_json
+    from launch.measure.record import write_json
 
     write_json(str(out), payload)
     if base_step:

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import savefig, write_json  # noqa: E402
+from launch.measure.record import savefig, write_json  # noqa: E402
 from planner.cluster import ClusterSpec  # noqa: E402
 from planner.estimate import budget_bytes, validate_layout  # noqa: E402
 from planner.mapping import LinkEvaluator, default_mapping  # noqa: E402
@@ -39,8 +39,8 @@ from planner.plan import Layout  # noqa: E402
 from planner.planning import make_plan  # noqa: E402
 from planner.presets import resolve_cluster  # noqa: E402
 from planner.search import SearchSpace, micro_batches, stage_splits  # noqa: E402
-from planner.stages import ACTIVATION_BASELINES, StageInput  # noqa: E402
 from planner.steptime import estimate_step_time  # noqa: E402
+from planner.strategies import ACTIVATION_BASELINES, StrategyInput  # noqa: E402
 from planner.workload import Workload  # noqa: E402
 
 _GPT: dict[str, Any] = {
@@ -155,7 +155,7 @@ def cost_row(row: dict[str, Any]) -> dict[str, Any]:
             continue  # Megatron's interleaving needs the micro-batches to be a multiple of the stages
         validate_layout(model, cluster, w, layout)
         if row["recompute"] == "auto":
-            inp = StageInput(model=model, cluster=cluster, workload=w, layout=layout, budget_bytes=budget)
+            inp = StrategyInput(model=model, cluster=cluster, workload=w, layout=layout, budget_bytes=budget)
             options = None
             for stage in ACTIVATION_BASELINES:
                 if stage.applies(inp):

@@ -20,15 +20,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import savefig, write_json  # noqa: E402
+from launch.measure.record import savefig, write_json  # noqa: E402
 from planner.estimate import budget_bytes  # noqa: E402
 from planner.mapping import LinkEvaluator, default_mapping  # noqa: E402
 from planner.plan import Layout  # noqa: E402
 from planner.planning import make_plan  # noqa: E402
 from planner.presets import MODEL_PRESETS, cluster_preset_names, resolve_cluster  # noqa: E402
 from planner.search import SearchSpace, micro_batches, parallel_shapes, stage_splits, zero_choices  # noqa: E402
-from planner.stages import ACTIVATION_BASELINES, OPTIMIZER_BASELINES, StageInput  # noqa: E402
 from planner.steptime import estimate_step_time  # noqa: E402
+from planner.strategies import ACTIVATION_BASELINES, OPTIMIZER_BASELINES, StrategyInput  # noqa: E402
 from planner.workload import Workload  # noqa: E402
 
 TARGET_S = 60.0
@@ -55,8 +55,8 @@ def exhaustive(model, cluster, workload, budget: int, progress) -> tuple[float, 
                         layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=mb,
                                         grad_accum=workload.global_batch // (dp * mb), zero_stage=zero,
                                         sequence_parallel=tp > 1, stage_layers=split)  # fmt: skip
-                        inp = StageInput(model=model, cluster=cluster, workload=workload, layout=layout,
-                                         budget_bytes=budget, links=links)  # fmt: skip
+                        inp = StrategyInput(model=model, cluster=cluster, workload=workload, layout=layout,
+                                            budget_bytes=budget, links=links)  # fmt: skip
                         if not opt_stage.applies(inp):
                             continue
                         opt = opt_stage.solve(inp)

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "it, DeepSpeed does not): default 1, plain 1F1B",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["torch", "deepspeed", "accelerate"], default="torch")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (0: off)")
 
     p = sub.add_parser("launch", help="run a training script under torchrun with a plan applied")
     g = p.add_mutually_exclusive_group()
@@ -114,8 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=_positive_int, default=1)
     p.add_argument("--nnodes", type=_positive_int, default=1)
     p.add_argument("--rdzv-endpoint", default=None)
-    p.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
+    p.add_argument(
+        "--engine",
+        choices=["torch", "deepspeed", "accelerate"],
+        default=None,
+        help="default: the plan's layout.engine (torch without a plan); must agree with the plan",
+    )
     p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=None,
+        help="seconds without a rank's heartbeat before it is killed as hung (default 120; 0: off)",
+    )
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=None,
+        help="seconds one collective may wait for its peers before the rank fails (default 600)",
+    )
     p.add_argument(
         "--node-rank",
         type=int,
@@ -173,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "probe":
-        from launch import probe
+        from launch.measure import probe
         from planner.cluster import cluster_to_yaml
         from planner.schema import atomic_write_text
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from launch.specs import cluster_from_arg, model_from_arg
 from planner.cluster import ClusterSpec
-from planner.errors import LayoutError
+from planner.errors import LayoutError, SpecError
 from planner.estimate import estimate
 from planner.memory import MemoryOptions, Offload
 from planner.model import ModelSpec
@@ -19,6 +20,9 @@ from planner.workload import OptimizerSpec, Workload
 def workload_from_args(args: argparse.Namespace, model: ModelSpec, dp: int, default_dtype: str) -> Workload:
     seq = args.seq or min(2048, model.max_position_embeddings)
     mb = args.micro_batch or 1
+    clip = getattr(args, "max_grad_norm", 1.0)  # `memtier plan --max-grad-norm`; estimate has no such flag
+    if not (math.isfinite(clip) and clip >= 0):
+        raise SpecError(f"must be a finite number >= 0 (0: no clipping), got {clip}", field="--max-grad-norm")
     return Workload(
         global_batch=args.global_batch or mb * dp,
         micro_batch=mb,
@@ -26,6 +30,7 @@ def workload_from_args(args: argparse.Namespace, model: ModelSpec, dp: int, defa
         dtype=args.dtype or default_dtype,
         optimizer=OptimizerSpec(kind=args.optimizer, rank=args.rank),
         flash_attention=not args.no_flash,
+        max_grad_norm=clip,
     )
 
 

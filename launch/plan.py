@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         space=space,
         seed=args.seed,
         time_limit_s=args.time_limit,
+        engine=args.engine,
     )
     search = result.search
     out: dict[str, Any] = {

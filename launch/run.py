@@ -29,9 +29,11 @@ Failures and signals:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from launch import heartbeat
 from planner.errors import SpecError
 from planner.plan import Plan, load_plan
 
@@ -48,7 +51,12 @@ from planner.plan import Plan, load_plan
 SHUTDOWN_TIMEOUT_S = 10.0
 # seconds between torchrun's checks of its workers (its default is 0.1 in recent releases; set explicitly)
 MONITOR_INTERVAL_S = 0.5
-ENGINES = ("torch", "deepspeed")
+ENGINES = ("torch", "deepspeed", "accelerate")
+# A rank that sends no heartbeat for this long is stopped (SIGSTOP, wedged); a first step that compiles a
+# DeepSpeed op or solves a MIP keeps beating (the heartbeat is a thread). A collective whose peer is alive but
+# silent fails after COLLECTIVE_TIMEOUT_S (torch's default is 30 min for gloo).
+HEARTBEAT_TIMEOUT_S = 120.0
+COLLECTIVE_TIMEOUT_S = 600.0
 
 
 class LaunchError(SpecError):
@@ -68,6 +76,8 @@ class LaunchSpec:
     max_restarts: int = 0
     ds_config: str | None = None
     shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S
+    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S  # a rank silent this long is killed (0: no watch)
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S  # the process group's timeout for one collective
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +160,7 @@ def worker_env(
     if spec.ds_config:
         env["MEMTIER_DS_CONFIG"] = os.path.abspath(spec.ds_config)
     env["OMP_NUM_THREADS"] = str(threads_per_rank(spec.nproc, cores))
+    env["MEMTIER_COLLECTIVE_TIMEOUT_S"] = str(spec.collective_timeout_s)
     if cuda_devices is None:
         cuda_devices = _cuda_device_count()
     devices = visible_devices(plan, nproc=spec.nproc, node_rank=spec.node_rank)
@@ -267,15 +278,17 @@ def auto_plan(
     out_dir: str,
     optimizer: str = "adamw",
     cluster_arg: str = "local",
+    engine: str = "torch",
 ) -> str:
     """Plan for this machine and write plan.json under `out_dir`; its path.
 
-    The cluster is `cluster_arg` ("local": launch.probe.local_cluster, the cached probe). The plan comes from
-    launch.budget.plan_for_budget: data parallel over the ranks (what the torch engine runs), per-block
-    activation swap/recompute, chunked loss and optimizer offload as the per-rank budget needs.
+    The cluster is `cluster_arg` ("local": launch.measure.probe.local_cluster, the cached probe). The plan comes from
+    the planner's fixed-layout mode, planner.budget.plan_for_budget: data parallel over the ranks (what the
+    torch engine runs), per-block activation swap/recompute, chunked loss and optimizer offload as the
+    per-rank budget needs.
     """
-    from launch.budget import plan_for_budget
     from launch.specs import cluster_from_arg, model_from_arg
+    from planner.budget import plan_for_budget
     from planner.workload import OptimizerSpec, Workload
 
     cluster = cluster_from_arg(cluster_arg)
@@ -296,7 +309,13 @@ def auto_plan(
         cap = budget or int(cluster.device.memory * (1 - workload.headroom))
         cluster_for_ranks = cluster
     result = plan_for_budget(
-        spec, cluster_for_ranks, workload, budget_bytes=cap, dp=nproc, optimizer_offload=True
+        spec,
+        cluster_for_ranks,
+        workload,
+        budget_bytes=cap,
+        dp=nproc,
+        optimizer_offload=True,
+        engine=engine,  # type: ignore[arg-type]
     )
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "plan.json")
@@ -311,58 +330,33 @@ def auto_plan(
 
 def deepspeed_config(plan: Plan | None, *, plan_path: str | None, out_dir: str) -> str:
     """The DeepSpeed config for the job: the one `memtier plan` emitted beside plan.json, else
-    planner.emit.ds_config(plan) written to `out_dir`, else (an older planner) one derived here.
-
-    The derived config carries the plan's ZeRO stage and optimizer offload. Its activation_checkpointing
-    block is informational: DeepSpeed only checkpoints what code wraps, and the worker installs the plan's
-    per-block recompute itself (offload.apply).
-    """
+    planner.emit.ds_config(plan) written to `out_dir` (planner/emit.py is its only producer)."""
+    if plan is None:
+        raise LaunchError(
+            "the deepspeed engine needs a plan (its ds_config.json is derived from it): "
+            "`memtier plan --engine deepspeed ...`, then `memtier launch --plan DIR/plan.json`",
+            field="--engine",
+        )
     if plan_path:
         emitted = os.path.join(os.path.dirname(os.path.abspath(plan_path)), "ds_config.json")
         if os.path.isfile(emitted):
             return emitted
-    if plan is not None:
-        try:
-            from planner.emit import ds_config as emitted_config
-        except ImportError:  # an older planner: derive it here
-            pass
-        else:
-            return _write_json(os.path.join(out_dir, "ds_config.json"), emitted_config(plan))
-    zero: dict[str, Any] = {"stage": plan.layout.zero_stage if plan is not None else 0}
-    opt_kind = "AdamW"
-    params: dict[str, Any] = {"lr": 1e-4}
-    if plan is not None:
-        o = plan.workload.optimizer
-        params = {"lr": o.lr, "betas": list(o.betas[:2]), "eps": o.eps, "weight_decay": o.weight_decay}
-        if plan.optimizer.offload:
-            zero["stage"] = max(
-                zero["stage"], 2
-            )  # ZeRO-Offload needs stage >= 1 (DeepSpeed offloads from 1/2)
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": _cuda_device_count() > 0}
-    dtype = plan.workload.dtype if plan is not None else "fp32"
-    recomputed = sum(1 for a in plan.activations if a.recompute_fraction > 0) if plan is not None else 0
-    cfg = {
-        "train_micro_batch_size_per_gpu": plan.layout.micro_batch if plan is not None else 1,
-        "gradient_accumulation_steps": plan.layout.grad_accum if plan is not None else 1,
-        "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bf16"},
-        "fp16": {"enabled": dtype == "fp16"},
-        "activation_checkpointing": {"partition_activations": False, "number_checkpoints": recomputed},
-        "steps_per_print": 10**9,
-    }
-    if plan is not None and plan.optimizer.offload:
-        # ZeRO-Offload steps on the CPU with DeepSpeed's CPU Adam, built from this block; without offload the
-        # script's own torch optimizer is used (no DeepSpeed op to compile)
-        cfg["optimizer"] = {"type": opt_kind, "params": params}
-    return _write_json(os.path.join(out_dir, "ds_config.json"), cfg)
+    from planner.emit import write_ds_config
+
+    return write_ds_config(plan, out_dir)
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.replace(path + ".tmp", path)
-    return path
+def resolve_engine(plan: Plan | None, requested: str | None, source: str | None) -> str:
+    """The plan decides the engine (`layout.engine`); `--engine` may only repeat it."""
+    if plan is None:
+        return requested or "torch"
+    if requested is not None and requested != plan.layout.engine:
+        raise LaunchError(
+            f"the plan's layout.engine is {plan.layout.engine!r}, not {requested!r} ({source}); re-plan with "
+            f"`memtier plan --engine {requested}`",
+            field="--engine",
+        )
+    return plan.layout.engine
 
 
 # ------------------------------------------------------------------------------------------- supervision
@@ -424,6 +418,9 @@ def launch(
         check_plan_world(plan, spec)
         preflight_tiers(plan, spec.plan_path)
     env = worker_env(spec, plan)
+    heartbeats = tempfile.mkdtemp(prefix="memtier-heartbeat-")
+    env[heartbeat.HEARTBEAT_DIR_ENV] = heartbeats
+    stale: list[heartbeat.Stale] = []
     fd, report = tempfile.mkstemp(prefix="memtier-agent-", suffix=".json")
     os.close(fd)
     os.unlink(report)  # the agent writes it only when something failed
@@ -458,12 +455,7 @@ def launch(
             on_start(proc.pid)
         if received:  # a signal that arrived while starting
             _send(proc, signal.SIGTERM)
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except InterruptedError:
-                continue
+        code = _wait(proc, heartbeats, spec.heartbeat_timeout_s, stale)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -477,6 +469,7 @@ def launch(
                 while _group_members(proc.pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
         _reap_swap(plan)
+        shutil.rmtree(heartbeats, ignore_errors=True)
     seconds = time.perf_counter() - started
     failure = _read_report(report)
     if received:
@@ -489,13 +482,39 @@ def launch(
         )
     if code == 0:
         return LaunchResult(exit_code=0, seconds=seconds, message="all ranks finished")
-    if failure is not None:
+    if stale:
+        msg = "; ".join(s.describe() for s in stale) + "; the job was stopped"
+        if failure is not None:
+            msg += f" ({failure.describe()})"
+    elif failure is not None:
         msg = f"{failure.describe()}; the job was stopped"
         if spec.max_restarts:
             msg += f" after {spec.max_restarts} restart(s)"
     else:
         msg = f"torchrun exited with code {code}"
     return LaunchResult(exit_code=1, failure=failure, seconds=seconds, message=msg)
+
+
+def _wait(
+    proc: subprocess.Popen[bytes], heartbeats: str, timeout_s: float, stale: list[heartbeat.Stale]
+) -> int:
+    """Wait for the agent; meanwhile SIGKILL any rank whose heartbeat is older than `timeout_s` (recorded in
+    `stale`). torchrun sees the killed worker fail and stops (or restarts) the group as for any crash."""
+    killed: set[int] = set()
+    while True:
+        try:
+            return proc.wait(timeout=1.0 if timeout_s else None)
+        except InterruptedError:
+            continue
+        except subprocess.TimeoutExpired:
+            pass
+        for s in heartbeat.stale_ranks(heartbeats, timeout_s):
+            if s.pid not in killed:
+                killed.add(s.pid)
+                stale.append(s)
+                print(f"memtier launch: {s.describe()}", file=sys.stderr, flush=True)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(s.pid, signal.SIGKILL)
 
 
 def _send(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -538,6 +557,7 @@ def run_cli(args: argparse.Namespace) -> int:
             budget=_parse_budget(args.budget),
             out_dir=args.plan_out,
             cluster_arg=args.cluster,
+            engine=args.engine or "torch",
         )
     plan = read_plan(plan_path) if plan_path else None
     spec = LaunchSpec(
@@ -548,16 +568,32 @@ def run_cli(args: argparse.Namespace) -> int:
         nnodes=args.nnodes,
         node_rank=args.node_rank if args.node_rank is not None else int(os.environ.get("NODE_RANK", "0")),
         rdzv_endpoint=args.rdzv_endpoint,
-        engine=args.engine,
+        engine=resolve_engine(plan, args.engine, plan_path),
         max_restarts=args.max_restarts,
+        **_timeouts(args),
     )
-    if args.engine == "deepspeed":
+    if spec.engine == "deepspeed":
         out = os.path.dirname(os.path.abspath(plan_path)) if plan_path else args.plan_out
         spec = dataclasses.replace(spec, ds_config=deepspeed_config(plan, plan_path=plan_path, out_dir=out))
     result = launch(spec, plan)
     stream = sys.stderr
     print(f"memtier launch: {result.message} ({result.seconds:.1f} s)", file=stream)
     return result.exit_code
+
+
+def _timeouts(args: argparse.Namespace) -> dict[str, float]:
+    out = {}
+    for flag, name in (
+        ("--heartbeat-timeout", "heartbeat_timeout_s"),
+        ("--collective-timeout", "collective_timeout_s"),
+    ):
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is None:
+            continue
+        if not (value >= 0 and value < float("inf")):
+            raise LaunchError(f"must be a number of seconds >= 0, got {value}", field=flag)
+        out[name] = float(value)
+    return out
 
 
 def _parse_budget(text: str | None) -> int | None:

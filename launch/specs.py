@@ -15,7 +15,7 @@ from planner.presets import MODEL_PRESETS, resolve_cluster, resolve_model
 
 def cluster_from_arg(name: str, nodes: int | None = None) -> ClusterSpec:
     if name == "local":
-        from launch.probe import local_cluster
+        from launch.measure.probe import local_cluster
 
         cluster = local_cluster()
         return cluster.with_nodes(nodes) if nodes is not None else cluster

@@ -5,8 +5,8 @@ What it installs, all undone by the returned handle's `remove()`:
 - per transformer block (see `offload.blocks.find_blocks`; `plan.activations[i].layer` indexes them), the
   activation policy: swap hooks or a recompute wrapper (`offload.activations`); blocks without a policy
   are left alone;
-- the tier stores the swap policies need, built from `plan.tiers` (closed, and swap files deleted, on
-  `remove()`);
+- the tier stores the swap policies need, built from `plan.tiers` by `offload.tiers.factory.stores_for_plan`
+  (closed, and swap files deleted, on `remove()`);
 - the chunked loss when `plan.loss.kind == "chunked"` (`offload.loss.install_chunked_loss`);
 - optimizer-state offload when `plan.optimizer.offload`: `offload.optimizer.offload_optimizer` wraps the
   AdamW; the training loop steps `handle.optimizer`.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -35,32 +35,7 @@ from offload.activations import (
 from offload.blocks import BlockList, find_blocks
 from planner.plan import Plan, TierPlan
 
-__all__ = ["OffloadHandle", "apply", "tier_settings"]
-
-# Plan tier names -> `offload.tiers.make_tier` kinds.
-_TIER_KIND = {"dram": "host", "cxl": "cxl", "nvme": "nvme"}
-
-
-def tier_settings(tier: TierPlan) -> tuple[str, dict[str, Any]]:
-    """The `make_tier` kind and keyword settings of one `TierPlan`."""
-    kind = _TIER_KIND.get(tier.kind)
-    if kind is None:
-        raise PolicyError(
-            f"tier kind {tier.kind!r} has no store (choices: {sorted(_TIER_KIND)})", field="tiers.kind"
-        )
-    if tier.kind == "dram":
-        return kind, {"capacity_bytes": tier.capacity_bytes}
-    if tier.kind == "cxl":
-        return kind, {"capacity_bytes": tier.capacity_bytes, "node": tier.numa_node}
-    if not tier.path:
-        raise PolicyError("the nvme tier needs a path (a directory on the drive)", field="tiers.path")
-    return kind, {
-        "path": tier.path,
-        "capacity_bytes": tier.capacity_bytes or None,
-        "direct_io": tier.direct_io,
-        "chunk_bytes": tier.block_bytes,
-        "checksum": tier.checksum,
-    }
+__all__ = ["OffloadHandle", "apply"]
 
 
 class OffloadHandle:
@@ -127,6 +102,57 @@ class OffloadHandle:
         )
 
 
+def _check_tier(tier: TierPlan) -> None:
+    """The tier entry can become a store (`offload.tiers.factory.tier_settings`); raises naming the field."""
+    from offload.tiers.factory import TierPlanError, tier_settings
+
+    try:
+        tier_settings(tier)
+    except TierPlanError as exc:
+        raise PolicyError(exc.message, field=exc.field) from exc
+
+
+def _swap_tiers(plan: Plan, policies: Sequence[BlockPolicy]) -> dict[str, TierPlan]:
+    """The plan's entries of the tiers the swap policies name, checked (raises naming the layers or field)."""
+    needed = sorted({p.swap_tier for p in policies if p.mode == "swap"})
+    tier_plans: dict[str, TierPlan] = {}
+    for name in needed:
+        tp = plan.tier(name)
+        if tp is None:
+            layers = [p.layer for p in policies if p.mode == "swap" and p.swap_tier == name]
+            raise PolicyError(
+                f"layers {layers} swap to the {name!r} tier but the plan has no {name!r} entry in tiers",
+                field="tiers",
+            )
+        _check_tier(tp)  # raises on a malformed entry
+        tier_plans[name] = tp
+    return tier_plans
+
+
+def _install_blocks(handle: OffloadHandle, tier_plans: dict[str, TierPlan], *, seq_dim: int) -> None:
+    """The swap tiers and their engine, the blocks' hooks and the model's drain hook, onto ``handle``."""
+    if tier_plans:
+        from offload.tiers.factory import stores_for_plan
+
+        # each at the plan's cap (a host arena allocates its whole cap)
+        handle.tiers.update(stores_for_plan(tier_plans.values(), dict.fromkeys(tier_plans)))
+        handle.engine = SwapEngine(handle.tiers)
+    model = handle.model
+    ptrs = _param_ptrs_fn(model)
+    for block, policy in zip(handle.blocks, handle.policies):
+        if policy.mode == "keep" and handle.engine is None:
+            continue
+        # With swapping, kept blocks get the engine's back-pressure hooks too (see install_block_hooks).
+        handle._block_hooks.append(
+            install_block_hooks(block, policy, engine=handle.engine, seq_dim=seq_dim, param_ptrs=ptrs)
+        )
+    if handle.engine is not None:
+        engine = handle.engine
+        # Ordering: runs after the model's forward (also when it raises): the last swapped block's copies
+        # are waited for and its sources released before backward starts.
+        handle._model_hook = model.register_forward_hook(lambda _m, _a, _o: engine.drain(), always_call=True)
+
+
 def _block_policies(plan: Plan, n_blocks: int) -> tuple[BlockPolicy, ...]:
     policies: list[BlockPolicy | None] = [None] * n_blocks
     for i, act in enumerate(plan.activations):
@@ -176,18 +202,7 @@ def apply(
     handle = OffloadHandle(model=model, blocks=found, policies=policies)
 
     # Validate before installing anything.
-    needed = sorted({p.swap_tier for p in policies if p.mode == "swap"})
-    tier_plans: dict[str, TierPlan] = {}
-    for name in needed:
-        tp = plan.tier(name)
-        if tp is None:
-            layers = [p.layer for p in policies if p.mode == "swap" and p.swap_tier == name]
-            raise PolicyError(
-                f"layers {layers} swap to the {name!r} tier but the plan has no {name!r} entry in tiers",
-                field="tiers",
-            )
-        tier_settings(tp)  # raises on a malformed entry
-        tier_plans[name] = tp
+    tier_plans = _swap_tiers(plan, policies)
     chunked = plan.loss.kind == "chunked"
     if chunked and importlib.util.find_spec("offload.loss") is None:
         # TODO(issue 5): the chunked loss lives in offload/loss.py, written separately.
@@ -202,28 +217,7 @@ def apply(
 
     handle.optimizer = optimizer
     try:
-        if needed:
-            from offload.tiers import make_tier
-
-            for name, tp in tier_plans.items():
-                kind, settings = tier_settings(tp)
-                handle.tiers[name] = make_tier(kind, **settings)
-            handle.engine = SwapEngine(handle.tiers)
-        ptrs = _param_ptrs_fn(model)
-        for block, policy in zip(found, policies):
-            if policy.mode == "keep" and handle.engine is None:
-                continue
-            # With swapping, kept blocks get the engine's back-pressure hooks too (see install_block_hooks).
-            handle._block_hooks.append(
-                install_block_hooks(block, policy, engine=handle.engine, seq_dim=seq_dim, param_ptrs=ptrs)
-            )
-        if handle.engine is not None:
-            engine = handle.engine
-            # Ordering: runs after the model's forward (also when it raises): the last swapped block's copies
-            # are waited for and its sources released before backward starts.
-            handle._model_hook = model.register_forward_hook(
-                lambda _m, _a, _o: engine.drain(), always_call=True
-            )
+        _install_blocks(handle, tier_plans, seq_dim=seq_dim)
         if chunked:
             loss_module = importlib.import_module("offload.loss")
             # chunk_size 0 in a plan means "not set": the loss module's default applies.
@@ -238,8 +232,9 @@ def apply(
                     field="optimizer",
                 )
 
-            # builds its own tier stores (a host arena allocates its whole cap), shares the AdamW's
-            # param_groups so LR schedulers keep driving it, and moves existing state into the tiers
+            # builds its own tier stores through the same factory (sized to its state, each within the plan's
+            # cap), shares the AdamW's param_groups so LR schedulers keep driving it, and moves existing state
+            # into the tiers
             handle._optimizer_handle = offload_optimizer(model, optimizer, plan, settings=optimizer_settings)
             handle.optimizer = handle._optimizer_handle
     except BaseException:

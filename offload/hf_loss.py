@@ -12,15 +12,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from offload.loss_errors import UnsupportedModelError
+
 # The name of transformers' default causal-LM loss (transformers/loss/loss_utils.py::ForCausalLMLoss): shift
 # labels by one, upcast logits to fp32, cross-entropy with ignore_index, mean or sum / num_items_in_batch.
 CAUSAL_LM_LOSS_NAME = "ForCausalLMLoss"
-
-
-def _unsupported(message: str, field: str) -> Exception:
-    from offload.loss import UnsupportedModelError  # late: offload.loss imports this module
-
-    return UnsupportedModelError(message, field=field)
 
 
 def find_lm_head(model: nn.Module) -> nn.Linear:
@@ -28,12 +24,13 @@ def find_lm_head(model: nn.Module) -> nn.Linear:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else getattr(model, "lm_head", None)
     if head is None:
-        raise _unsupported(
-            f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)", "model"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)", field="model"
         )
     if not isinstance(head, nn.Linear):
-        raise _unsupported(
-            f"output embedding is {type(head).__name__}, expected nn.Linear (vocab x hidden)", "model.lm_head"
+        raise UnsupportedModelError(
+            f"output embedding is {type(head).__name__}, expected nn.Linear (vocab x hidden)",
+            field="model.lm_head",
         )
     return head
 
@@ -41,13 +38,15 @@ def find_lm_head(model: nn.Module) -> nn.Linear:
 def default_causal_lm_loss(model: nn.Module) -> Callable[..., Tensor]:
     """The model's loss function if it is transformers' default causal-LM loss, else UnsupportedModelError."""
     if "_loss_function" in vars(model):
-        raise _unsupported(
-            "has a custom loss_function set; the chunked loss would replace it", "model.loss_function"
+        raise UnsupportedModelError(
+            "has a custom loss_function set; the chunked loss would replace it", field="model.loss_function"
         )
     fn = getattr(model, "loss_function", None)
     name = getattr(fn, "__name__", type(fn).__name__)
     if fn is None or name != CAUSAL_LM_LOSS_NAME:
-        raise _unsupported(f"is {name}, expected transformers' {CAUSAL_LM_LOSS_NAME}", "model.loss_function")
+        raise UnsupportedModelError(
+            f"is {name}, expected transformers' {CAUSAL_LM_LOSS_NAME}", field="model.loss_function"
+        )
     return fn
 
 
@@ -99,4 +98,6 @@ def drop_logits(output: Any, placeholder: Tensor) -> Any:
         return tuple(v for v in output if v is not placeholder)
     if isinstance(output, dict):  # transformers.utils.ModelOutput is an OrderedDict dataclass
         return type(output)(**{k: v for k, v in output.items() if v is not placeholder})
-    raise _unsupported(f"forward returned {type(output).__name__}, expected a ModelOutput or tuple", "model")
+    raise UnsupportedModelError(
+        f"forward returned {type(output).__name__}, expected a ModelOutput or tuple", field="model"
+    )

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offload import hf_loss
+from offload.loss_errors import ChunkedLossError, UnsupportedModelError
 
 IGNORE_INDEX = -100
 Reduction = Literal["mean", "sum"]
@@ -54,19 +55,6 @@ DEFAULT_MODE: Mode = "precompute"
 # sits in the flat part with a 4x margin from where the rise starts; at 128K vocabulary its fp32 tile is
 # 0.5 GiB, an eighth of the issue's 4 GiB logits.
 DEFAULT_CHUNK_TOKENS = 1024
-
-
-class ChunkedLossError(ValueError):
-    """Bad input to the chunked loss; `field` names the argument (or model attribute) that is wrong."""
-
-    def __init__(self, message: str, *, field: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-
-class UnsupportedModelError(ChunkedLossError):
-    """A model the installer cannot serve: no linear LM head, a custom loss, logits changed before loss."""
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -82,8 +82,10 @@ def ds_config(plan: Plan) -> dict[str, Any]:
         "stage": layout.zero_stage,
         "overlap_comm": layout.zero_stage > 0,
         "contiguous_gradients": layout.zero_stage >= 2,
-        "reduce_bucket_size": BUCKET_ELEMENTS,
-        "allgather_bucket_size": BUCKET_ELEMENTS,
+        # DeepSpeed's default buckets (5e8 elements) dwarf a small model: one bucket the size of the model's
+        # gradients is DeepSpeed's documented tuning, and the same as the default for models above it
+        "reduce_bucket_size": min(BUCKET_ELEMENTS, plan.model.params),
+        "allgather_bucket_size": min(BUCKET_ELEMENTS, plan.model.params),
     }
     if deepspeed_offloads(plan):
         tier = plan.tier(opt.tier)
@@ -96,7 +98,7 @@ def ds_config(plan: Plan) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": 1.0,
+        "gradient_clipping": opt.max_grad_norm,
         "steps_per_print": 100,
         "wall_clock_breakdown": False,
         "zero_optimization": zero,
@@ -231,6 +233,16 @@ def launch_script(plan: Plan) -> str:
         ]
     lines.append("exec " + " \\\n  ".join(torchrun) + ' \\\n  "$@"')
     return "\n".join(lines) + "\n"
+
+
+def write_ds_config(plan: Plan, out_dir: str | os.PathLike[str]) -> str:
+    """ds_config.json alone under `out_dir` (what `memtier launch` needs beside a plan made without one)."""
+    import json
+
+    path = os.path.join(os.path.abspath(os.fspath(out_dir)), "ds_config.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(ds_config(plan), indent=2) + "\n")
+    return path
 
 
 def write_outputs(plan: Plan, out_dir: str | os.PathLike[str]) -> dict[str, str]:

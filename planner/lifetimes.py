@@ -458,118 +458,12 @@ def block_lifetimes(
     for name, value in (("micro_batch", micro_batch), ("tp", tp), ("cp", cp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TraceError(f"must be an integer >= 1, got {value!r}", field=name)
-    b = workload.dtype_bytes
-    tokens = micro_batch * workload.seq_len // cp  # query tokens on this device
-    rows = tokens // tp if sp and tp > 1 else tokens  # tokens of the norm / residual tensors
-    h = model.hidden_size
-    q, kv = model.q_size // tp, model.kv_size // tp
-    f, heads = model.ffn_hidden_size // tp, max(1, model.num_heads // tp)
-    llama = model.family in ("llama", "mistral", "qwen2")
-    tape = _Tape()
-    x = _BLOCK_INPUT
-
-    def rms_norm(inp: int) -> int:
-        # HF LlamaRMSNorm: x.to(fp32); x * rsqrt(mean(x^2) + eps); weight * x.to(dtype)
-        up = tape.op("_to_copy", rows * h * FP32_BYTES, inp) if b != FP32_BYTES else inp
-        sq = tape.op("pow", rows * h * FP32_BYTES, up, saves=(up,))
-        mean = tape.op("mean", rows * FP32_BYTES, sq)
-        eps = tape.op("add", rows * FP32_BYTES, mean)
-        rs = tape.op("rsqrt", rows * FP32_BYTES, eps, saves_out=True)
-        n32 = tape.op("mul", rows * h * FP32_BYTES, up, rs, saves=(up, rs))
-        n = tape.op("_to_copy", rows * h * b, n32) if b != FP32_BYTES else n32
-        return tape.op("mul", rows * h * b, n, saves=(n,), weight_grad_bytes=h * b)
-
-    def layer_norm(inp: int) -> int:
-        # aten.native_layer_norm: saves its input, mean and rstd (fp32, one per row)
-        return tape.op(
-            "native_layer_norm",
-            rows * h * b,
-            inp,
-            saves=(inp,),
-            extra_bytes=2 * rows * FP32_BYTES,
-            weight_grad_bytes=2 * h * b,
-        )
-
-    def linear(inp: int, d_in: int, d_out: int, out_rows: int, bias: bool) -> int:
-        return tape.op(
-            "addmm" if bias else "mm",
-            out_rows * d_out * b,
-            inp,
-            saves=(inp,),
-            weight_grad_bytes=(d_in * d_out + (d_out if bias else 0)) * b,
-        )
-
-    def rotary(t: int, width: int) -> int:
-        # HF apply_rotary_pos_emb: t * cos + rotate_half(t) * sin (cos, sin: no grad, not saved)
-        c = tape.op("mul", tokens * width * b, t)
-        neg = tape.op("neg", tokens * width // 2 * b, t)
-        rot = tape.op("cat", tokens * width * b, neg)
-        s = tape.op("mul", tokens * width * b, rot)
-        return tape.op("add", tokens * width * b, c, s)
-
-    def attention(qt: int, kt: int, vt: int) -> int:
-        if workload.flash_attention:
-            # SDPA flash: saves q, k, v, its output and the log-sum-exp (fp32, per head and token)
-            return tape.op(
-                "_scaled_dot_product_flash_attention",
-                tokens * q * b,
-                qt,
-                kt,
-                vt,
-                saves=tuple(dict.fromkeys((qt, kt, vt))),
-                saves_out=True,
-                extra_bytes=tokens * heads * FP32_BYTES,
-            )
-        # eager: contiguous (k, v repeated to every query head) copies, scores, softmax, context
-        qc = tape.op("clone", tokens * q * b, qt)
-        kc = tape.op("clone", tokens * q * b, kt)
-        vc = tape.op("clone", tokens * q * b, vt)
-        scores_bytes = tokens * heads * workload.seq_len * b  # local queries x all keys
-        sc = tape.op("bmm", scores_bytes, qc, kc, saves=(qc, kc))
-        scaled = tape.op("mul", scores_bytes, sc)
-        masked = tape.op("add", scores_bytes, scaled)
-        probs = tape.op("_softmax", scores_bytes, masked, saves_out=True)
-        ctx = tape.op("bmm", tokens * q * b, probs, vc, saves=(probs, vc))
-        return tape.op("clone", tokens * q * b, ctx)
-
-    if llama:
-        y1 = rms_norm(x)
-        qt = linear(y1, h, q, tokens, model.qkv_bias)
-        kt = linear(y1, h, kv, tokens, model.qkv_bias)
-        vt = linear(y1, h, kv, tokens, model.qkv_bias)
-        ctx = attention(rotary(qt, q), rotary(kt, kv), vt)
-        o = linear(ctx, q, h, rows, model.attn_out_bias)
-        h1 = tape.op("add", rows * h * b, x, o)
-        y2 = rms_norm(h1)
-        gate = linear(y2, h, f, tokens, model.mlp_bias)
-        act = tape.op("silu", tokens * f * b, gate, saves=(gate,))
-        up = linear(y2, h, f, tokens, model.mlp_bias)
-        prod = tape.op("mul", tokens * f * b, act, up, saves=(act, up))
-        down = linear(prod, f, h, rows, model.mlp_bias)
-        tape.op("add", rows * h * b, h1, down)
+    ops = _LayerOps(model, workload, micro_batch=micro_batch, tp=tp, sp=sp, cp=cp)
+    if model.family in ("llama", "mistral", "qwen2"):
+        _llama_layer(ops, model)
     else:
-        y1 = layer_norm(x)
-        qkv = linear(y1, h, q + 2 * kv, tokens, model.qkv_bias)
-        ctx = attention(qkv, qkv, qkv)  # q, k, v are views of one fused projection
-        o = linear(ctx, q, h, rows, model.attn_out_bias)
-        h1 = tape.op("add", rows * h * b, x, o)
-        y2 = layer_norm(x if model.family == "gpt_neox" else h1)  # NeoX: parallel residual
-        fc = linear(y2, h, f, tokens, model.mlp_bias)
-        if model.family == "gpt2":
-            # gelu_new: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), op by op
-            cube = tape.op("pow", tokens * f * b, fc, saves=(fc,))
-            scaled = tape.op("mul", tokens * f * b, cube)
-            inner = tape.op("add", tokens * f * b, fc, scaled)
-            arg = tape.op("mul", tokens * f * b, inner)
-            th = tape.op("tanh", tokens * f * b, arg, saves_out=True)
-            one = tape.op("add", tokens * f * b, th)
-            half = tape.op("mul", tokens * f * b, fc)
-            act = tape.op("mul", tokens * f * b, half, one, saves=(half, one))
-        else:
-            act = tape.op("gelu", tokens * f * b, fc, saves=(fc,))
-        down = linear(act, f, h, rows, model.mlp_bias)
-        tape.op("add", rows * h * b, h1, down)
-    trace = tape.replay(input_bytes=rows * h * b)
+        _gpt_layer(ops, model)
+    trace = ops.tape.replay(input_bytes=ops.rows * ops.h * ops.b)
     return BlockTrace(
         tensors=trace.tensors,
         forward_ops=trace.forward_ops,
@@ -586,6 +480,139 @@ def block_lifetimes(
             "cp": cp,
         },
     )
+
+
+class _LayerOps:
+    """The building blocks of a decoder layer, recorded on a `_Tape` with one device's shapes."""
+
+    def __init__(
+        self, model: ModelSpec, workload: Workload, *, micro_batch: int, tp: int, sp: bool, cp: int
+    ) -> None:
+        self.tape = _Tape()
+        self.b = workload.dtype_bytes  # bytes per element of the model dtype
+        self.tokens = micro_batch * workload.seq_len // cp  # query tokens on this device
+        # tokens of the norm / residual tensors (split across tp with sequence parallelism)
+        self.rows = self.tokens // tp if sp and tp > 1 else self.tokens
+        self.h = model.hidden_size  # hidden width
+        self.q, self.kv = model.q_size // tp, model.kv_size // tp  # query / key-value widths on this device
+        # MLP width and attention heads on this device
+        self.f, self.heads = model.ffn_hidden_size // tp, max(1, model.num_heads // tp)
+        self.seq_len = workload.seq_len  # keys every local query attends to
+        self.flash_attention = workload.flash_attention  # SDPA's flash kernel, else the eager path
+
+    def rms_norm(self, inp: int) -> int:
+        tape, rows, h, b = self.tape, self.rows, self.h, self.b
+        # HF LlamaRMSNorm: x.to(fp32); x * rsqrt(mean(x^2) + eps); weight * x.to(dtype)
+        up = tape.op("_to_copy", rows * h * FP32_BYTES, inp) if b != FP32_BYTES else inp
+        sq = tape.op("pow", rows * h * FP32_BYTES, up, saves=(up,))
+        mean = tape.op("mean", rows * FP32_BYTES, sq)
+        eps = tape.op("add", rows * FP32_BYTES, mean)
+        rs = tape.op("rsqrt", rows * FP32_BYTES, eps, saves_out=True)
+        n32 = tape.op("mul", rows * h * FP32_BYTES, up, rs, saves=(up, rs))
+        n = tape.op("_to_copy", rows * h * b, n32) if b != FP32_BYTES else n32
+        return tape.op("mul", rows * h * b, n, saves=(n,), weight_grad_bytes=h * b)
+
+    def layer_norm(self, inp: int) -> int:
+        # aten.native_layer_norm: saves its input, mean and rstd (fp32, one per row)
+        return self.tape.op(
+            "native_layer_norm",
+            self.rows * self.h * self.b,
+            inp,
+            saves=(inp,),
+            extra_bytes=2 * self.rows * FP32_BYTES,
+            weight_grad_bytes=2 * self.h * self.b,
+        )
+
+    def linear(self, inp: int, d_in: int, d_out: int, out_rows: int, bias: bool) -> int:
+        return self.tape.op(
+            "addmm" if bias else "mm",
+            out_rows * d_out * self.b,
+            inp,
+            saves=(inp,),
+            weight_grad_bytes=(d_in * d_out + (d_out if bias else 0)) * self.b,
+        )
+
+    def rotary(self, t: int, width: int) -> int:
+        tape, tokens, b = self.tape, self.tokens, self.b
+        # HF apply_rotary_pos_emb: t * cos + rotate_half(t) * sin (cos, sin: no grad, not saved)
+        c = tape.op("mul", tokens * width * b, t)
+        neg = tape.op("neg", tokens * width // 2 * b, t)
+        rot = tape.op("cat", tokens * width * b, neg)
+        s = tape.op("mul", tokens * width * b, rot)
+        return tape.op("add", tokens * width * b, c, s)
+
+    def attention(self, qt: int, kt: int, vt: int) -> int:
+        tape, tokens, q, b = self.tape, self.tokens, self.q, self.b
+        if self.flash_attention:
+            # SDPA flash: saves q, k, v, its output and the log-sum-exp (fp32, per head and token)
+            return tape.op(
+                "_scaled_dot_product_flash_attention",
+                tokens * q * b,
+                qt,
+                kt,
+                vt,
+                saves=tuple(dict.fromkeys((qt, kt, vt))),
+                saves_out=True,
+                extra_bytes=tokens * self.heads * FP32_BYTES,
+            )
+        # eager: contiguous (k, v repeated to every query head) copies, scores, softmax, context
+        qc = tape.op("clone", tokens * q * b, qt)
+        kc = tape.op("clone", tokens * q * b, kt)
+        vc = tape.op("clone", tokens * q * b, vt)
+        scores_bytes = tokens * self.heads * self.seq_len * b  # local queries x all keys
+        sc = tape.op("bmm", scores_bytes, qc, kc, saves=(qc, kc))
+        scaled = tape.op("mul", scores_bytes, sc)
+        masked = tape.op("add", scores_bytes, scaled)
+        probs = tape.op("_softmax", scores_bytes, masked, saves_out=True)
+        ctx = tape.op("bmm", tokens * q * b, probs, vc, saves=(probs, vc))
+        return tape.op("clone", tokens * q * b, ctx)
+
+
+def _llama_layer(ops: _LayerOps, model: ModelSpec) -> None:
+    """HF's Llama / Mistral / Qwen2 decoder layer: RMSNorm, q/k/v, rotary, attention, SwiGLU."""
+    tape, b, h, q, kv, f = ops.tape, ops.b, ops.h, ops.q, ops.kv, ops.f
+    tokens, rows, x = ops.tokens, ops.rows, _BLOCK_INPUT
+    y1 = ops.rms_norm(x)
+    qt = ops.linear(y1, h, q, tokens, model.qkv_bias)
+    kt = ops.linear(y1, h, kv, tokens, model.qkv_bias)
+    vt = ops.linear(y1, h, kv, tokens, model.qkv_bias)
+    ctx = ops.attention(ops.rotary(qt, q), ops.rotary(kt, kv), vt)
+    o = ops.linear(ctx, q, h, rows, model.attn_out_bias)
+    h1 = tape.op("add", rows * h * b, x, o)
+    y2 = ops.rms_norm(h1)
+    gate = ops.linear(y2, h, f, tokens, model.mlp_bias)
+    act = tape.op("silu", tokens * f * b, gate, saves=(gate,))
+    up = ops.linear(y2, h, f, tokens, model.mlp_bias)
+    prod = tape.op("mul", tokens * f * b, act, up, saves=(act, up))
+    down = ops.linear(prod, f, h, rows, model.mlp_bias)
+    tape.op("add", rows * h * b, h1, down)
+
+
+def _gpt_layer(ops: _LayerOps, model: ModelSpec) -> None:
+    """HF's GPT-2 / GPT / NeoX block: LayerNorm, fused qkv, attention, GELU MLP (NeoX: parallel residual)."""
+    tape, b, h, q, kv, f = ops.tape, ops.b, ops.h, ops.q, ops.kv, ops.f
+    tokens, rows, x = ops.tokens, ops.rows, _BLOCK_INPUT
+    y1 = ops.layer_norm(x)
+    qkv = ops.linear(y1, h, q + 2 * kv, tokens, model.qkv_bias)
+    ctx = ops.attention(qkv, qkv, qkv)  # q, k, v are views of one fused projection
+    o = ops.linear(ctx, q, h, rows, model.attn_out_bias)
+    h1 = tape.op("add", rows * h * b, x, o)
+    y2 = ops.layer_norm(x if model.family == "gpt_neox" else h1)  # NeoX: parallel residual
+    fc = ops.linear(y2, h, f, tokens, model.mlp_bias)
+    if model.family == "gpt2":
+        # gelu_new: 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), op by op
+        cube = tape.op("pow", tokens * f * b, fc, saves=(fc,))
+        scaled = tape.op("mul", tokens * f * b, cube)
+        inner = tape.op("add", tokens * f * b, fc, scaled)
+        arg = tape.op("mul", tokens * f * b, inner)
+        th = tape.op("tanh", tokens * f * b, arg, saves_out=True)
+        one = tape.op("add", tokens * f * b, th)
+        half = tape.op("mul", tokens * f * b, fc)
+        act = tape.op("mul", tokens * f * b, half, one, saves=(half, one))
+    else:
+        act = tape.op("gelu", tokens * f * b, fc, saves=(fc,))
+    down = ops.linear(act, f, h, rows, model.mlp_bias)
+    tape.op("add", rows * h * b, h1, down)
 
 
 # ---- JSON on disk ---------------------------------------------------------------------------------

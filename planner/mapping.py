@@ -33,7 +33,7 @@ import numpy as np
 from planner.cluster import ClusterSpec
 from planner.comm import GroupLink
 from planner.errors import SpecError
-from planner.plan import Layout, SolverReport
+from planner.plan import Layout, SolverReport, SolverStatus
 
 GROUP_KINDS = ("tp", "cp", "dp", "pp")
 
@@ -251,7 +251,7 @@ def anneal_mapping(
             if c < best_cost * (1 - 1e-12):
                 best, best_cost = cand.copy(), c
         state, cur_cost = best.copy(), best_cost
-    status = "feasible"
+    status: SolverStatus = "feasible"
     can_node = nodes > 1
     can_local = per > 1
     iters = settings.iterations if (can_node or can_local) else 0
@@ -285,7 +285,7 @@ def anneal_mapping(
         default_links=evaluator.links(default_mapping(cluster.world_size)),
         evaluated=len(cache),
         report=SolverReport(
-            stage="mapping",
+            problem="mapping",
             strategy="anneal",
             status=status,
             objective=best_cost,

@@ -449,46 +449,39 @@ def in_flight_microbatches(layout: Layout, stage: int) -> float:
     return min(held, layout.grad_accum)
 
 
-def estimate_memory(
-    model: ModelSpec,
-    workload: Workload,
-    layout: Layout,
-    options: MemoryOptions | None = None,
-    *,
-    stage: int | None = None,
-) -> MemoryBreakdown:
-    """Peak bytes per device; with `stage=None` the worst pipeline stage."""
-    options = options or MemoryOptions()
-    if stage is None:
-        stages = range(layout.pp)
-        return max(
-            (estimate_memory(model, workload, layout, options, stage=s) for s in stages),
-            key=lambda m: m.total,
-        )
+@dataclass(frozen=True, kw_only=True)
+class _Blocks:
+    """One pipeline stage's blocks under their activation policies, for one micro-batch."""
 
+    first: int  # index of the stage's first block
+    saved: int  # bytes one block saves for backward (no recompute)
+    inp: int  # bytes a recomputed block keeps: its input
+    resident: list[float]  # per block: bytes held between its forward and backward
+    swapped: list[float]  # per block: bytes sent to the tier
+    prefetch: list[
+        bool
+    ]  # per block: its swapped share is fetched one block ahead (ActivationPolicy.prefetch)
+    transient: int  # a recomputed or fetched-back block's activations during its backward
+
+    @property
+    def resident_bytes(self) -> float:
+        return sum(self.resident)
+
+
+def _stage_blocks(
+    model: ModelSpec, workload: Workload, layout: Layout, options: MemoryOptions, stage: int
+) -> _Blocks:
+    """Per-block resident and swapped bytes of pipeline `stage` under each layer's policy."""
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
-    states = model_states(model, workload, layout, stage)
-    host: dict[str, int] = {}
-    params, grads, opt = states.parameters, states.gradients, states.optimizer_states
-    if options.offload.optimizer:
-        host[options.offload.tier] = host.get(options.offload.tier, 0) + opt
-        opt = 0
-    if options.offload.params:
-        host[options.offload.tier] = host.get(options.offload.tier, 0) + params
-        params = 0
-
-    # per-block saved bytes under each layer's policy
-    layers = stage_layer_counts(model, layout.pp, layout.stage_layers)[stage]
-    first_layer = sum(stage_layer_counts(model, layout.pp, layout.stage_layers)[:stage])
+    counts = stage_layer_counts(model, layout.pp, layout.stage_layers)
+    first = sum(counts[:stage])
     saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     policies = {p.layer: p for p in options.policies}
-    act_device = 0.0
-    act_swapped = 0.0
-    transient = 0  # a recomputed block's activations during its backward
-    resident: list[float] = []  # per block of the stage: bytes held between its forward and backward
-    swapped: list[float] = []  # per block: bytes sent to the tier
-    for i in range(first_layer, first_layer + layers):
+    resident: list[float] = []
+    swapped: list[float] = []
+    transient = 0
+    for i in range(first, first + counts[stage]):
         pol = policies.get(i)
         if pol is None:
             pol = ActivationPolicy(
@@ -500,29 +493,31 @@ def estimate_memory(
             # Korthikanti et al. 2022 selective recompute: drop the attention core (s x s terms)
             c = token_coefficients(model, workload)
             tokens = mb * workload.seq_len / cp
-            sel = saved - int(tokens * c.per_sequence * workload.seq_len / tp * workload.dtype_bytes)
-            act_device += sel
-            resident.append(sel)
+            resident.append(
+                saved - int(tokens * c.per_sequence * workload.seq_len / tp * workload.dtype_bytes)
+            )
             swapped.append(0.0)
             continue
         resident.append(pol.keep_fraction * saved + pol.recompute_fraction * inp)
         swapped.append(pol.swap_fraction * saved)
-        act_device += resident[-1]
-        act_swapped += swapped[-1]
         if pol.recompute_fraction > 0 or pol.swap_fraction > 0:
             transient = max(transient, saved)  # recomputed or fetched back: one block at a time
-    inflight = in_flight_microbatches(layout, stage)
-    last = stage == layout.pp - 1
-    final = final_bytes(model, workload, micro_batch=mb, cp=cp) if last else 0
-    activations = int((act_device + final) * inflight)
-    if act_swapped:
-        tier = options.policies[0].swap_tier if options.policies else "dram"
-        host[tier] = host.get(tier, 0) + int(act_swapped * inflight)
-    loss_fwd, loss_bwd = (
-        loss_peak_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp, chunk_tokens=options.loss_chunk_tokens)
-        if last
-        else (0, 0)
+    prefetch = [policies[i].prefetch if i in policies else True for i in range(first, first + counts[stage])]
+    return _Blocks(
+        first=first,
+        saved=saved,
+        inp=inp,
+        resident=resident,
+        swapped=swapped,
+        prefetch=prefetch,
+        transient=transient,
     )
+
+
+def _step_buffers(
+    model: ModelSpec, workload: Workload, layout: Layout, options: MemoryOptions, stage: int
+) -> tuple[int, int, int]:
+    """(ZeRO buckets, optimizer-step temporaries, the embedding's backward) bytes of pipeline `stage`."""
     # ZeRO communication buckets (DeepSpeed default reduce/allgather bucket 5e8 elements),
     # only when gradients are partitioned or reduced in buckets
     bucket = 0
@@ -532,6 +527,7 @@ def estimate_memory(
         )
     # optimizer-step temporaries (see MemoryOptions.optimizer_impl), on the device when
     # the step runs there
+    tp = layout.tp
     largest = max(model.vocab_size * model.hidden_size, model.ffn_hidden_size * model.hidden_size) / tp
     opt_tmp = 0
     if not options.offload.optimizer:
@@ -553,15 +549,96 @@ def estimate_memory(
             / tp
             * workload.dtype_bytes
         )
+    return bucket, opt_tmp, emb_tmp
+
+
+def _split_peak(
+    phase: str,
+    peak: int,
+    *,
+    params: int,
+    opt: int,
+    grads: int,
+    activations: int,
+    last_in_flight: float,
+    sweep_grads: int,
+    temp: int,
+    accumulating: bool,
+    consumed_in_backward: bool,
+) -> tuple[int, int, int]:
+    """(gradients, activations, buffers) of the peak phase's bytes, besides parameters and optimizer state."""
+    in_grads = grads if phase in ("optimizer", "backward_end") or accumulating else 0
+    if consumed_in_backward and phase in ("optimizer", "backward_end"):
+        in_grads = 0  # (the one block's gradient at the end of backward counts as a buffer)
+    in_acts = activations if phase in ("forward", "backward") else 0
+    if phase == "block_backward":
+        in_grads = sweep_grads
+        in_acts = peak - params - opt - in_grads - temp
+    elif phase == "block_forward":
+        in_acts = peak - params - opt - in_grads
+    elif phase == "forward":
+        in_acts = activations + int(last_in_flight)
+    return in_grads, in_acts, peak - params - opt - in_grads - in_acts
+
+
+def _states_on_device(
+    model: ModelSpec, workload: Workload, layout: Layout, offload: Offload, stage: int
+) -> tuple[int, int, int, dict[str, int]]:
+    """(parameters, gradients, optimizer states) on the device, and what the offload puts in host tiers."""
+    states = model_states(model, workload, layout, stage)
+    host: dict[str, int] = {}
+    params, grads, opt = states.parameters, states.gradients, states.optimizer_states
+    if offload.optimizer:
+        host[offload.tier] = host.get(offload.tier, 0) + opt
+        opt = 0
+    if offload.params:
+        host[offload.tier] = host.get(offload.tier, 0) + params
+        params = 0
+    return params, grads, opt, host
+
+
+def estimate_memory(
+    model: ModelSpec,
+    workload: Workload,
+    layout: Layout,
+    options: MemoryOptions | None = None,
+    *,
+    stage: int | None = None,
+) -> MemoryBreakdown:
+    """Peak bytes per device; with `stage=None` the worst pipeline stage."""
+    options = options or MemoryOptions()
+    if stage is None:
+        stages = range(layout.pp)
+        return max(
+            (estimate_memory(model, workload, layout, options, stage=s) for s in stages),
+            key=lambda m: m.total,
+        )
+
+    mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
+    params, grads, opt, host = _states_on_device(model, workload, layout, options.offload, stage)
+    blocks = _stage_blocks(model, workload, layout, options, stage)
+    saved, resident, swapped = blocks.saved, blocks.resident, blocks.swapped
+    act_device = blocks.resident_bytes
+    act_swapped = sum(swapped)
+    inflight = in_flight_microbatches(layout, stage)
+    last = stage == layout.pp - 1
+    final = final_bytes(model, workload, micro_batch=mb, cp=cp) if last else 0
+    activations = int((act_device + final) * inflight)
+    if act_swapped:
+        tier = options.policies[0].swap_tier if options.policies else "dram"
+        host[tier] = host.get(tier, 0) + int(act_swapped * inflight)
+    loss_fwd, loss_bwd = (
+        loss_peak_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp, chunk_tokens=options.loss_chunk_tokens)
+        if last
+        else (0, 0)
+    )
+    bucket, opt_tmp, emb_tmp = _step_buffers(model, workload, layout, options, stage)
     grads_at = gradients_during_backward(model, workload, layout, options, stage=stage)
     consumed_in_backward = gradients_consumed_in_backward(layout, options.offload)
     layer_grad = grads * block_device_params(model, layout.tp) / max(1, device_params(model, layout, stage))
     temp = backward_temp_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
-    ahead = [
-        policies[i].prefetch if i in policies else True for i in range(first_layer, first_layer + layers)
-    ]
     sweep, sweep_block, prefetch = backward_sweep(
-        resident, swapped, saved=saved, temp=temp, grads_at=grads_at, prefetch=ahead
+        resident, swapped, saved=saved, temp=temp, grads_at=grads_at, prefetch=blocks.prefetch
     )
     # other in-flight micro-batches (1F1B) hold all their resident shares meanwhile
     others = (inflight - 1) * (act_device + final)
@@ -587,19 +664,19 @@ def estimate_memory(
         phases["block_forward"] += grads
     phase = max(phases, key=lambda k: phases[k])
     peak = phases[phase]
-    in_grads = grads if phase in ("optimizer", "backward_end") or layout.grad_accum > 1 else 0
-    if consumed_in_backward and phase in ("optimizer", "backward_end"):
-        in_grads = 0  # (the one block's gradient at the end of backward counts as a buffer)
-    in_acts = activations if phase in ("forward", "backward") else 0
-    sweep_grads = int(grads_at[sweep_block]) if layers else 0
-    if phase == "block_backward":
-        in_grads = sweep_grads
-        in_acts = peak - params - opt - in_grads - temp
-    elif phase == "block_forward":
-        in_acts = peak - params - opt - in_grads
-    elif phase == "forward":
-        in_acts = activations + int(last_in_flight)
-    buffers = peak - params - opt - in_grads - in_acts
+    in_grads, in_acts, buffers = _split_peak(
+        phase,
+        peak,
+        params=params,
+        opt=opt,
+        grads=grads,
+        activations=activations,
+        last_in_flight=last_in_flight,
+        sweep_grads=int(grads_at[sweep_block]) if resident else 0,
+        temp=temp,
+        accumulating=layout.grad_accum > 1,
+        consumed_in_backward=consumed_in_backward,
+    )
     frag = int(peak * options.fragmentation)
     return MemoryBreakdown(
         parameters=params,
@@ -611,15 +688,15 @@ def estimate_memory(
         host_bytes=host,
         detail={
             "block_saved_bytes": saved,
-            "block_input_bytes": inp,
+            "block_input_bytes": blocks.inp,
             "in_flight_microbatches": math.ceil(inflight),
             "in_flight_block_bytes": int(saved * inflight),  # one block's saved bytes over those in flight
             "logits_bytes": logits_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp) if last else 0,
             "loss_forward_bytes": loss_fwd,
             "loss_backward_bytes": loss_bwd,
-            "recompute_transient_bytes": transient,
+            "recompute_transient_bytes": blocks.transient,
             "backward_temp_bytes": temp,
-            "backward_sweep_block": first_layer + sweep_block,
+            "backward_sweep_block": blocks.first + sweep_block,
             "backward_prefetch_bytes": int(prefetch),
             # what the step holds besides the blocks' activations and the gradients (per block:
             # `gradients_during_backward`) while a block runs its backward: states, the backward

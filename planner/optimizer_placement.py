@@ -39,17 +39,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 from planner.cluster import ClusterSpec
 from planner.errors import SpecError
-from planner.memory import MemoryOptions, Offload
+from planner.memory import MemoryOptions, Offload, device_params, stage_layer_counts
 from planner.model import ModelSpec
-from planner.plan import Layout, OptimizerPlan, SolverReport, Subgroup
+from planner.plan import Layout, OptimizerPlan, Subgroup
+from planner.steptime import estimate_step_time
+from planner.strategy import (
+    HostTier,
+    StrategyInput,
+    StrategyKind,
+    StrategyResult,
+    host_fits,
+    strategy_report,
+)
 from planner.workload import Workload
-
-if TYPE_CHECKING:  # planner.stages may register this stage: import it lazily to avoid a cycle
-    from planner.stages import StageInput, StageResult
 
 __all__ = [
     "STATE_BYTES_PER_ELEM",
@@ -63,7 +68,6 @@ __all__ = [
 
 STATE_BYTES_PER_ELEM = 12  # fp32 master weights + exp_avg + exp_avg_sq (ZeRO paper, K = 12)
 GRAD_UPCAST_BYTES = 4  # an fp32 copy of a 16-bit gradient for the device-side update
-HostTier = Literal["dram", "cxl", "nvme"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,8 +154,6 @@ def update_time_s(
 
 def _states_on_device(model: ModelSpec, workload: Workload, layout: Layout) -> tuple[int, int]:
     """(parameters of the worst pipeline stage, their parameter + gradient bytes on one device)."""
-    from planner.memory import device_params, stage_layer_counts
-
     worst_params, worst_bytes = 0, 0
     d = workload.dtype_bytes
     dp = layout.dp * layout.cp
@@ -264,6 +266,10 @@ def plan_placement(
         subgroup_size=size,
         subgroups=subgroups,
         device_update_fraction=dev_elems / psi if psi else 0.0,
+        # each subgroup on the side planned for it (an "auto" schedule, measured per rank, would differ
+        # between data-parallel ranks); with no subgroup, nothing to schedule: the CPU
+        schedule="plan" if subgroups else "cpu",
+        max_grad_norm=workload.max_grad_norm,
     )
     fits = not reason and on_device <= budget_bytes
     if not reason and on_device > budget_bytes:
@@ -293,14 +299,14 @@ def place_optimizer(
     return plan_placement(model, cluster, workload, layout, budget, settings=settings).plan
 
 
-# ---- the search stage ----------------------------------------------------------------------------------------
+# ---- the planning strategy ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class OptimizerInterleaved:
     """Optimizer state in the host tiers, each subgroup updated on the CPU or the device (Deep Optimizer States).
 
-    A ``planner.stages.Stage``. It applies to AdamW with ZeRO-0 (memtier's runtime replicates the optimizer
+    A ``planner.strategy.Strategy``. It applies to AdamW with ZeRO-0 (memtier's runtime replicates the optimizer
     over data parallelism; ZeRO-partitioned offload is DeepSpeed's "offload" strategy) on an accelerator
     (not a CPU device) when the cluster has a host tier. ``added_time_s`` is the predicted update time less
     what the step-time model charges for a CPU-only offload of the same state (negative: the time
@@ -308,11 +314,11 @@ class OptimizerInterleaved:
     """
 
     name: str = "interleaved"
-    kind: Literal["optimizer"] = "optimizer"
+    kind: StrategyKind = "optimizer"
     expensive: bool = False
     settings: PlacementSettings = dataclasses.field(default_factory=PlacementSettings)
 
-    def applies(self, inp: StageInput) -> bool:
+    def applies(self, inp: StrategyInput) -> bool:
         return (
             inp.workload.optimizer.kind == "adamw"
             and inp.layout.zero_stage == 0
@@ -321,15 +327,12 @@ class OptimizerInterleaved:
             and any(inp.cluster.tier(t) is not None for t in self.settings.tier_order)
         )
 
-    def placement(self, inp: StageInput) -> Placement:
+    def placement(self, inp: StrategyInput) -> Placement:
         return plan_placement(
             inp.model, inp.cluster, inp.workload, inp.layout, inp.budget_bytes, settings=self.settings
         )
 
-    def solve(self, inp: StageInput) -> StageResult:
-        from planner.stages import StageResult, host_fits
-        from planner.steptime import estimate_step_time
-
+    def solve(self, inp: StrategyInput) -> StrategyResult:
         pl = self.placement(inp)
         options: MemoryOptions = dataclasses.replace(
             inp.options,
@@ -339,7 +342,7 @@ class OptimizerInterleaved:
             inp.model, inp.cluster, inp.workload, inp.layout, options, links=inp.links
         ).optimizer_s
         fits = pl.fits and host_fits(inp.cluster, pl.host_bytes)
-        return StageResult(
+        return StrategyResult(
             kind="optimizer",
             strategy=self.name,
             options=options,
@@ -348,10 +351,5 @@ class OptimizerInterleaved:
             added_time_s=pl.update_s - charged,
             fits=fits,
             optimizer_plan=pl.plan,
-            report=SolverReport(
-                stage="optimizer",
-                strategy=self.name,
-                status="feasible" if fits else "infeasible",
-                objective=pl.update_s,
-            ),
+            report=strategy_report("optimizer", self.name, fits, pl.update_s),
         )

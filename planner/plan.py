@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,12 +19,28 @@ from planner.cluster import ClusterSpec
 from planner.errors import SpecError
 from planner.model import ModelSpec
 from planner.schema import atomic_write_text, build, to_plain
-from planner.workload import Workload
+from planner.workload import OptimizerKind, Workload
 
-SCHEMA_VERSION = "1.0"
+# 1.1: Layout.engine; OptimizerPlan.cpu_kernel, schedule, max_grad_norm; SolverReport.problem (was "stage").
+# A 1.0 file loads with the defaults (see `upgrade`).
+SCHEMA_VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 TierName = Literal["device", "dram", "cxl", "nvme"]
+# what runs the step: torch (DDP / FSDP2 / DTensor TP / pipelining), DeepSpeed (ZeRO DP), or HF accelerate
+Engine = Literal["torch", "deepspeed", "accelerate"]
+# the offloaded optimizer's CPU update kernel: torch's fused AdamW, or DeepSpeed's CPU Adam
+CpuKernel = Literal["torch_fused", "deepspeed"]
+# how a solve ended (planner.mip.common re-exports it for the MIPs):
+#   optimal:    solved to within gap_rel
+#   feasible:   a heuristic's answer that fits (no optimality claim)
+#   time_limit: the MIP stopped at its time limit with a feasible answer (gap reported)
+#   infeasible: nothing fits; the solution says by how many bytes
+#   fallback:   the MIP did not beat the best heuristic, whose answer is returned
+SolverStatus = Literal["optimal", "feasible", "time_limit", "infeasible", "fallback"]
+# which side updates each subgroup of an offloaded optimizer: as `OptimizerPlan.subgroups` say ("plan"), all
+# on the CPU, or all on the device
+UpdateSchedule = Literal["plan", "cpu", "device"]
 _FRACTION = {"min": 0.0, "max": 1.0}
 _EPS = 1e-9
 
@@ -43,6 +60,7 @@ class Layout:
     # Megatron's --num-layers-per-virtual-pipeline-stage); 1 is plain 1F1B
     virtual_stages: int = field(default=1, metadata={"positive": True})
     rank_to_device: tuple[str, ...] = ()  # logical rank -> "nN:dM"
+    engine: Engine = "torch"
 
     @property
     def world_size(self) -> int:
@@ -112,13 +130,24 @@ class Subgroup:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerPlan:
-    kind: str = "adamw"
+    kind: OptimizerKind = "adamw"
     settings: dict[str, Any] = field(default_factory=dict)
     offload: bool = False  # state lives off the device
     tier: TierName = "device"
     subgroup_size: int = field(default=0, metadata={"min": 0})  # elements per subgroup; 0: one per tensor
     subgroups: tuple[Subgroup, ...] = ()
     device_update_fraction: float = field(default=1.0, metadata=_FRACTION)  # expected per-step share
+    # one fixed kernel and one fixed schedule: an "auto" choice measured in each process would differ
+    # between data-parallel ranks (the kernels round differently) and drift them apart
+    cpu_kernel: CpuKernel = "torch_fused"
+    schedule: UpdateSchedule = "cpu"  # "plan" where the planner placed subgroups (interleaved offload)
+    max_grad_norm: float = field(default=1.0, metadata={"min": 0.0})  # global-norm clipping; 0 = off
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise SpecError(
+                f"must be a finite number >= 0, got {self.max_grad_norm!r}", field="max_grad_norm"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,9 +169,9 @@ class TierPlan:
 
 @dataclass(frozen=True, kw_only=True)
 class SolverReport:
-    stage: str  # "layout", "activations", "buffers", "optimizer", ...
+    problem: str  # what was solved: "layout", "activations", "buffers", "optimizer", "mapping"
     strategy: str  # "mip", "greedy", "keep_all", ...
-    status: str  # "optimal", "feasible", "time_limit", "infeasible", "fallback"
+    status: SolverStatus
     objective: float = 0.0
     gap: float | None = None  # relative optimality gap; None for heuristics (no bound)
     seconds: float = 0.0
@@ -215,7 +244,7 @@ class Plan:
                 field="schema_version",
                 source=source,
             )
-        return build(cls, data, source=source)
+        return build(cls, upgrade(data), source=source)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_write_text(path, self.to_json())
@@ -226,6 +255,28 @@ class Plan:
 
         p = os.fspath(path)
         return cls.from_dict(load_mapping(p), source=p)
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A plan dict of an older 1.x schema in the current one (a copy; `data` is left as it is).
+
+    1.0 named a solver report's problem "stage", and had no `optimizer.schedule`: the runtime updated the
+    planned subgroups on their planned sides when there were any, else every subgroup on the CPU.
+    """
+    out = dict(data)
+    optimizer = out.get("optimizer")
+    if isinstance(optimizer, dict) and "schedule" not in optimizer:
+        out["optimizer"] = {**optimizer, "schedule": "plan" if optimizer.get("subgroups") else "cpu"}
+    predicted = out.get("predicted")
+    if isinstance(predicted, dict) and isinstance(predicted.get("solvers"), list):
+        solvers = [
+            {("problem" if k == "stage" else k): v for k, v in r.items()}
+            if isinstance(r, dict) and "stage" in r and "problem" not in r
+            else r
+            for r in predicted["solvers"]
+        ]
+        out["predicted"] = {**predicted, "solvers": solvers}
+    return out
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:

@@ -2,11 +2,15 @@
 
 The Plan records every decision (layout with its rank-to-device map and pipeline
 split, per-layer activation policy with its buffer offsets, optimizer placement, tiers)
-and what the cost models predict for it, with one SolverReport per stage (layout search,
-optimizer placement, activation policy, rank mapping, buffer reuse). When no layout fits, an
-InfeasibleError (exit 3) gives the smallest shortfall, with and without offload,
+and what the cost models predict for it, with one SolverReport per problem solved (layout
+search, optimizer placement, activation policy, rank mapping, buffer reuse). When no layout
+fits, an InfeasibleError (exit 3) gives the smallest shortfall, with and without offload,
 and the nearest configurations that would fit (more devices, a smaller
 micro-batch, a shorter sequence, the device's whole memory).
+
+`plan_from_candidate` is the one place a Plan is built: `make_plan` (`memtier plan`) calls it
+for the searched winner, `planner.budget.plan_for_budget` (its fixed-layout mode, behind
+`memtier launch --auto` and `memtier bench`) for the winner on one given layout.
 """
 
 from __future__ import annotations
@@ -14,19 +18,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from planner.cluster import ClusterSpec
 from planner.errors import InfeasibleError, LayoutError
 from planner.estimate import budget_bytes as usable_bytes
+from planner.estimate import estimate
 from planner.lifetimes import block_lifetimes
 from planner.mapping import AnnealSettings
-from planner.memory import MemoryOptions, Offload, model_states
+from planner.memory import FP32, MemoryBreakdown, MemoryOptions, Offload, device_params, model_states
 from planner.mip.buffers import BufferSettings, offsets_by_role, solve_buffers
 from planner.mip.common import MipSettings
 from planner.model import ModelSpec
 from planner.plan import (
     ActivationPolicy,
+    Engine,
     Layout,
     LossPlan,
     OptimizerPlan,
@@ -44,8 +50,9 @@ from planner.search import (
     parallel_shapes,
     search,
 )
-from planner.stages import ACTIVATION_STAGES, OPTIMIZER_STAGES, Stage
-from planner.steptime import swap_out_early
+from planner.steptime import StepTime, swap_out_early
+from planner.strategies import ACTIVATION_STRATEGIES, OPTIMIZER_STRATEGIES
+from planner.strategy import Strategy
 from planner.units import GiB, fmt_bytes, fmt_rate
 from planner.workload import Workload
 
@@ -55,10 +62,18 @@ MAX_NODE_FACTOR = 64
 
 @dataclass(frozen=True, kw_only=True)
 class PlanResult:
+    """A Plan and how it was reached (`make_plan` and its fixed-layout mode, `plan_for_budget`)."""
+
     plan: Plan
     chosen: Candidate
     search: SearchResult
     why: tuple[str, ...]  # why the chosen layout won, in sentences
+    steps: tuple[str, ...] = ()  # fixed-layout mode: the strategies tried, in order, ending with the chosen
+
+    @property
+    def memory(self) -> MemoryBreakdown:
+        """The memory model's breakdown of the plan's step (worst pipeline stage)."""
+        return self.chosen.memory
 
 
 def make_plan(
@@ -68,15 +83,19 @@ def make_plan(
     *,
     budget: int | None = None,
     space: SearchSpace | None = None,
-    optimizer_stages: Sequence[Stage] = OPTIMIZER_STAGES,
-    activation_stages: Sequence[Stage] = ACTIVATION_STAGES,
+    optimizer_strategies: Sequence[Strategy] = OPTIMIZER_STRATEGIES,
+    activation_strategies: Sequence[Strategy] = ACTIVATION_STRATEGIES,
     mapping_top: int = 4,
     seed: int = 0,
     time_limit_s: float = 10.0,
     anneal: AnnealSettings | None = None,
     progress: Callable[[str], None] | None = None,
+    engine: Engine = "torch",
 ) -> PlanResult:
-    """The fastest layout that fits `budget` (default: the device's memory, less the headroom)."""
+    """The fastest layout that fits `budget` (default: the device's memory, less the headroom).
+
+    `engine` is what will run the plan (`Layout.engine`); it is recorded, the search is the same.
+    """
     space = space or SearchSpace()
     check_shapes(model, cluster, workload, space)
     have = usable_bytes(cluster, workload, budget)
@@ -86,8 +105,8 @@ def make_plan(
         workload,
         budget_bytes=have,
         space=space,
-        optimizer_stages=optimizer_stages,
-        activation_stages=activation_stages,
+        optimizer_strategies=optimizer_strategies,
+        activation_strategies=activation_strategies,
         mapping_top=mapping_top,
         seed=seed,
         time_limit_s=time_limit_s,
@@ -101,13 +120,15 @@ def make_plan(
             workload,
             budget=budget,
             space=space,
-            optimizer_stages=optimizer_stages,
-            activation_stages=activation_stages,
+            optimizer_strategies=optimizer_strategies,
+            activation_strategies=activation_strategies,
         )
     chosen = result.best
     why = explain(chosen, result)
     buffers = buffer_settings(time_limit_s=min(BUFFER_TIME_LIMIT_S, time_limit_s), seed=seed)
-    plan = plan_from_candidate(model, cluster, workload, chosen, result, notes=why, buffers=buffers)
+    plan = plan_from_candidate(
+        model, cluster, workload, chosen, result, notes=why, buffers=buffers, engine=engine
+    )
     return PlanResult(plan=plan, chosen=chosen, search=result, why=why)
 
 
@@ -127,13 +148,27 @@ def check_shapes(model: ModelSpec, cluster: ClusterSpec, workload: Workload, spa
 # ---- candidate -> Plan ------------------------------------------------------------------
 
 
-# a host tier's cap: what the plan puts there, +10%, + 64 MiB for alignment and small tensors
+# A host tier's cap (TierPlan.capacity_bytes, which the runtime's stores are held to): what the memory model
+# puts there per device (optimizer state and swapped activations together), +10%, + 64 MiB. Each store needs
+# its planned bytes plus alignment (512 B per swapped tensor, 64 B per optimizer slot) and the tokens the
+# runtime rounds up per tensor; the memory model's bytes were measured within +-4% of real steps
+# (benchmarks/results/cost_model.json) and +-10% under swap and recompute (tests/offload/
+# test_policy_peaks.py), which the 10% covers, and the 64 MiB covers alignment and small models. One set of
+# margins for every plan: launch/budget.py's own (+25% of the swapped bytes, + 2 blocks, + 16 MiB; 12 B per
+# parameter for an offloaded optimizer even in fp32, where memtier's runtime keeps 8) held room for blocks
+# the tier never holds: a swapped share is freed from the tier in the job that fetches it back, so the
+# arena is empty between steps.
 TIER_MARGIN = 1.10
 TIER_SLACK_BYTES = 64 << 20
 
 
+def tier_capacity_bytes(used_bytes: int) -> int:
+    """The cap of a host tier the plan puts `used_bytes` per device in (see TIER_MARGIN)."""
+    return int(used_bytes * TIER_MARGIN) + TIER_SLACK_BYTES
+
+
 def layer_policies(model: ModelSpec, options: MemoryOptions) -> tuple[ActivationPolicy, ...]:
-    """One explicit policy per block: the stage's per-layer policies, or its uniform choice."""
+    """One explicit policy per block: the strategy's per-layer policies, or its uniform choice."""
     if options.policies:
         given = {p.layer: p for p in options.policies}
         return tuple(given.get(i, ActivationPolicy(layer=i)) for i in range(model.num_layers))
@@ -225,6 +260,49 @@ def optimizer_settings(workload: Workload) -> dict[str, Any]:
     return settings
 
 
+def host_tier_bytes(
+    model: ModelSpec, cluster: ClusterSpec, workload: Workload, chosen: Candidate
+) -> dict[str, int]:
+    """Per device, the bytes the runtime keeps in each host tier under the candidate's decisions.
+
+    The memory model's host bytes, and, for an optimizer offloaded from an accelerator with fp32
+    parameters, their fp32 master copy: the memory model counts fp32 parameters as their own master
+    weights, which holds where the device is the CPU that updates them (offload.optimizer keeps only the
+    two moments there, 8 B per element), not across a host link (12 B per element, as ZeRO-Offload).
+    """
+    used = {kind: b for kind, b in chosen.memory.host_bytes.items() if b > 0}
+    offload, layout = chosen.options.offload, chosen.layout
+    if offload.optimizer and not workload.mixed_precision and cluster.device.kind != "cpu":
+        psi = max(device_params(model, layout, s) for s in range(layout.pp))
+        shard = layout.dp * layout.cp if layout.zero_stage >= 1 else 1
+        used[offload.tier] = used.get(offload.tier, 0) + int(psi * FP32 / shard)
+    return used
+
+
+def optimizer_plan(workload: Workload, chosen: Candidate) -> OptimizerPlan:
+    """The optimizer's kind, settings and placement, and what the runtime runs it with.
+
+    The CPU kernel and the update schedule are fixed here, not measured by each rank: data-parallel ranks
+    that picked differently would round differently and drift apart. The schedule follows the placement:
+    the planned side of each subgroup when the placement decided them (interleaved offload), else the CPU.
+    """
+    offload = chosen.options.offload
+    optimizer = OptimizerPlan(
+        kind=workload.optimizer.kind,
+        settings=optimizer_settings(workload),
+        offload=offload.optimizer,
+        tier=offload.tier if offload.optimizer else "device",
+        max_grad_norm=workload.max_grad_norm,
+    )
+    placed = chosen.optimizer.optimizer_plan
+    if placed is not None:
+        # the strategy decided subgroups, their tiers and the expected device/CPU split
+        optimizer = dataclasses.replace(
+            placed, kind=optimizer.kind, settings=optimizer.settings, max_grad_norm=optimizer.max_grad_norm
+        )
+    return optimizer
+
+
 def plan_from_candidate(
     model: ModelSpec,
     cluster: ClusterSpec,
@@ -234,25 +312,29 @@ def plan_from_candidate(
     *,
     notes: Sequence[str] = (),
     buffers: BufferSettings | None = None,
+    engine: Engine = "torch",
 ) -> Plan:
-    """The Plan of a searched candidate; with `buffers`, the buffer-reuse MIP's offsets per layer."""
-    layout = chosen.layout
-    if not layout.rank_to_device:
+    """The Plan of a candidate; with `buffers`, the buffer-reuse MIP's offsets per layer.
+
+    Without buffer offsets to carry, a plan that keeps every block lists no per-layer policy (keep is
+    every layer's default: `Plan.activation_policy`).
+    """
+    layout = dataclasses.replace(chosen.layout, engine=engine)
+    if not layout.rank_to_device and layout.world_size <= cluster.world_size:
         layout = dataclasses.replace(
-            layout, rank_to_device=tuple(cluster.device_name(r) for r in range(cluster.world_size))
+            layout, rank_to_device=tuple(cluster.device_name(r) for r in range(layout.world_size))
         )
-    offload = chosen.options.offload
     # one tier per host tier the plan uses, capped at what it puts there (per device) plus a
     # margin: the runtime pre-allocates host arenas to this cap
     tiers = tuple(
         TierPlan(
             kind=kind,  # type: ignore[arg-type]
-            capacity_bytes=int(used * TIER_MARGIN) + TIER_SLACK_BYTES,
+            capacity_bytes=tier_capacity_bytes(used),
             path=spec.path,
             numa_node=spec.numa_node,
         )
-        for kind, used in sorted(chosen.memory.host_bytes.items())
-        if used > 0 and (spec := cluster.tier(kind)) is not None
+        for kind, used in sorted(host_tier_bytes(model, cluster, workload, chosen).items())
+        if (spec := cluster.tier(kind)) is not None
     )
     mem, t = chosen.memory, chosen.time
     per_node = {tier: b * cluster.devices_per_node for tier, b in mem.host_bytes.items()}
@@ -266,17 +348,49 @@ def plan_from_candidate(
     if buffers is not None:
         activations, report = with_buffer_offsets(model, workload, layout, activations, settings=buffers)
         solvers.append(report)
-    optimizer = OptimizerPlan(
-        kind=workload.optimizer.kind,
-        settings=optimizer_settings(workload),
-        offload=offload.optimizer,
-        tier=offload.tier if offload.optimizer else "device",
-    )
-    placed = chosen.optimizer.optimizer_plan
-    if placed is not None:
-        # the stage decided subgroups, their tiers and the expected device/CPU split
-        optimizer = dataclasses.replace(placed, kind=optimizer.kind, settings=optimizer.settings)
+    elif all(p == ActivationPolicy(layer=p.layer) for p in activations):
+        activations = ()
+    optimizer = optimizer_plan(workload, chosen)
+    if chosen.optimizer.optimizer_plan is not None:
         notes = (*notes, optimizer_note(optimizer, layout))
+    loss = (
+        LossPlan(kind="chunked", chunk_size=chosen.options.loss_chunk_tokens)
+        if chosen.options.loss_chunk_tokens
+        else LossPlan()
+    )
+    predicted = _predicted(mem, t, {"device": mem.total, **per_node}, tuple(solvers))
+    return _assemble(model, cluster, workload, layout, activations, optimizer, loss, tiers, predicted, notes)
+
+
+def _predicted(
+    mem: MemoryBreakdown, t: StepTime, by_tier: dict[str, int], solvers: tuple[SolverReport, ...] = ()
+) -> Predicted:
+    return Predicted(
+        bytes_by_tier=by_tier,
+        bytes_by_category=mem.by_category(),
+        peak_bytes=mem.total,
+        step_time_s=t.step_s,
+        time_breakdown=t.breakdown(),
+        tflops_per_device=t.tflops_per_device,
+        mfu=t.mfu,
+        hfu=t.hfu,
+        solvers=solvers,
+    )
+
+
+def _assemble(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    layout: Layout,
+    activations: tuple[ActivationPolicy, ...],
+    optimizer: OptimizerPlan,
+    loss: LossPlan,
+    tiers: tuple[TierPlan, ...],
+    predicted: Predicted,
+    notes: Sequence[str],
+) -> Plan:
+    """The one place a Plan is put together (search mode, budget mode and fixed plans all end here)."""
     return Plan(
         model=model,
         cluster=cluster,
@@ -284,25 +398,46 @@ def plan_from_candidate(
         layout=layout,
         activations=activations,
         optimizer=optimizer,
-        loss=(
-            LossPlan(kind="chunked", chunk_size=chosen.options.loss_chunk_tokens)
-            if chosen.options.loss_chunk_tokens
-            else LossPlan()
-        ),
+        loss=loss,
         tiers=tiers,
-        predicted=Predicted(
-            bytes_by_tier={"device": mem.total, **per_node},
-            bytes_by_category=mem.by_category(),
-            peak_bytes=mem.total,
-            step_time_s=t.step_s,
-            time_breakdown=t.breakdown(),
-            tflops_per_device=t.tflops_per_device,
-            mfu=t.mfu,
-            hfu=t.hfu,
-            solvers=tuple(solvers),
-        ),
+        predicted=predicted,
         notes=tuple(notes),
     )
+
+
+def fixed_plan(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    *,
+    layout: Layout | None = None,
+    activations: tuple[ActivationPolicy, ...] = (),
+    optimizer: OptimizerPlan | None = None,
+    loss: LossPlan | None = None,
+    tiers: tuple[TierPlan, ...] = (),
+    optimizer_impl: Literal["foreach", "single_tensor", "fused"] = "fused",
+    notes: Sequence[str] = (),
+) -> Plan:
+    """A Plan for decisions made elsewhere (a baseline strategy, a benchmark's competitor, a test), with the
+    memory and step-time models' predictions for exactly those decisions: the same contract as a searched
+    plan, so one trainer, one peak check and one report serve every strategy."""
+    layout = layout or Layout(
+        dp=1, micro_batch=workload.micro_batch, rank_to_device=(cluster.device_name(0),)
+    )
+    optimizer = optimizer or OptimizerPlan(kind=workload.optimizer.kind, max_grad_norm=workload.max_grad_norm)
+    loss = loss or LossPlan()
+    tier: Literal["dram", "cxl", "nvme"] = "dram" if optimizer.tier == "device" else optimizer.tier
+    options = MemoryOptions(
+        policies=activations,
+        offload=Offload(optimizer=optimizer.offload, tier=tier),
+        loss_chunk_tokens=loss.chunk_size if loss.kind == "chunked" else 0,
+        optimizer_impl=optimizer_impl,
+    )
+    est = estimate(
+        model, cluster, workload.replace(micro_batch=layout.micro_batch), layout, options, check=False
+    )
+    predicted = _predicted(est.memory, est.time, est.memory.by_tier())
+    return _assemble(model, cluster, workload, layout, activations, optimizer, loss, tiers, predicted, notes)
 
 
 def optimizer_note(optimizer: OptimizerPlan, layout: Layout) -> str:
@@ -389,11 +524,14 @@ def infeasible_error(
     *,
     budget: int | None,
     space: SearchSpace,
-    optimizer_stages: Sequence[Stage] = OPTIMIZER_STAGES,
-    activation_stages: Sequence[Stage] = ACTIVATION_STAGES,
+    optimizer_strategies: Sequence[Strategy] = OPTIMIZER_STRATEGIES,
+    activation_strategies: Sequence[Strategy] = ACTIVATION_STRATEGIES,
 ) -> InfeasibleError:
     have = usable_bytes(cluster, workload, budget)
-    kw: dict[str, Any] = {"optimizer_stages": optimizer_stages, "activation_stages": activation_stages}
+    kw: dict[str, Any] = {
+        "optimizer_strategies": optimizer_strategies,
+        "activation_strategies": activation_strategies,
+    }
     lean = least_memory(model, cluster, workload, space=space, **kw)
     best = _leanest(lean)
     if best is None:

@@ -4,8 +4,8 @@ Enumerated: tensor (tp), context (cp, only for long sequences), pipeline (pp) an
 (dp = world / (tp * cp * pp)) parallel sizes; the pipeline split of the blocks (even,
 or uneven when the layers do not divide or the LM head weighs on the last stage);
 ZeRO stage; micro-batch (grad_accum follows from the global batch); and, through the
-stage interface (`planner.stages`), the optimizer-state placement and the activation
-policy. Hard constraints: heads and kv heads divisible by tp (or tp by kv heads),
+planning strategies (`planner.strategy`, `planner.strategies`), the optimizer-state placement
+and the activation policy. Hard constraints: heads and kv heads divisible by tp (or tp by kv heads),
 pp <= layers, seq divisible by cp, global batch divisible by micro-batch * dp, ZeRO-2/3
 only without pipeline parallelism (DeepSpeed's pipeline engine takes ZeRO-1 at most;
 Megatron's distributed optimizer is ZeRO-1 too).
@@ -29,6 +29,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -41,18 +42,12 @@ from planner.mapping import AnnealSettings, LinkEvaluator, MappingResult, anneal
 from planner.memory import MemoryBreakdown, MemoryOptions, stage_layer_counts
 from planner.model import ModelSpec
 from planner.plan import Layout, SolverReport
-from planner.stages import (
-    ACTIVATION_BASELINES,
-    OPTIMIZER_STAGES,
-    Stage,
-    StageInput,
-    StageResult,
-    host_fits,
-)
 from planner.steptime import StepTime, estimate_step_time
+from planner.strategies import ACTIVATION_BASELINES, OPTIMIZER_STRATEGIES
+from planner.strategy import Strategy, StrategyInput, StrategyResult, host_fits
 from planner.workload import Workload
 
-# optimizer stages that decide a per-subgroup placement; on a tie they lose to the baselines
+# optimizer strategies that decide a per-subgroup placement; on a tie they lose to the baselines
 PLACEMENT_STRATEGIES = frozenset({"interleaved"})
 
 
@@ -97,8 +92,8 @@ class Candidate:
 
     layout: Layout
     split: str  # how the blocks were split over the pipeline: even, front, back, head
-    optimizer: StageResult
-    activations: StageResult
+    optimizer: StrategyResult
+    activations: StrategyResult
     memory: MemoryBreakdown  # worst pipeline stage
     time: StepTime
     budget_bytes: int
@@ -169,7 +164,7 @@ class SearchResult:
     shapes: int  # (dp, tp, pp, cp) combinations that satisfy the hard constraints
     configurations: int  # (shape, split, ZeRO, optimizer placement) combinations considered
     pruned_by_states: int  # of those, dropped because the model states alone miss the budget
-    solved: int  # stage solves (memory evaluations)
+    solved: int  # strategy solves (memory evaluations)
     timed: int  # candidates that fit and were timed
     seconds: float
     mapping_seconds: float
@@ -353,22 +348,23 @@ class _Tally:
             )
 
 
-def _time(
+def time_step(
     model: ModelSpec,
     cluster: ClusterSpec,
     workload: Workload,
     layout: Layout,
     options: MemoryOptions,
-    links: dict[str, GroupLink],
-    optimizer: StageResult,
-    activations: StageResult,
+    links: dict[str, GroupLink] | None,
+    optimizer: StrategyResult,
+    activations: StrategyResult,
 ) -> StepTime:
-    """The step time with the stages' `added_time_s`, each booked under its own term.
+    """The step time with the strategies' `added_time_s`, each booked under its own term.
 
     Both enter the step through the step-time model's `swap_exposed_s` (so the step, TFLOP/s
-    and MFU include them); the breakdown then books the activation stage's exposed swap
-    under "swap" and the optimizer stage's correction under "optimizer" (interleaved offload:
-    negative, the time it saves against the CPU-only update the model charges).
+    and MFU include them); the breakdown then books the activation strategy's exposed swap
+    under "swap" and the optimizer strategy's correction under "optimizer" (interleaved offload:
+    negative, the time it saves against the CPU-only update the model charges). `links` None:
+    the slowest links of the default rank order (planner.comm.worst_group_links).
     """
     t = estimate_step_time(
         model,
@@ -386,24 +382,24 @@ def _time(
     )
 
 
-def _run_stages(
-    base: StageInput,
-    opt_stage: Stage,
-    act_stages: Sequence[Stage],
+def _run_strategies(
+    base: StrategyInput,
+    opt_strategy: Strategy,
+    act_strategies: Sequence[Strategy],
     *,
     first_fit: bool,
     tally: _Tally,
     split: str,
-) -> tuple[StageResult, list[StageResult]]:
-    """Optimizer stage, then activation stages; returns (optimizer result, fitting activation results)."""
-    opt = opt_stage.solve(base)
+) -> tuple[StrategyResult, list[StrategyResult]]:
+    """The optimizer strategy, then the activation strategies; (optimizer result, fitting activation results)."""
+    opt = opt_strategy.solve(base)
     tally.solved += 1
-    fitting: list[StageResult] = []
-    for act_stage in act_stages:
+    fitting: list[StrategyResult] = []
+    for act_strategy in act_strategies:
         inp = dataclasses.replace(base, options=opt.options)
-        if not act_stage.applies(inp):
+        if not act_strategy.applies(inp):
             continue
-        res = act_stage.solve(inp)
+        res = act_strategy.solve(inp)
         tally.solved += 1
         if res.fits:
             fitting.append(res)
@@ -414,6 +410,164 @@ def _run_stages(
     return opt, fitting
 
 
+@dataclass
+class _Found:
+    """The fitting candidates so far: the best of each parallel shape, and every variant of each."""
+
+    best_by_shape: dict[tuple[int, int, int, int], Candidate] = field(default_factory=dict)
+    variants: dict[tuple[int, int, int, int], list[Candidate]] = field(default_factory=dict)
+
+    def add(self, cand: Candidate) -> None:
+        key = cand.shape
+        self.variants.setdefault(key, []).append(cand)
+        if key not in self.best_by_shape or cand.sort_key() < self.best_by_shape[key].sort_key():
+            self.best_by_shape[key] = cand
+
+    def ranked(self) -> list[Candidate]:
+        return sorted(self.best_by_shape.values(), key=Candidate.sort_key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Problem:
+    """What every step of one search reads."""
+
+    model: ModelSpec
+    cluster: ClusterSpec
+    workload: Workload
+    budget_bytes: int
+    space: SearchSpace
+    time_limit_s: float = 10.0
+    seed: int = 0
+
+    @classmethod
+    def of(cls, model: ModelSpec, cluster: ClusterSpec, workload: Workload, **kw: Any) -> _Problem:
+        return cls(model=model, cluster=cluster, workload=workload, **kw)
+
+    def input(self, layout: Layout, **changes: object) -> StrategyInput:
+        kw: dict[str, object] = {"options": MemoryOptions(loss_chunk_tokens=self.space.loss_chunk_tokens)}
+        kw.update(changes)
+        return StrategyInput(
+            model=self.model,
+            cluster=self.cluster,
+            workload=self.workload,
+            layout=layout,
+            budget_bytes=self.budget_bytes,
+            time_limit_s=self.time_limit_s,
+            seed=self.seed,
+            **kw,  # type: ignore[arg-type]
+        )
+
+
+def _search_shape(
+    pb: _Problem,
+    shape: tuple[int, int, int, int],
+    optimizer_strategies: Sequence[Strategy],
+    cheap_acts: Sequence[Strategy],
+    tally: _Tally,
+    found: _Found,
+) -> None:
+    """Every split, ZeRO stage, optimizer placement and micro-batch of one parallel shape, cheap strategies."""
+    model, cluster, workload, space = pb.model, pb.cluster, pb.workload, pb.space
+    dp, tp, pp, cp = shape
+    links = LinkEvaluator(Layout(dp=dp, tp=tp, pp=pp, cp=cp), cluster).links(
+        default_mapping(cluster.world_size)
+    )
+    mbs = micro_batches(workload, dp, space)
+    for split_name, split, zero, virtual in shape_variants(model, workload, space, pp=pp):
+        for opt_strategy in optimizer_strategies:
+            probe = pb.input(
+                Layout(dp=dp, tp=tp, pp=pp, cp=cp, zero_stage=zero, stage_layers=split), links=links
+            )
+            if not opt_strategy.applies(probe):
+                continue
+            if zero > 0 and dp * cp == 1 and opt_strategy.name == "resident":
+                continue  # ZeRO without data parallelism partitions nothing
+            tally.configurations += 1
+            if not opt_strategy.solve(probe).fits:
+                tally.pruned_by_states += 1
+                continue
+            for mb in mbs:
+                layout = full_layout(
+                    shape, workload, space, micro_batch=mb, zero=zero, split=split, virtual=virtual
+                )
+                if not interleave_ok(layout):
+                    continue
+                inp = dataclasses.replace(probe, layout=layout)
+                opt, fitting = _run_strategies(
+                    inp, opt_strategy, cheap_acts, first_fit=True, tally=tally, split=split_name
+                )
+                if not fitting:
+                    break  # memory grows with the micro-batch: larger ones miss too
+                act = fitting[0]
+                validate_layout(model, cluster, workload, layout)
+                assert act.memory is not None  # activation strategies return their breakdown
+                t = time_step(model, cluster, workload, layout, act.options, links, opt, act)
+                tally.timed += 1
+                found.add(
+                    Candidate(
+                        layout=layout,
+                        split=split_name,
+                        optimizer=opt,
+                        activations=act,
+                        memory=act.memory,
+                        time=t,
+                        budget_bytes=pb.budget_bytes,
+                    )
+                )
+
+
+def _refine(
+    pb: _Problem, ranked: Sequence[Candidate], costly_acts: Sequence[Strategy], tally: _Tally, found: _Found
+) -> None:
+    """The expensive activation strategies (solvers) on the best few shapes."""
+    for cand in ranked:
+        links = LinkEvaluator(cand.layout, pb.cluster).links(default_mapping(pb.cluster.world_size))
+        inp = pb.input(cand.layout, options=cand.optimizer.options, links=links)
+        for strategy in costly_acts:
+            if not strategy.applies(inp):
+                continue
+            res = strategy.solve(inp)
+            tally.solved += 1
+            if not res.fits or res.memory is None:
+                continue
+            t = time_step(
+                pb.model, pb.cluster, pb.workload, cand.layout, res.options, links, cand.optimizer, res
+            )
+            tally.timed += 1
+            found.add(dataclasses.replace(cand, activations=res, memory=res.memory, time=t))
+
+
+def _map_ranked(
+    pb: _Problem,
+    ranked: list[Candidate],
+    found: _Found,
+    *,
+    mapping_top: int,
+    settings: AnnealSettings,
+    progress: Callable[[str], None] | None,
+) -> list[Candidate]:
+    """The rank-to-device mapping searched for the best few shapes; the ranking again."""
+    mapped = []
+    for j, cand in enumerate(ranked[:mapping_top]):
+        if progress:
+            progress(f"rank mapping: {j + 1}/{min(mapping_top, len(ranked))} ({cand.describe()})")
+        winner = map_candidate(pb.model, pb.cluster, pb.workload, cand, seed=pb.seed, settings=settings)
+        mapping = winner.mapping
+        assert mapping is not None
+        # the other variants of this shape (split, ZeRO, micro-batch, strategies) under the
+        # mapping found: the best variant with default links need not be the best with these
+        for other in found.variants.get(cand.shape, []):
+            if other is cand:
+                continue
+            alt = remap(pb.model, pb.cluster, pb.workload, other, mapping)
+            if alt.step_s > other.step_s:
+                alt = other  # this variant is faster in the default order
+            if alt.sort_key() < winner.sort_key():
+                winner = alt
+        mapped.append(winner)
+    return sorted(mapped + list(ranked[mapping_top:]), key=Candidate.sort_key)
+
+
 def search(
     model: ModelSpec,
     cluster: ClusterSpec,
@@ -421,8 +575,8 @@ def search(
     *,
     budget_bytes: int,
     space: SearchSpace | None = None,
-    optimizer_stages: Sequence[Stage] = OPTIMIZER_STAGES,
-    activation_stages: Sequence[Stage] = ACTIVATION_BASELINES,
+    optimizer_strategies: Sequence[Strategy] = OPTIMIZER_STRATEGIES,
+    activation_strategies: Sequence[Strategy] = ACTIVATION_BASELINES,
     mapping_top: int = 4,
     refine_top: int = 3,
     anneal: AnnealSettings | None = None,
@@ -432,135 +586,29 @@ def search(
 ) -> SearchResult:
     """All layouts that fit, best per parallel shape, fastest first; the best few rank-mapped."""
     space = space or SearchSpace()
+    pb = _Problem.of(
+        model, cluster, workload, budget_bytes=budget_bytes, space=space, time_limit_s=time_limit_s, seed=seed
+    )
     t0 = time.perf_counter()
     tally = _Tally()
-    cheap_acts = [s for s in activation_stages if not s.expensive]
-    costly_acts = [s for s in activation_stages if s.expensive]
-    best_by_shape: dict[tuple[int, int, int, int], Candidate] = {}
-    variants: dict[tuple[int, int, int, int], list[Candidate]] = {}  # every fitting candidate per shape
+    found = _Found()
+    cheap_acts = [s for s in activation_strategies if not s.expensive]
+    costly_acts = [s for s in activation_strategies if s.expensive]
     shapes = list(parallel_shapes(model, cluster, workload, space))
-    for i, (dp, tp, pp, cp) in enumerate(shapes):
+    for i, shape in enumerate(shapes):
         if progress and i % max(1, len(shapes) // 10) == 0:
+            dp, tp, pp, cp = shape
             progress(f"layout search: shape {i + 1}/{len(shapes)} (dp{dp} tp{tp} pp{pp} cp{cp})")
-        shape_layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp)
-        links = LinkEvaluator(shape_layout, cluster).links(default_mapping(cluster.world_size))
-        mbs = micro_batches(workload, dp, space)
-        for split_name, split, zero, virtual in shape_variants(model, workload, space, pp=pp):
-            for opt_stage in optimizer_stages:
-                probe = StageInput(
-                    model=model,
-                    cluster=cluster,
-                    workload=workload,
-                    layout=Layout(dp=dp, tp=tp, pp=pp, cp=cp, zero_stage=zero, stage_layers=split),
-                    budget_bytes=budget_bytes,
-                    options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens),
-                    links=links,
-                    time_limit_s=time_limit_s,
-                    seed=seed,
-                )
-                if not opt_stage.applies(probe):
-                    continue
-                if zero > 0 and dp * cp == 1 and opt_stage.name == "resident":
-                    continue  # ZeRO without data parallelism partitions nothing
-                tally.configurations += 1
-                states = opt_stage.solve(probe)
-                if not states.fits:
-                    tally.pruned_by_states += 1
-                    continue
-                for mb in mbs:
-                    layout = full_layout(
-                        (dp, tp, pp, cp),
-                        workload,
-                        space,
-                        micro_batch=mb,
-                        zero=zero,
-                        split=split,
-                        virtual=virtual,
-                    )
-                    if not interleave_ok(layout):
-                        continue
-                    inp = dataclasses.replace(probe, layout=layout)
-                    opt, fitting = _run_stages(
-                        inp, opt_stage, cheap_acts, first_fit=True, tally=tally, split=split_name
-                    )
-                    if not fitting:
-                        break  # memory grows with the micro-batch: larger ones miss too
-                    act = fitting[0]
-                    validate_layout(model, cluster, workload, layout)
-                    assert act.memory is not None  # activation stages return their breakdown
-                    t = _time(model, cluster, workload, layout, act.options, links, opt, act)
-                    tally.timed += 1
-                    cand = Candidate(
-                        layout=layout,
-                        split=split_name,
-                        optimizer=opt,
-                        activations=act,
-                        memory=act.memory,
-                        time=t,
-                        budget_bytes=budget_bytes,
-                    )
-                    key = cand.shape
-                    variants.setdefault(key, []).append(cand)
-                    if key not in best_by_shape or cand.sort_key() < best_by_shape[key].sort_key():
-                        best_by_shape[key] = cand
-    ranked = sorted(best_by_shape.values(), key=Candidate.sort_key)
-
-    # expensive activation strategies (solvers) on the best few shapes only
+        _search_shape(pb, shape, optimizer_strategies, cheap_acts, tally, found)
+    ranked = found.ranked()
     if costly_acts and ranked:
-        for cand in ranked[:refine_top]:
-            inp = StageInput(
-                model=model,
-                cluster=cluster,
-                workload=workload,
-                layout=cand.layout,
-                budget_bytes=budget_bytes,
-                options=cand.optimizer.options,
-                links=LinkEvaluator(cand.layout, cluster).links(default_mapping(cluster.world_size)),
-                time_limit_s=time_limit_s,
-                seed=seed,
-            )
-            for stage in costly_acts:
-                if not stage.applies(inp):
-                    continue
-                res = stage.solve(inp)
-                tally.solved += 1
-                if not res.fits or res.memory is None:
-                    continue
-                t = _time(
-                    model, cluster, workload, cand.layout, res.options, inp.links or {}, cand.optimizer, res
-                )
-                tally.timed += 1
-                alt = dataclasses.replace(cand, activations=res, memory=res.memory, time=t)
-                variants[cand.shape].append(alt)
-                if alt.sort_key() < best_by_shape[cand.shape].sort_key():
-                    best_by_shape[cand.shape] = alt
-        ranked = sorted(best_by_shape.values(), key=Candidate.sort_key)
-
-    # rank-to-device mapping on the best few shapes
+        _refine(pb, ranked[:refine_top], costly_acts, tally, found)
+        ranked = found.ranked()
     t_map = time.perf_counter()
     if mapping_top > 0 and ranked:
         settings = anneal or AnnealSettings(time_limit_s=time_limit_s)
-        mapped = []
-        for j, cand in enumerate(ranked[:mapping_top]):
-            if progress:
-                progress(f"rank mapping: {j + 1}/{min(mapping_top, len(ranked))} ({cand.describe()})")
-            winner = map_candidate(model, cluster, workload, cand, seed=seed, settings=settings)
-            found = winner.mapping
-            assert found is not None
-            # the other variants of this shape (split, ZeRO, micro-batch, strategies) under the
-            # mapping found: the best variant with default links need not be the best with these
-            for other in variants.get(cand.shape, []):
-                if other is cand:
-                    continue
-                alt = remap(model, cluster, workload, other, found)
-                if alt.step_s > other.step_s:
-                    alt = other  # this variant is faster in the default order
-                if alt.sort_key() < winner.sort_key():
-                    winner = alt
-            mapped.append(winner)
-        ranked = sorted(mapped + list(ranked[mapping_top:]), key=Candidate.sort_key)
+        ranked = _map_ranked(pb, ranked, found, mapping_top=mapping_top, settings=settings, progress=progress)
     mapping_seconds = time.perf_counter() - t_map
-
     seconds = time.perf_counter() - t0
     best = ranked[0] if ranked else None
     return SearchResult(
@@ -575,7 +623,7 @@ def search(
         mapping_seconds=mapping_seconds,
         closest=None if ranked else tally.closest,
         report=SolverReport(
-            stage="layout",
+            problem="layout",
             strategy="enumerate",
             status="feasible" if ranked else "infeasible",
             objective=best.step_s if best else 0.0,
@@ -597,12 +645,12 @@ def map_candidate(
     opt, act = cand.optimizer, cand.activations
 
     def cost(links: dict[str, GroupLink]) -> float:
-        return _time(model, cluster, workload, cand.layout, cand.options, links, opt, act).step_s
+        return time_step(model, cluster, workload, cand.layout, cand.options, links, opt, act).step_s
 
     result = anneal_mapping(cand.layout, cluster, cost, seed=seed, settings=settings)
     names = tuple(cluster.device_name(d) for d in result.mapping)
     layout = dataclasses.replace(cand.layout, rank_to_device=names)
-    t = _time(model, cluster, workload, layout, cand.options, result.links, opt, act)
+    t = time_step(model, cluster, workload, layout, cand.options, result.links, opt, act)
     return dataclasses.replace(cand, layout=layout, time=t, mapping=result)
 
 
@@ -616,9 +664,9 @@ def remap(
         cand.layout, rank_to_device=tuple(cluster.device_name(d) for d in mapping.mapping)
     )
     opt, act = cand.optimizer, cand.activations
-    t = _time(model, cluster, workload, layout, cand.options, links, opt, act)
+    t = time_step(model, cluster, workload, layout, cand.options, links, opt, act)
     default_links = evaluator.links(default_mapping(cluster.world_size))
-    default_t = _time(model, cluster, workload, cand.layout, cand.options, default_links, opt, act)
+    default_t = time_step(model, cluster, workload, cand.layout, cand.options, default_links, opt, act)
     result = dataclasses.replace(mapping, step_s=t.step_s, default_step_s=default_t.step_s, links=links)
     return dataclasses.replace(cand, layout=layout, time=t, mapping=result)
 
@@ -629,8 +677,8 @@ def least_memory(
     workload: Workload,
     *,
     space: SearchSpace | None = None,
-    optimizer_stages: Sequence[Stage] = OPTIMIZER_STAGES,
-    activation_stages: Sequence[Stage] = ACTIVATION_BASELINES,
+    optimizer_strategies: Sequence[Strategy] = OPTIMIZER_STRATEGIES,
+    activation_strategies: Sequence[Strategy] = ACTIVATION_BASELINES,
 ) -> dict[str, Shortfall]:
     """Per optimizer placement, the configuration with the smallest peak (memory only, no timing).
 
@@ -640,7 +688,8 @@ def least_memory(
     """
     space = space or SearchSpace()
     out: dict[str, Shortfall] = {}
-    big = 1 << 62
+    # no device budget: the strategies report what each configuration needs
+    pb = _Problem.of(model, cluster, workload, budget_bytes=1 << 62, space=space)
     for dp, tp, pp, cp in parallel_shapes(model, cluster, workload, space):
         mbs = micro_batches(workload, dp, space)
         if not mbs:
@@ -652,25 +701,18 @@ def least_memory(
             )
             if not interleave_ok(layout):
                 continue
-            base = StageInput(
-                model=model,
-                cluster=cluster,
-                workload=workload,
-                layout=layout,
-                budget_bytes=big,
-                options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens),
-            )
-            for opt_stage in optimizer_stages:
-                if not opt_stage.applies(base):
+            base = pb.input(layout)
+            for opt_strategy in optimizer_strategies:
+                if not opt_strategy.applies(base):
                     continue
-                opt = opt_stage.solve(base)
+                opt = opt_strategy.solve(base)
                 if not host_fits(cluster, opt.host_bytes):
                     continue  # the optimizer state overflows the host tiers whatever the device holds
-                for act_stage in activation_stages:
+                for act_strategy in activation_strategies:
                     inp = dataclasses.replace(base, options=opt.options, budget_bytes=0)
-                    if act_stage.expensive or not act_stage.applies(inp):
+                    if act_strategy.expensive or not act_strategy.applies(inp):
                         continue
-                    res = act_stage.solve(inp)
+                    res = act_strategy.solve(inp)
                     if not host_fits(cluster, res.host_bytes):
                         continue  # no device budget makes this fit: the host tiers are too small
                     cur = out.get(opt.strategy)

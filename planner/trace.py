@@ -69,6 +69,93 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+def _check_on_meta(model: nn.Module, flat_inputs: Sequence[Any]) -> None:
+    """TraceError unless the model's parameters and the tensor inputs are all on the meta device."""
+    import torch
+
+    off_meta = [n for n, p in model.named_parameters() if p.device.type != "meta"]
+    if off_meta:
+        raise TraceError(
+            f"parameter {off_meta[0]!r} is on {next(model.parameters()).device}, not meta: build the model "
+            'under `with torch.device("meta"):` or call `.to("meta")` so nothing is allocated',
+            field="model",
+        )
+    for i, a in enumerate(flat_inputs):
+        if isinstance(a, torch.Tensor) and a.device.type != "meta":
+            raise TraceError(f"input {i} is on {a.device}, not meta", field="inputs")
+
+
+class _Recorder:
+    """The forward hooks and the saved-tensor hook of one trace, and what they saw.
+
+    Module forwards nest: `stack` is the modules running now, innermost last; every tensor autograd saves
+    is charged, once per storage, to each of them (a module's bytes include its children's).
+    """
+
+    def __init__(self, model: nn.Module, params: set[Any]) -> None:
+        self.names = {m: n for n, m in model.named_modules()}
+        self.params = params  # storages of the parameters: model states, not activations
+        self.order: list[nn.Module] = []  # in the order their forward was first entered
+        self.stack: list[nn.Module] = []
+        self.saved_in: dict[
+            nn.Module, dict[Any, int]
+        ] = {}  # storage -> bytes, per module (children included)
+        self.outputs: dict[nn.Module, int] = {}
+        self.calls: dict[nn.Module, int] = {}
+        self.everything: dict[Any, tuple[int, str]] = {}  # storage -> (bytes, dtype), each once
+
+    def pre(self, mod: nn.Module, _args: Any) -> None:
+        if mod not in self.calls:
+            self.order.append(mod)
+            self.calls[mod] = 0
+        self.calls[mod] += 1
+        self.stack.append(mod)
+
+    def post(self, mod: nn.Module, _args: Any, out: Any) -> None:
+        import torch
+
+        # NOTE: a module whose forward raises leaves the stack unbalanced; the trace then fails anyway.
+        self.stack.pop()
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.outputs[mod] = sum(_nbytes(t) for t in outs)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in self.params:  # parameters are model states, not activations
+            size = _nbytes(t)
+            self.everything.setdefault(key, (size, str(t.dtype).removeprefix("torch.")))
+            for mod in self.stack:  # the innermost module and every module around it
+                self.saved_in.setdefault(mod, {})[key] = size
+        return t
+
+    def trace(self, model: nn.Module) -> Trace:
+        stats = [
+            ModuleStats(
+                name=self.names[mod],
+                kind=type(mod).__name__,
+                params=sum(p.numel() for p in mod.parameters()),
+                param_bytes=sum(p.numel() * p.element_size() for p in mod.parameters()),
+                saved_bytes=sum(self.saved_in.get(mod, {}).values()),
+                output_bytes=self.outputs.get(mod, 0),
+                calls=self.calls[mod],
+            )
+            for mod in self.order
+        ]
+        by_dtype: dict[str, int] = {}
+        for size, dtype in self.everything.values():
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+        all_params = list(model.parameters())  # shared (tied) parameters once
+        return Trace(
+            modules=tuple(stats),
+            params=sum(p.numel() for p in all_params),
+            param_bytes=sum(p.numel() * p.element_size() for p in all_params),
+            saved_bytes=sum(size for size, _ in self.everything.values()),
+            saved_by_dtype=by_dtype,
+        )
+
+
 def trace_module(
     model: nn.Module,
     inputs: Sequence[Any] | Mapping[str, Any],
@@ -88,34 +175,13 @@ def trace_module(
     from torch.func import functional_call
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    off_meta = [n for n, p in model.named_parameters() if p.device.type != "meta"]
-    if off_meta:
-        raise TraceError(
-            f"parameter {off_meta[0]!r} is on {next(model.parameters()).device}, not meta: build the model "
-            'under `with torch.device("meta"):` or call `.to("meta")` so nothing is allocated',
-            field="model",
-        )
-    flat = list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs)
-    for i, a in enumerate(flat):
-        if isinstance(a, torch.Tensor) and a.device.type != "meta":
-            raise TraceError(f"input {i} is on {a.device}, not meta", field="inputs")
-
-    names = {m: n for n, m in model.named_modules()}
-    order: list[nn.Module] = []
-    stack: list[nn.Module] = []
-    saved_in: dict[nn.Module, dict[Any, int]] = {}  # storage -> bytes, per module (children included)
-    outputs: dict[nn.Module, int] = {}
-    calls: dict[nn.Module, int] = {}
-    everything: dict[Any, tuple[int, str]] = {}
+    _check_on_meta(model, list(inputs.values()) if isinstance(inputs, Mapping) else list(inputs))
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
 
     def fake(t: torch.Tensor) -> torch.Tensor:
         with fake_mode:
             f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
         return f.requires_grad_(t.requires_grad)
-
-    def fake_tree(x: Any) -> Any:
-        return torch.utils._pytree.tree_map_only(torch.Tensor, fake, x)
 
     # tied parameters stay tied: one fake tensor per distinct parameter
     states: dict[str, torch.Tensor] = {}
@@ -125,77 +191,32 @@ def trace_module(
         *model.named_buffers(remove_duplicate=False),
     ]:
         states[n] = by_id.setdefault(id(t), fake(t))
-    params = {StorageWeakRef(t.untyped_storage()) for t in by_id.values()}
-    args = fake_tree(dict(inputs) if isinstance(inputs, Mapping) else tuple(inputs))
-
-    def pre(mod: nn.Module, _args: Any) -> None:
-        if mod not in calls:
-            order.append(mod)
-            calls[mod] = 0
-        calls[mod] += 1
-        stack.append(mod)
-
-    def post(mod: nn.Module, _args: Any, out: Any) -> None:
-        # NOTE: a module whose forward raises leaves the stack unbalanced; the trace then fails anyway.
-        stack.pop()
-        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        outputs[mod] = sum(_nbytes(t) for t in outs)
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = StorageWeakRef(t.untyped_storage())
-        if key not in params:  # parameters are model states, not activations
-            size = _nbytes(t)
-            everything.setdefault(key, (size, str(t.dtype).removeprefix("torch.")))
-            for mod in stack:  # the innermost module and every module around it
-                saved_in.setdefault(mod, {})[key] = size
-        return t
-
+    rec = _Recorder(model, {StorageWeakRef(t.untyped_storage()) for t in by_id.values()})
+    args = torch.utils._pytree.tree_map_only(
+        torch.Tensor, fake, dict(inputs) if isinstance(inputs, Mapping) else tuple(inputs)
+    )
     handles = []
-    for mod in names:
-        handles.append(mod.register_forward_pre_hook(pre))
-        handles.append(mod.register_forward_hook(post))
+    for mod in rec.names:
+        handles.append(mod.register_forward_pre_hook(rec.pre))
+        handles.append(mod.register_forward_hook(rec.post))
     try:
-        with fake_mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with fake_mode, torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
             if isinstance(args, dict):
                 out = functional_call(model, states, (), args, tie_weights=False, strict=True)
             else:
                 out = functional_call(model, states, args, tie_weights=False, strict=True)
             if loss is not None:
-                stack.append(model)  # the loss is charged to the root
+                rec.stack.append(model)  # the loss is charged to the root
                 try:
                     loss(out)
                 finally:
-                    stack.pop()
+                    rec.stack.pop()
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         raise TraceError(f"forward on the meta device failed: {exc}", field="model") from exc
     finally:
         for h in handles:
             h.remove()
-
-    stats = []
-    for mod in order:
-        stats.append(
-            ModuleStats(
-                name=names[mod],
-                kind=type(mod).__name__,
-                params=sum(p.numel() for p in mod.parameters()),
-                param_bytes=sum(p.numel() * p.element_size() for p in mod.parameters()),
-                saved_bytes=sum(saved_in.get(mod, {}).values()),
-                output_bytes=outputs.get(mod, 0),
-                calls=calls[mod],
-            )
-        )
-    by_dtype: dict[str, int] = {}
-    for size, dtype in everything.values():
-        by_dtype[dtype] = by_dtype.get(dtype, 0) + size
-    all_params = list(model.parameters())  # shared (tied) parameters once
-    return Trace(
-        modules=tuple(stats),
-        params=sum(p.numel() for p in all_params),
-        param_bytes=sum(p.numel() * p.element_size() for p in all_params),
-        saved_bytes=sum(size for size, _ in everything.values()),
-        saved_by_dtype=by_dtype,
-    )
+    return rec.trace(model)
 
 
 def model_spec_of(model: nn.Module, *, name: str | None = None) -> ModelSpec:

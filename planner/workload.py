@@ -41,6 +41,8 @@ class Workload:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     flash_attention: bool = True  # fused attention kernel: no s x s score matrix kept
     headroom: float = field(default=0.05, metadata={"min": 0.0, "max": 0.9})  # device memory kept free
+    # global-norm gradient clipping (Pascanu et al. 2013), 0 = off; the Plan's optimizer carries it
+    max_grad_norm: float = field(default=1.0, metadata={"min": 0.0})
 
     @property
     def dtype_bytes(self) -> int:

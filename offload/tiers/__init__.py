@@ -7,7 +7,9 @@ usage and :class:`TierStats`) over three kinds:
 - ``cxl``: the same arena bound to a CPU-less NUMA node (a CXL memory expander);
 - ``nvme``: files in a private per-run directory, asynchronous I/O through DeepSpeed's aio op or a thread pool.
 
-Build one with :func:`make_tier`; check a path with :func:`preflight` before training.
+Build one with :func:`make_tier`, or from a plan's tier entries with ``offload.tiers.factory.stores_for_plan``
+(the one place that maps the plan's tier names and enforces its caps); check a path with :func:`preflight`
+before training.
 """
 
 from offload.tiers.base import Handle, TierStore

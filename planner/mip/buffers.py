@@ -37,7 +37,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from planner.errors import SpecError
 from planner.mip.common import MipSettings, SolverStatus, relative_gap, run_mip
@@ -113,7 +113,7 @@ class BufferSolution:
 
     def report(self) -> SolverReport:
         return SolverReport(
-            stage="buffers",
+            problem="buffers",
             strategy=self.strategy,
             status=self.status,
             objective=float(self.arena_bytes),
@@ -512,37 +512,21 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
     The MIP's layout is returned when it is smaller (status "optimal" or "time_limit"), else
     the heuristic layout with status "fallback" ("optimal" when the MIP proved it optimal).
     """
-    import pulp
-
     started = time.perf_counter()
     settings = settings or BufferSettings()
     _check(tensors)
     align = settings.alignment_bytes
     sizes = [_align(t.size_bytes, align) for t in tensors]
     lower = live_peak(tensors, sizes)  # no arena is smaller than the aligned bytes alive at one time
-    order, incumbent, incumbent_arena = _best_fit_search(tensors, sizes)
+    # within the relative gap of the live-bytes bound: optimal as far as the settings ask
+    close_enough = lower * (1 + settings.mip.gap_rel)
+    incumbent, incumbent_arena = _heuristic_layout(
+        tensors, sizes, settings, started=started, lower=lower, close_enough=close_enough
+    )
 
     def heuristic(status: SolverStatus, gap: float | None) -> BufferSolution:
         return _solution("mip", tensors, incumbent, sizes, status=status, gap=gap, started=started)
 
-    # within the relative gap of the live-bytes bound: optimal as far as the settings ask
-    close_enough = lower * (1 + settings.mip.gap_rel)
-    if incumbent_arena <= close_enough:
-        return heuristic("optimal", relative_gap(incumbent_arena, float(lower)))
-    incumbent, incumbent_arena = _local_search(
-        tensors,
-        sizes,
-        order,
-        incumbent_arena,
-        iterations=settings.search_iterations,
-        seed=settings.seed,
-        deadline=(
-            float("inf")
-            if settings.deterministic
-            else started + settings.search_share * settings.mip.time_limit_s
-        ),
-        lower=lower,
-    )
     if incumbent_arena <= close_enough:
         return heuristic("optimal", relative_gap(incumbent_arena, float(lower)))
     incumbent = _identical_groups_sorted(tensors, incumbent)
@@ -560,7 +544,6 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
     upper = max((start_offsets[i] + w[i] for i in live), default=0)  # big-M: the warm start's arena, units
     all_pairs = [(i, j) for i, j in overlapping_pairs(tensors) if w[i] and w[j]]
     free = _free_set(tensors, live, all_pairs, start_offsets, w, settings.max_pair_binaries)
-    pairs = [(i, j) for i, j in all_pairs if i in free and j in free]
     # the MIP's bound bounds the real arena only when it sees every tensor at its real aligned size
     exact = unit_bytes == align and len(free) == len(live)
     if settings.deterministic and not exact:
@@ -568,7 +551,79 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
         # taken in deterministic mode: the heuristic's layout stands, without the solver's time
         return heuristic("fallback", relative_gap(incumbent_arena, float(lower)))
     fixed_top = max((start_offsets[i] + w[i] for i in live if i not in free), default=0)
-    # free tensors keep their place relative to fixed ones they coexist with: bounds, not binaries
+    # the arena is at least the live-bytes lower bound and the fixed tensors' top, units
+    arena_floor = max(fixed_top, -(-lower // unit_bytes) if unit_bytes == align else 0)
+    model = _dsa_model(tensors, w, all_pairs, free, start_offsets, upper=upper, arena_floor=arena_floor)
+    remaining = settings.mip.time_limit_s - (time.perf_counter() - started)
+    outcome = run_mip(model.problem, replace(settings.mip, time_limit_s=max(0.1, remaining)), warm_start=True)
+
+    bound_bytes = float(lower)
+    if outcome.bound is not None and exact:
+        bound_bytes = max(bound_bytes, outcome.bound * unit_bytes)
+    if outcome.has_solution:
+        # bytes from the MIP's order: compaction gives integer, aligned, non-overlapping offsets
+        # no higher than the MIP's own (exactly its layout when its offsets are integral)
+        values = {
+            i: float(model.offset[i].varValue or 0.0) if i in free else float(start_offsets[i]) for i in live
+        }
+        offsets = compact(tensors, sizes, sorted(live, key=lambda i: (values[i], i)))
+        arena_bytes = max((offsets[i] + sizes[i] for i in live), default=0)
+        status: SolverStatus = "optimal" if exact and outcome.status == "optimal" else "time_limit"
+        if arena_bytes < incumbent_arena and (status == "optimal" or not settings.deterministic):
+            offsets = [offsets[i] if w[i] else 0 for i in range(len(tensors))]
+            return _solution(
+                "mip",
+                tensors,
+                offsets,
+                sizes,
+                status=status,
+                gap=relative_gap(arena_bytes, bound_bytes),
+                started=started,
+            )
+    if exact and outcome.status == "optimal":
+        return heuristic("optimal", 0.0)
+    return heuristic("fallback", relative_gap(incumbent_arena, bound_bytes))
+
+
+def _heuristic_layout(
+    tensors: Sequence[Lifetime],
+    sizes: Sequence[int],
+    settings: BufferSettings,
+    *,
+    started: float,
+    lower: int,
+    close_enough: float,
+) -> tuple[list[int], int]:
+    """The MIP's warm start, (offsets, arena bytes): best-fit over a few orderings, improved by the seeded
+    local search unless it is already within `close_enough` bytes."""
+    order, incumbent, incumbent_arena = _best_fit_search(tensors, sizes)
+    if incumbent_arena <= close_enough:
+        return incumbent, incumbent_arena
+    return _local_search(
+        tensors,
+        sizes,
+        order,
+        incumbent_arena,
+        iterations=settings.search_iterations,
+        seed=settings.seed,
+        deadline=(
+            float("inf")
+            if settings.deterministic
+            else started + settings.search_share * settings.mip.time_limit_s
+        ),
+        lower=lower,
+    )
+
+
+def _bounds_beside_fixed(
+    all_pairs: Sequence[tuple[int, int]],
+    free: set[int],
+    start_offsets: Sequence[int],
+    w: Sequence[int],
+    upper: int,
+) -> tuple[dict[int, int], dict[int, int]]:
+    """(lowest, highest) offset of each free tensor, units: free tensors keep their place relative to the
+    fixed ones they coexist with (bounds, not binaries)."""
     low = {i: 0 for i in free}
     high = {i: upper - w[i] for i in free}
     for i, j in all_pairs:
@@ -579,12 +634,35 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
             low[f] = max(low[f], start_offsets[x] + w[x])
         else:
             high[f] = min(high[f], start_offsets[x] - w[f])
+    return low, high
 
+
+@dataclass
+class _DsaModel:
+    problem: Any  # pulp.LpProblem
+    offset: dict[int, Any]  # pulp.LpVariable per free tensor: its offset in the arena, units
+
+
+def _dsa_model(
+    tensors: Sequence[Lifetime],
+    w: Sequence[int],
+    all_pairs: Sequence[tuple[int, int]],
+    free: set[int],
+    start_offsets: Sequence[int],
+    *,
+    upper: int,
+    arena_floor: int,
+) -> _DsaModel:
+    """The address MIP over the free tensors (sizes `w` in units, big-M `upper`), warm-started from
+    `start_offsets`; the other tensors stay where the warm start put them."""
+    import pulp
+
+    pairs = [(i, j) for i, j in all_pairs if i in free and j in free]
+    low, high = _bounds_beside_fixed(all_pairs, free, start_offsets, w, upper)
     prob = pulp.LpProblem("buffers", pulp.LpMinimize)
     # offset[i]: offset of free tensor i in the arena, units (fixed tensors stay at the warm start's)
     offset = {i: pulp.LpVariable(f"offset_{i}", low[i], high[i]) for i in sorted(free)}
     # arena: the arena's size, units; at least the live-bytes lower bound and the fixed tensors' top
-    arena_floor = max(fixed_top, -(-lower // unit_bytes) if unit_bytes == align else 0)
     arena = pulp.LpVariable("arena", arena_floor, upper)
     # below[i, j]: 1 when tensor i lies below tensor j, 0 when above (only free pairs alive together)
     below: dict[tuple[int, int], object] = {}
@@ -611,33 +689,7 @@ def solve_mip(tensors: Sequence[Lifetime], settings: BufferSettings | None = Non
     for (i, j), z in below.items():
         if not isinstance(z, int):
             z.setInitialValue(1 if (start_offsets[i], i) < (start_offsets[j], j) else 0)  # type: ignore[attr-defined]
-    remaining = settings.mip.time_limit_s - (time.perf_counter() - started)
-    outcome = run_mip(prob, replace(settings.mip, time_limit_s=max(0.1, remaining)), warm_start=True)
-
-    bound_bytes = float(lower)
-    if outcome.bound is not None and exact:
-        bound_bytes = max(bound_bytes, outcome.bound * unit_bytes)
-    if outcome.has_solution:
-        # bytes from the MIP's order: compaction gives integer, aligned, non-overlapping offsets
-        # no higher than the MIP's own (exactly its layout when its offsets are integral)
-        values = {i: float(offset[i].varValue or 0.0) if i in free else float(start_offsets[i]) for i in live}
-        offsets = compact(tensors, sizes, sorted(live, key=lambda i: (values[i], i)))
-        arena_bytes = max((offsets[i] + sizes[i] for i in live), default=0)
-        status: SolverStatus = "optimal" if exact and outcome.status == "optimal" else "time_limit"
-        if arena_bytes < incumbent_arena and (status == "optimal" or not settings.deterministic):
-            offsets = [offsets[i] if w[i] else 0 for i in range(len(tensors))]
-            return _solution(
-                "mip",
-                tensors,
-                offsets,
-                sizes,
-                status=status,
-                gap=relative_gap(arena_bytes, bound_bytes),
-                started=started,
-            )
-    if exact and outcome.status == "optimal":
-        return heuristic("optimal", 0.0)
-    return heuristic("fallback", relative_gap(incumbent_arena, bound_bytes))
+    return _DsaModel(problem=prob, offset=offset)
 
 
 def offsets_by_role(

@@ -21,14 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from planner.errors import SpecError
+from planner.plan import SolverStatus as SolverStatus  # SolverReport.status, defined with it
 
-# Status strings shared with planner.plan.SolverReport.status.
-#   optimal:    solved to within gap_rel
-#   feasible:   a heuristic's answer that fits (no optimality claim)
-#   time_limit: the MIP stopped at its time limit with a feasible answer (gap reported)
-#   infeasible: nothing fits; the solution says by how many bytes
-#   fallback:   the MIP did not beat the best heuristic, whose answer is returned
-SolverStatus = Literal["optimal", "feasible", "time_limit", "infeasible", "fallback"]
 SolverName = Literal["cbc", "highs"]
 SOLVERS: tuple[SolverName, ...] = ("cbc", "highs")
 

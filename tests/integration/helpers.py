@@ -46,6 +46,7 @@ def small_plan(
     swap_path: str | None = None,
     optimizer_offload: bool = False,
     zero_stage: int = 0,
+    engine: str = "torch",
 ) -> Plan:
     """tiny-llama (2 blocks) on a CPU 'cluster' of `ranks` devices; written to `path`."""
     model = MODEL_PRESETS["tiny-llama"]
@@ -66,6 +67,7 @@ def small_plan(
         layout=Layout(
             dp=ranks,
             zero_stage=zero_stage,
+            engine=engine,
             micro_batch=micro_batch,
             rank_to_device=tuple(f"n0:d{i}" for i in range(ranks)),
         ),

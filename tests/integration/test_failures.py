@@ -52,6 +52,17 @@ def _finish_within(proc, seconds: float) -> str:
         raise AssertionError(f"the launcher did not exit within {seconds} s") from None
 
 
+def _until_fault(proc, mark) -> set[int]:
+    """The job's processes seen until the faulty rank wrote `mark` (fails if it never does)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + 120
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        seen |= descendants(proc.pid)
+        time.sleep(0.1)
+    assert mark.exists(), "rank 1 never reached the fault"
+    return seen
+
+
 def _pids(pid_dir) -> set[int]:
     return {int(p.read_text()) for p in pid_dir.iterdir()}
 
@@ -97,12 +108,7 @@ def test_dead_rank_stops_the_job(tmp_path):
         "1",
         env=env,
     )
-    seen: set[int] = set()
-    deadline = time.monotonic() + 120
-    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
-        seen |= descendants(proc.pid)
-        time.sleep(0.1)
-    assert mark.exists(), "rank 1 never reached the fault"
+    seen = _until_fault(proc, mark)
     # the launcher must exit within 30 s of the rank's death
     out = _finish_within(proc, 30)
     assert proc.returncode == 1, out
@@ -111,6 +117,34 @@ def test_dead_rank_stops_the_job(tmp_path):
     assert not wait_gone(seen | _pids(pid_dir), timeout=5)
     # only complete checkpoints: step 1; step 2's was being written and is gone
     assert _complete_only(ckpt) == ["step-0000001"]
+
+
+def test_stopped_rank_is_named_and_the_job_ends(tmp_path):
+    """Rank 1 stops itself (SIGSTOP) after step 2 while rank 0 waits for it in a collective: the launcher sees
+    rank 1's heartbeat go stale, names it, kills it, and the job ends within the timeout plus a margin."""
+    plan = tmp_path / "plan.json"
+    small_plan(str(plan))
+    pid_dir, mark = tmp_path / "pids", tmp_path / "stopped"
+    pid_dir.mkdir()
+    env = _env(FAULT_RANK="1", FAULT_STEP="2", FAULT_WHERE="stop", FAULT_MARK=str(mark), PID_DIR=str(pid_dir))
+    proc = start_memtier(
+        "launch",
+        "--nproc",
+        "2",
+        "--heartbeat-timeout",
+        "5",
+        "--plan",
+        str(plan),
+        FAULT,
+        "--steps",
+        "50",
+        env=env,
+    )
+    seen = _until_fault(proc, mark)
+    out = _finish_within(proc, 60)  # 5 s of silence, then torchrun's own teardown
+    assert proc.returncode == 1, out
+    assert "rank 1 (pid" in out and "sent no heartbeat" in out, out[-2000:]
+    assert not wait_gone(seen | _pids(pid_dir), timeout=15)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

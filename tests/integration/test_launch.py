@@ -135,7 +135,7 @@ def test_max_restarts_resumes_exactly(reference, tmp_path):
 def test_deepspeed_engine_applies_the_plans_recompute(tmp_path):
     plan = tmp_path / "plan.json"
     both = tuple(ActivationPolicy(layer=i, keep_fraction=0.0, recompute_fraction=1.0) for i in (0, 1))
-    small_plan(str(plan), activations=both, zero_stage=2)
+    small_plan(str(plan), activations=both, zero_stage=2, engine="deepspeed")
     out = memtier(
         "launch", "--nproc", "2", "--engine", "deepspeed", "--plan", str(plan), TRAIN, "--steps", "3",
         "--save-final-params", str(tmp_path / "params"), "--metrics-out", str(tmp_path / "m.json"), timeout=300,
@@ -173,6 +173,12 @@ def test_train_lm_optimizers_in_process(tmp_path, optimizer):
     assert m["optimizer"] == optimizer and m["world_size"] == 1
     losses = [loss for _, loss in m["losses"]]
     assert losses[-1] < losses[0]
+
+
+def test_launch_refuses_an_engine_the_plan_did_not_choose(tmp_path):
+    small_plan(str(tmp_path / "plan.json"), ranks=1)
+    out = memtier("launch", "--engine", "deepspeed", "--plan", str(tmp_path / "plan.json"), TRAIN)
+    assert out.returncode == 2 and "--engine" in out.stderr and "layout.engine is 'torch'" in out.stderr
 
 
 def test_train_lm_rejects_overrides_of_the_plan(tmp_path):

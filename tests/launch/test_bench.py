@@ -1,4 +1,5 @@
-"""`memtier bench`: FLOPs defined once (MFU <= 100 %), budget plans, and a real (tiny) run with --calibrate."""
+"""`memtier bench`: FLOPs defined once (MFU <= 100 %) and a real (tiny) run with --calibrate (its budget plans:
+tests/planner/test_budget.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,10 @@ import sys
 
 import pytest
 
-from benchmarks import mfu
-from launch.budget import plan_for_budget
+from launch.measure.report import summarize
+from launch.measure.strategies import fixed_plan
 from planner.cluster import cluster_to_yaml, load_cluster
-from planner.errors import InfeasibleError
 from planner.flops import hardware_flops_per_step, model_flops_per_step
-from planner.memory import MemoryOptions, estimate_memory
-from planner.plan import Layout
 from planner.presets import MODEL_PRESETS
 from planner.workload import Workload
 from tests.integration.helpers import ROOT, cpu_cluster
@@ -24,13 +22,8 @@ LLAMA34 = MODEL_PRESETS["llama-34m"]
 WORKLOAD = Workload(global_batch=4, micro_batch=4, seq_len=512, dtype="fp32")
 
 
-def _baseline_peak() -> int:
-    opts = MemoryOptions(optimizer_impl="fused")
-    return estimate_memory(LLAMA34, WORKLOAD, Layout(micro_batch=4), opts).total
-
-
 def test_mfu_and_hfu_come_from_planner_flops_and_never_pass_100_percent():
-    plan = mfu.fixed_plan("recompute_all", LLAMA34, cpu_cluster(1), WORKLOAD)
+    plan = fixed_plan("recompute_all", LLAMA34, cpu_cluster(1), WORKLOAD)
     tokens = WORKLOAD.tokens_per_step
     model_f = model_flops_per_step(LLAMA34, tokens, 512)
     hw_f = hardware_flops_per_step(LLAMA34, tokens, 512, recomputed_layers=LLAMA34.num_layers)
@@ -39,55 +32,14 @@ def test_mfu_and_hfu_come_from_planner_flops_and_never_pass_100_percent():
         "status": "ok", "tokens_per_s": 1e9, "step_time_s": 1e-6, "model_flops_per_step": model_f,
         "hardware_flops_per_step": hw_f, "memory": {"device_peak_bytes": 1}, "losses": [[1, 2.0]],
     }  # fmt: skip
-    row = mfu.summarize({"recompute_all": fake}, {"recompute_all": plan}, peak=5e10)[0]
+    row = summarize({"recompute_all": fake}, {"recompute_all": plan}, peak=5e10)[0]
     assert row["mfu"] == 1.0 and row["hfu"] == 1.0 and row["mfu_capped"]
     slow = dict(fake, step_time_s=100.0)
-    row = mfu.summarize({"recompute_all": slow}, {"recompute_all": plan}, peak=5e10)[0]
+    row = summarize({"recompute_all": slow}, {"recompute_all": plan}, peak=5e10)[0]
     assert row["mfu"] == pytest.approx(model_f / 100.0 / 5e10)
     assert (
         row["hfu"] == pytest.approx(hw_f / 100.0 / 5e10) and row["hfu"] > row["mfu"] and not row["mfu_capped"]
     )
-
-
-def test_budget_plans_shed_memory_in_order():
-    cluster = cpu_cluster(1)
-    base = _baseline_peak()
-    full = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base)
-    assert full.plan.predicted.peak_bytes <= base and not full.plan.activations
-    resident = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 2)
-    assert resident.plan.predicted.peak_bytes <= base // 2 and not resident.plan.optimizer.offload
-    half = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 2, optimizer_offload=True)
-    assert half.plan.predicted.peak_bytes <= base // 2
-    # a DRAM copy costs far less than recomputing a block here: with the optimizer state off the device
-    # (faster than recomputing, so preferred) the plan swaps rather than recomputes
-    assert half.plan.optimizer.offload
-    assert half.plan.predicted.step_time_s < resident.plan.predicted.step_time_s
-    assert sum(a.swap_fraction for a in half.plan.activations) > sum(
-        a.recompute_fraction for a in half.plan.activations
-    )
-    assert half.plan.tier("dram") is not None and half.plan.loss.kind == "chunked"
-    with pytest.raises(InfeasibleError) as err:
-        plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 4)
-    assert err.value.need_bytes > err.value.have_bytes == base // 4
-    quarter = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 4, optimizer_offload=True)
-    assert quarter.plan.optimizer.offload and quarter.plan.predicted.peak_bytes <= base // 4
-
-
-def test_cpu_budget_plans_keep_the_micro_batch_and_price_the_copies():
-    """Issue #9: at 25 % the plan keeps micro-batch 4 (accumulation would keep every gradient on the device);
-    on a CPU device a swap is a memcpy on the computing cores, so its copy time is in the predicted step."""
-    cluster = cpu_cluster(1)
-    assert cluster.device.kind == "cpu"
-    base = _baseline_peak()
-    half = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 2, optimizer_offload=True).plan
-    swapped = sum(a.swap_fraction for a in half.activations)
-    assert swapped > 0 and half.predicted.time_breakdown["swap"] > 0
-    assert half.predicted.bytes_by_tier["dram"] > 0  # the swapped bytes and the optimizer state
-    quarter = plan_for_budget(LLAMA34, cluster, WORKLOAD, budget_bytes=base // 4, optimizer_offload=True)
-    assert quarter.plan.layout.micro_batch == 4 and quarter.plan.layout.grad_accum == 1
-    assert quarter.plan.predicted.peak_bytes == quarter.memory.total <= base // 4
-    # the memory model's step phases, the backward sweep included, are what the plan was checked against
-    assert quarter.memory.detail["phase_block_backward"] <= base // 4
 
 
 @pytest.mark.integration

@@ -112,7 +112,7 @@ def test_probe_quick_writes_loadable_yaml(tmp_path):
 
 
 def test_transparent_huge_pages_reads_the_bracketed_mode(tmp_path):
-    from launch.probe import transparent_huge_pages
+    from launch.measure.probe import transparent_huge_pages
 
     mode = tmp_path / "enabled"
     mode.write_text("always [madvise] never\n")
@@ -128,7 +128,7 @@ def test_probe_bad_disk(capsys, tmp_path):
 
 
 def test_block_cost_fit_recovers_rate_and_overhead():
-    from launch.probe import fit_block_cost
+    from launch.measure.probe import fit_block_cost
 
     rate, overhead = 2e11, 3e-3
     points = [(f, f / rate + overhead) for f in (1e9, 4e9, 2e10)]

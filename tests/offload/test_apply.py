@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import offload
 from offload.activations import PolicyError
-from offload.apply import OffloadHandle, tier_settings
+from offload.apply import OffloadHandle
 from offload.blocks import BlockDiscoveryError, find_blocks
 from planner.plan import ActivationPolicy, LossPlan, OptimizerPlan, Plan, TierPlan
 from planner.presets import MODEL_PRESETS, resolve_cluster
@@ -240,15 +240,6 @@ def test_bad_plans_raise_and_install_nothing(plan, error, match):
     with pytest.raises(error, match=match):
         offload.apply(model, None, plan)
     assert _untouched(model)
-
-
-def test_tier_settings_map_the_plan_entries():
-    assert tier_settings(DRAM) == ("host", {"capacity_bytes": 64 << 20})
-    kind, nvme = tier_settings(TierPlan(kind="nvme", capacity_bytes=1 << 30, path="/x", block_bytes=1 << 20))
-    assert kind == "nvme" and nvme["path"] == "/x" and nvme["chunk_bytes"] == 1 << 20
-    with pytest.raises(PolicyError, match="needs a path") as err:
-        tier_settings(TierPlan(kind="nvme", capacity_bytes=1))
-    assert err.value.field == "tiers.path"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("offload.loss") is not None, reason="offload.loss exists")

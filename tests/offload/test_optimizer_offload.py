@@ -27,8 +27,7 @@ from offload.optimizer import (
     offload_optimizer,
     partition_subgroups,
 )
-from offload.optimizer_checkpoint import CheckpointError, write_checkpoint
-from offload.optimizer_kernels import (
+from offload.optimizer.kernels import (
     AdamWHyper,
     AdamWTensors,
     DeepSpeedCpuAdam,
@@ -36,14 +35,9 @@ from offload.optimizer_kernels import (
     deepspeed_cpu_adam_prebuilt,
     deepspeed_cpu_adam_status,
 )
-from offload.optimizer_sched import (
-    JobRecord,
-    RateMeter,
-    SubgroupWork,
-    Throughputs,
-    schedule_subgroups,
-    simulate,
-)
+from offload.optimizer.records import JobRecord, RateMeter
+from offload.optimizer.schedule import SubgroupWork, Throughputs, schedule_subgroups, simulate
+from offload.optimizer_checkpoint import CheckpointError, write_checkpoint
 from planner.plan import OptimizerPlan, Subgroup, TierPlan
 from tests.helpers import vm_flags
 
@@ -242,7 +236,7 @@ def test_skips_parameters_without_gradients_like_adamw():
             o.zero_grad()
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
-    assert [float(s) for s in opt._slots[0].steps][:2] == [3.0, 2.0]  # embedding 3 steps, the next 2
+    assert [float(s) for s in opt._states.slots[0].steps][:2] == [3.0, 2.0]  # embedding 3 steps, the next 2
     opt.remove()
 
 
@@ -263,23 +257,23 @@ def test_host_tier_updates_the_state_in_place_in_the_arena(clip):
         groups(model), lr=3e-3, placement=interleaved_plan(model, "dram"), stores={"dram": store},
         settings=OffloadSettings(grad_accum=2, schedule="cpu", cpu_kernel="torch_fused", max_grad_norm=clip),
     )  # fmt: skip
-    handles = [slot.handle for slot in opt._slots]
-    assert not any(slot.staged for slot in opt._slots) and opt._state_pool is None
-    assert all(slot.master_is_param and slot.rows == 2 for slot in opt._slots)
+    handles = [slot.handle for slot in opt._states.slots]
+    assert not any(slot.staged for slot in opt._states.slots) and opt._states.pool is None
+    assert all(slot.master_is_param and slot.rows == 2 for slot in opt._states.slots)
     lo, hi = _arena_span(store)
     views = [store.view(h) for h in handles]
-    for slot, v in zip(opt._slots, views):
+    for slot, v in zip(opt._states.slots, views):
         assert v.shape == (2, slot.layout.numel) and lo <= v.data_ptr() and v.data_ptr() + v.nbytes <= hi
     # the kernel's operands are the arena views and the parameters themselves: record what it is handed
     seen: list[int] = []
-    kernel = opt._cpu_kernel
+    kernel = opt._lanes.cpu_kernel
 
     def recording(t, hyper):
         seen.extend(x.data_ptr() for x in (*t.exp_avgs, *t.exp_avg_sqs))
         assert {x.data_ptr() for x in t.params} <= {p.data_ptr() for p in model.parameters()}
         kernel(t, hyper)
 
-    opt._cpu_kernel = recording
+    opt._lanes.cpu_kernel = recording
     fused = torch.optim.AdamW(groups(ref), lr=3e-3, fused=True)
     for m, o in ((model, opt), (ref, fused)):
         for step in range(4):
@@ -292,7 +286,7 @@ def test_host_tier_updates_the_state_in_place_in_the_arena(clip):
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
     assert seen and all(lo <= ptr < hi for ptr in seen)  # every moment the kernel wrote lives in the arena
-    assert [slot.handle for slot in opt._slots] == handles  # updated where it lives: no new blocks
+    assert [slot.handle for slot in opt._states.slots] == handles  # updated where it lives: no new blocks
     for pid, st in fused.state_dict()["state"].items():  # and the arena holds torch's moments, bit for bit
         assert torch.equal(opt.state_dict()["state"][pid]["exp_avg_sq"], st["exp_avg_sq"])
     assert all(j.param_bytes == 0 for rec in opt.schedule_log for j in rec.jobs)  # no write-back

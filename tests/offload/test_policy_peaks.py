@@ -1,6 +1,6 @@
 """Issue #5: the measured peak of live tensors of a step under each activation policy (torch's MemTracker,
 dispatch-mode tracking on CPU) matches the planner's prediction (planner.memory.estimate_memory) within
-+-10 %, and falls as the budget given to launch.budget.plan_for_budget falls.
++-10 %, and falls as the budget given to planner.budget.plan_for_budget falls.
 
 Real components throughout: an HF Llama built from a config (fp32, random init), the plan carried out by
 offload.apply (swap hooks with a host tier, recompute wrappers, chunked loss, offloaded AdamW), the step
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.budget import plan_for_budget
+from planner.budget import plan_for_budget
 from planner.memory import MemoryOptions, Offload, estimate_memory
 from planner.model import ModelSpec
 from planner.plan import ActivationPolicy, Layout, Plan, TierPlan

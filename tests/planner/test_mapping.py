@@ -87,7 +87,7 @@ def test_anneal_deterministic_launchable_and_never_worse():
     check_launchable(a.mapping, HETERO)
     assert a.step_s <= a.default_step_s
     assert a.step_s == pytest.approx(cost(LinkEvaluator(layout, HETERO).links(np.array(a.mapping))))
-    assert a.report.stage == "mapping" and a.report.status == "feasible"
+    assert a.report.problem == "mapping" and a.report.status == "feasible"
 
 
 def test_uniform_links_keep_the_default_order():

@@ -350,7 +350,7 @@ def test_solution_feeds_the_plan() -> None:
     costs, budget = load_fixture()
     sol = greedy(costs, budget)
     report = sol.report()
-    assert (report.stage, report.strategy, report.status) == ("activations", "greedy", "feasible")
+    assert (report.problem, report.strategy, report.status) == ("activations", "greedy", "feasible")
     rebuilt = tuple(build(ActivationPolicy, to_plain(p)) for p in sol.policies)
     assert rebuilt == sol.policies
 

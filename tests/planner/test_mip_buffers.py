@@ -82,7 +82,7 @@ def test_fixture_trace_every_strategy_is_valid_and_mip_is_best() -> None:
     # the caching allocator's 2 and 20 MiB segments waste more than an offline plan
     assert sols["caching_allocator"].arena_bytes > mip.arena_bytes
     assert mip.fragmentation < 1.05
-    assert mip.report().stage == "buffers"
+    assert mip.report().problem == "buffers"
 
 
 # ---- exactness and scale ------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from planner.optimizer_placement import (
 )
 from planner.plan import Layout
 from planner.presets import MODEL_PRESETS, resolve_cluster
-from planner.stages import OptimizerOffload, StageInput
+from planner.strategies import OptimizerOffload
+from planner.strategy import StrategyInput
 from planner.units import GiB
 from planner.workload import OptimizerSpec, Workload
 
@@ -99,15 +100,15 @@ def test_update_time_model_terms():
     assert nvme == pytest.approx(12e9 / 7e9 + 12e9 / 6e9)  # NVMe-bound
 
 
-def test_stage_applies_to_adamw_zero0_and_reports_the_saving():
+def test_strategy_applies_to_adamw_zero0_and_reports_the_saving():
     model, cluster = MODEL_PRESETS["llama2-7b"], resolve_cluster("dgx-h100-8")
-    inp = StageInput(model=model, cluster=cluster, workload=W, layout=LAYOUT, budget_bytes=int(76 * GiB))
-    stage = OptimizerInterleaved()
-    assert stage.applies(inp)
-    assert not stage.applies(dataclasses.replace(inp, layout=dataclasses.replace(LAYOUT, zero_stage=1)))
+    inp = StrategyInput(model=model, cluster=cluster, workload=W, layout=LAYOUT, budget_bytes=int(76 * GiB))
+    strategy = OptimizerInterleaved()
+    assert strategy.applies(inp)
+    assert not strategy.applies(dataclasses.replace(inp, layout=dataclasses.replace(LAYOUT, zero_stage=1)))
     galore = W.replace(optimizer=OptimizerSpec(kind="galore"))
-    assert not stage.applies(dataclasses.replace(inp, workload=galore))
-    res = stage.solve(inp)
+    assert not strategy.applies(dataclasses.replace(inp, workload=galore))
+    res = strategy.solve(inp)
     assert res.kind == "optimizer" and res.strategy == "interleaved" and res.fits
     assert res.options.offload.optimizer and res.options.offload.tier == "dram"
     assert res.added_time_s < 0  # faster than the step-time model's CPU-only offload
@@ -139,7 +140,7 @@ def one_h100():  # type: ignore[no-untyped-def]
 def test_plan_picks_interleaved_when_faster_than_both_baselines_and_records_the_placement():
     from planner.errors import InfeasibleError
     from planner.planning import make_plan
-    from planner.stages import OPTIMIZER_BASELINES, OptimizerResident
+    from planner.strategies import OPTIMIZER_BASELINES, OptimizerResident
 
     model, cluster = MODEL_PRESETS["llama2-7b"], one_h100()
     w = Workload(global_batch=8, seq_len=2048)
@@ -147,12 +148,12 @@ def test_plan_picks_interleaved_when_faster_than_both_baselines_and_records_the_
     chosen, plan = result.chosen, result.plan
     assert chosen.optimizer.strategy == "interleaved" and chosen.fits
     # faster than the best plan of both baselines; the resident optimizer alone does not fit at all
-    baselines = make_plan(model, cluster, w, optimizer_stages=OPTIMIZER_BASELINES)
+    baselines = make_plan(model, cluster, w, optimizer_strategies=OPTIMIZER_BASELINES)
     assert baselines.chosen.optimizer.strategy == "offload"
     assert chosen.step_s < baselines.chosen.step_s
     with pytest.raises(InfeasibleError):
-        make_plan(model, cluster, w, optimizer_stages=(OptimizerResident(),))
-    # the plan carries the stage's placement: subgroup size, tier per subgroup, expected split
+        make_plan(model, cluster, w, optimizer_strategies=(OptimizerResident(),))
+    # the plan carries the strategy's placement: subgroup size, tier per subgroup, expected split
     opt = plan.optimizer
     assert opt.offload and opt.kind == "adamw" and opt.subgroup_size > 0
     assert sum(sg.numel for sg in opt.subgroups) == model.params
@@ -161,6 +162,8 @@ def test_plan_picks_interleaved_when_faster_than_both_baselines_and_records_the_
     dev = sum(sg.numel for sg in opt.subgroups if sg.update_side == "device")
     assert opt.device_update_fraction == pytest.approx(dev / model.params)
     assert opt.settings["lr"] == w.optimizer.lr
+    # the runtime updates each subgroup on its planned side (not an "auto" choice per rank)
+    assert opt.schedule == "plan" and opt.max_grad_norm == w.max_grad_norm
     assert any("interleaved" in n and "ZeRO-0" in n for n in plan.notes)
     # an honest breakdown: no negative term; the saving is inside "optimizer", which is the
     # placement's predicted update time, and the terms add up to the step
@@ -179,7 +182,7 @@ def test_plan_does_not_pick_interleaved_when_a_baseline_is_faster():
     result = make_plan(model, cluster, w, mapping_top=0)
     # eight devices: ZeRO partitions the resident state, faster than any interleaved (ZeRO-0) plan
     assert result.chosen.optimizer.strategy == "resident"
-    only = make_plan(model, cluster, w, mapping_top=0, optimizer_stages=(OptimizerInterleaved(),))
+    only = make_plan(model, cluster, w, mapping_top=0, optimizer_strategies=(OptimizerInterleaved(),))
     assert only.chosen.optimizer.strategy == "interleaved" and only.chosen.fits  # it was there to pick
     assert only.chosen.step_s > result.chosen.step_s
     assert not result.plan.optimizer.subgroups and not result.plan.optimizer.offload
@@ -191,7 +194,7 @@ def test_a_cpu_device_has_nothing_to_interleave():
 
     cluster = cpu_cluster()
     w = Workload(global_batch=4, seq_len=64, dtype="fp32")
-    inp = StageInput(
+    inp = StrategyInput(
         model=MODEL_PRESETS["tiny-llama"], cluster=cluster, workload=w, layout=LAYOUT, budget_bytes=GiB
     )
     assert not OptimizerInterleaved().applies(inp)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -20,7 +21,7 @@ def _plan() -> Plan:
         loss=LossPlan(kind="chunked", chunk_size=1024),
         tiers=(TierPlan(kind="nvme", capacity_bytes=1 << 30, path="/tmp/x", checksum=True),),
         predicted=Predicted(bytes_by_tier={"device": 123}, step_time_s=1.5, mfu=0.4,
-                            solvers=(SolverReport(stage="activations", strategy="mip", status="optimal"),)),
+                            solvers=(SolverReport(problem="activations", strategy="mip", status="optimal"),)),
     )  # fmt: skip
 
 
@@ -30,7 +31,7 @@ def test_round_trip(tmp_path):
     plan.save(path)
     again = Plan.load(path)
     assert again == plan
-    assert json.loads(path.read_text())["schema_version"] == "1.0"
+    assert json.loads(path.read_text())["schema_version"] == "1.1"
     assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left behind
 
 
@@ -64,3 +65,62 @@ def test_unknown_plan_key(tmp_path):
     data["layout"]["zero"] = 3
     with pytest.raises(SpecError, match=r"layout\.zero: unknown key"):
         Plan.from_dict(data, source="p.json")
+
+
+def test_runtime_decisions_round_trip_and_default_for_older_plans(tmp_path):
+    """Schema 1.1: the engine, the optimizer's CPU kernel, update schedule and clipping are in the plan; a
+    1.0 plan.json (without them, its solver reports keyed "stage") loads with what the runtime did then."""
+    plan = _plan().replace(layout=Layout(dp=4, tp=8, engine="deepspeed"))
+    plan = plan.replace(
+        optimizer=dataclasses.replace(plan.optimizer, cpu_kernel="deepspeed", max_grad_norm=0.0)
+    )
+    plan.save(tmp_path / "plan.json")
+    again = Plan.load(tmp_path / "plan.json")
+    assert again == plan and again.layout.engine == "deepspeed"
+    assert (again.optimizer.cpu_kernel, again.optimizer.max_grad_norm) == ("deepspeed", 0.0)
+    old = _plan().to_dict()
+    old["schema_version"] = "1.0"
+    del old["layout"]["engine"]
+    for key in ("cpu_kernel", "schedule", "max_grad_norm"):
+        del old["optimizer"][key]
+    old["predicted"]["solvers"] = [{"stage": "activations", "strategy": "mip", "status": "optimal"}]
+    loaded = Plan.from_dict(old)
+    assert loaded.layout.engine == "torch" and loaded.optimizer.max_grad_norm == 1.0
+    assert (loaded.optimizer.cpu_kernel, loaded.optimizer.schedule) == ("torch_fused", "cpu")
+    assert loaded.predicted.solvers[0].problem == "activations"
+    old["optimizer"]["subgroups"] = [{"index": 0, "numel": 10, "tier": "dram", "update_side": "device"}]
+    assert Plan.from_dict(old).optimizer.schedule == "plan"  # the planned sides, as the runtime read them
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        (
+            "layout",
+            "engine",
+            "megatron",
+            r"layout\.engine: expected one of 'torch', 'deepspeed', 'accelerate'",
+        ),
+        (
+            "optimizer",
+            "cpu_kernel",
+            "auto",
+            r"optimizer\.cpu_kernel: expected one of 'torch_fused', 'deepspeed'",
+        ),
+        ("optimizer", "schedule", "auto", r"optimizer\.schedule: expected one of 'plan', 'cpu', 'device'"),
+        ("optimizer", "max_grad_norm", -1.0, r"optimizer\.max_grad_norm: must be >= 0"),
+        ("optimizer", "kind", "lion", r"optimizer\.kind: expected one of 'adamw'"),
+    ],
+)
+def test_bad_runtime_decisions_name_the_field(section, key, value, message):
+    data = _plan().to_dict()
+    data[section][key] = value
+    with pytest.raises(SpecError, match=message):
+        Plan.from_dict(data, source="p.json")
+
+
+def test_solver_status_is_typed():
+    data = _plan().to_dict()
+    data["predicted"]["solvers"][0]["status"] = "done"
+    with pytest.raises(SpecError, match=r"predicted\.solvers\[0\]\.status: expected one of 'optimal'"):
+        Plan.from_dict(data)

@@ -89,7 +89,7 @@ def test_plan_carries_non_overlapping_buffer_offsets_and_round_trips(tmp_path) -
     spans = sorted(zip(first.buffer_offsets, first.buffer_bytes))
     for (o1, b1), (o2, _) in itertools.pairwise(spans):
         assert o1 + b1 <= o2
-    reports = [r for r in plan.predicted.solvers if r.stage == "buffers"]
+    reports = [r for r in plan.predicted.solvers if r.problem == "buffers"]
     assert len(reports) == 1
     rep = reports[0]
     assert rep.strategy == "mip" and rep.status in ("optimal", "fallback", "time_limit")

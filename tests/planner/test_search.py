@@ -28,18 +28,16 @@ from planner.search import (
     stage_splits,
     zero_choices,
 )
-from planner.stages import (
+from planner.steptime import estimate_step_time
+from planner.strategies import (
     ACTIVATION_BASELINES,
     OPTIMIZER_BASELINES,
     KeepAll,
     RecomputeAll,
     RecomputeBlock,
-    Stage,
-    StageInput,
     block_policies,
-    peak_memory,
 )
-from planner.steptime import estimate_step_time
+from planner.strategy import Strategy, StrategyInput, peak_memory
 from planner.units import GiB
 from planner.workload import Workload
 
@@ -115,24 +113,24 @@ def test_pruning_finds_the_exhaustive_optimum():
     res = search(model, cluster, w, budget_bytes=budget, space=space, mapping_top=0)
     best = None
     for dp, tp, pp, cp in parallel_shapes(model, cluster, w, space):
-        for (_, split), zero, opt_stage in itertools.product(
+        for (_, split), zero, opt_strategy in itertools.product(
             stage_splits(model, w, pp), zero_choices(space, pp=pp), OPTIMIZER_BASELINES
         ):
-            if zero > 0 and dp * cp == 1 and opt_stage.name == "resident":
+            if zero > 0 and dp * cp == 1 and opt_strategy.name == "resident":
                 continue
             for mb in micro_batches(w, dp, space):
                 layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=mb, grad_accum=32 // (dp * mb),
                                 zero_stage=zero, sequence_parallel=tp > 1, stage_layers=split)  # fmt: skip
-                inp = StageInput(model=model, cluster=cluster, workload=w, layout=layout, budget_bytes=budget,
-                                 options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens))  # fmt: skip
-                if not opt_stage.applies(inp):
+                inp = StrategyInput(model=model, cluster=cluster, workload=w, layout=layout, budget_bytes=budget,
+                                    options=MemoryOptions(loss_chunk_tokens=space.loss_chunk_tokens))  # fmt: skip
+                if not opt_strategy.applies(inp):
                     continue
-                opt = opt_stage.solve(inp)
-                for act_stage in ACTIVATION_BASELINES:
+                opt = opt_strategy.solve(inp)
+                for act_strategy in ACTIVATION_BASELINES:
                     a_inp = dataclasses.replace(inp, options=opt.options)
-                    if not act_stage.applies(a_inp):
+                    if not act_strategy.applies(a_inp):
                         continue
-                    act = act_stage.solve(a_inp)
+                    act = act_strategy.solve(a_inp)
                     if not (opt.fits and act.fits):
                         continue
                     t = estimate_step_time(model, cluster, w, layout, act.options).step_s
@@ -180,18 +178,18 @@ def test_search_space_names_the_field():
     assert e.value.field == "zero_stages"
 
 
-# ---- the stage interface -------------------------------------------------------------------
+# ---- the strategy interface ----------------------------------------------------------------
 
 
-def test_baselines_are_stages_and_block_recompute_is_the_fewest_that_fit():
-    for stage in (*OPTIMIZER_BASELINES, *ACTIVATION_BASELINES):
-        assert isinstance(stage, Stage)
+def test_baselines_are_strategies_and_block_recompute_is_the_fewest_that_fit():
+    for strategy in (*OPTIMIZER_BASELINES, *ACTIVATION_BASELINES):
+        assert isinstance(strategy, Strategy)
     model, w = MODEL_PRESETS["llama3-8b"], Workload(global_batch=8, seq_len=8192)
     layout = Layout(dp=8, tp=1, pp=1, micro_batch=1, grad_accum=1, zero_stage=3)
     keep = estimate_memory(model, w, layout, MemoryOptions()).total
     full = estimate_memory(model, w, layout, MemoryOptions(recompute="full")).total
     budget = (keep + full) // 2
-    inp = StageInput(model=model, cluster=HETERO, workload=w, layout=layout, budget_bytes=budget)
+    inp = StrategyInput(model=model, cluster=HETERO, workload=w, layout=layout, budget_bytes=budget)
     assert not KeepAll().solve(inp).fits and RecomputeAll().solve(inp).fits
     res = RecomputeBlock().solve(inp)
     n = sum(p.recompute_fraction for p in res.options.policies)
@@ -200,7 +198,7 @@ def test_baselines_are_stages_and_block_recompute_is_the_fewest_that_fit():
     assert estimate_memory(model, w, layout, fewer).total > budget
 
 
-def test_expensive_stage_runs_on_the_best_layouts_only():
+def test_expensive_strategy_runs_on_the_best_layouts_only():
     model, w = MODEL_PRESETS["llama3-8b"], Workload(global_batch=16, seq_len=8192)
     cluster = resolve_cluster("dgx-a100-8x80g")
     budget = 8 * GiB
@@ -211,17 +209,17 @@ def test_expensive_stage_runs_on_the_best_layouts_only():
         w,
         budget_bytes=budget,
         space=space,
-        activation_stages=(KeepAll(), RecomputeAll()),
+        activation_strategies=(KeepAll(), RecomputeAll()),
         mapping_top=0,
     )
-    stages = (KeepAll(), RecomputeAll(), RecomputeBlock(expensive=True))
+    strategies = (KeepAll(), RecomputeAll(), RecomputeBlock(expensive=True))
     refined = search(
         model,
         cluster,
         w,
         budget_bytes=budget,
         space=space,
-        activation_stages=stages,
+        activation_strategies=strategies,
         mapping_top=0,
         refine_top=3,
     )
@@ -389,6 +387,20 @@ def test_cli_plan_batch_too_small_exits_2(capsys):
 def test_cli_plan_bad_budget_exits_2(capsys):
     code = main(["plan", "--model", "tiny-llama", "--cluster", "dgx-a100-8x80g", "--budget", "lots"])
     assert code == 2 and "--budget" in capsys.readouterr().err
+
+
+def test_cli_plan_engine_and_clipping_flags(capsys, tmp_path):
+    argv = ["plan", "--model", "tiny-llama", "--cluster", "dgx-a100-8x80g", "--seq", "128", "--out",
+            str(tmp_path)]  # fmt: skip
+    assert main([*argv, "--engine", "deepspeed", "--max-grad-norm", "0"]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["layout"]["engine"] == "deepspeed" and plan["optimizer"]["max_grad_norm"] == 0.0
+    assert plan["optimizer"]["cpu_kernel"] == "torch_fused" and plan["optimizer"]["schedule"] == "cpu"
+    assert main(argv) == 0  # the defaults: torch, clipping at 1.0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["layout"]["engine"] == "torch" and plan["optimizer"]["max_grad_norm"] == 1.0
+    capsys.readouterr()
+    assert main([*argv, "--max-grad-norm", "-1"]) == 2 and "--max-grad-norm" in capsys.readouterr().err
 
 
 def test_deterministic_for_a_seed():

@@ -4,7 +4,8 @@ Environment:
   FAULT_RANK, FAULT_STEP, FAULT_CODE  which rank dies, at which step, with which exit code (os._exit: no
                                       cleanup, as a crash)
   FAULT_WHERE      "step": after step FAULT_STEP (and its checkpoint); "save": in the middle of step
-                   FAULT_STEP's checkpoint, after this rank wrote its RNG file, before the others finished
+                   FAULT_STEP's checkpoint, after this rank wrote its RNG file, before the others finished;
+                   "stop": after step FAULT_STEP the rank stops itself with SIGSTOP (a hung rank)
   FAULT_FIRST_ATTEMPT_ONLY=1          die only in torchrun's first attempt (TORCHELASTIC_RESTART_COUNT=0)
   FAULT_MARK       file written (time.time()) just before dying
   PID_DIR          every rank writes <rank>.<attempt>.pid there at start
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 import time
 
@@ -48,19 +50,32 @@ def die() -> None:
 
 
 if armed and where == "save":
-    original = train_lm._save_file
+    import launch.train.checkpoint as checkpoint
+
+    original = checkpoint.save_file
 
     def save_then_die(obj, path):
         original(obj, path)
         if f"step-{fault_step:07d}" in path and os.path.basename(path) == f"rng-rank{rank}.pt":
             die()
 
-    train_lm._save_file = save_then_die
+    checkpoint.save_file = save_then_die
+
+
+def stop() -> None:
+    mark = os.environ.get("FAULT_MARK")
+    if mark:
+        with open(mark, "w") as fh:
+            fh.write(str(time.time()))
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def on_step(step: int, info: dict) -> None:
-    if armed and where == "step" and step == fault_step:
-        die()
+    if armed and step == fault_step:
+        if where == "step":
+            die()
+        elif where == "stop":
+            stop()
 
 
 if __name__ == "__main__":

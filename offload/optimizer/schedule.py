@@ -21,28 +21,34 @@ shared compute resource, which is the contention term of the model. The schedule
 (all on the CPU, all on the device when it fits, the plan's fixed split) and the best predicted is kept, so
 the scheduler never predicts worse than a baseline (CONVENTIONS: baselines are strategies too).
 
-Throughputs are measured at run time (``RateMeter``: an exponential moving average of what the lanes
-achieved, contention included) and start from the plan's cluster numbers.
+Throughputs are measured at run time (``offload.optimizer.records.RateMeter``: an exponential moving average
+of what the lanes achieved, contention included) and start from the plan's cluster numbers
+(``initial_throughputs``). Which work the optimizer hands this model each iteration is
+``offload.optimizer.scheduler``'s business.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
+from planner.plan import Plan
+
 __all__ = [
     "STATE_BYTES_PER_ELEM",
-    "IterationRecord",
-    "JobRecord",
-    "RateMeter",
+    "Phase",
     "Schedule",
+    "Side",
     "SubgroupWork",
     "Throughputs",
     "cpu_side_s",
+    "default_throughputs",
     "device_side_s",
+    "initial_throughputs",
     "schedule_subgroups",
     "simulate",
 ]
@@ -185,6 +191,52 @@ def _fits(w: SubgroupWork, free_device_bytes: int) -> bool:
     return w.pinned_to_device or w.device_bytes <= free_device_bytes
 
 
+def _greedy_sides(
+    order: Sequence[int], by_index: Mapping[int, SubgroupWork], rates: Throughputs, free_device_bytes: int
+) -> dict[int, Side]:
+    """The list schedule: in readiness order, each subgroup on the lane where it would finish first."""
+    free = {"cpu": 0.0, "device": 0.0}
+    compute_free = 0.0
+    greedy: dict[int, Side] = {}
+    for i in order:
+        w = by_index[i]
+        options: list[Side] = ["device"] if w.pinned_to_device else ["cpu"]
+        if not w.pinned_to_device and _fits(w, free_device_bytes):
+            options.append("device")
+        best: tuple[float, int, Side, float] | None = None
+        for side in options:
+            finish, cf = _place(w, side, free[side], compute_free, rates)
+            key = (finish, 0 if side == "cpu" else 1, side, cf)  # a tie goes to the CPU (no transfers)
+            if best is None or key[:2] < best[:2]:
+                best = key
+        assert best is not None  # options is never empty
+        finish, _, side, compute_free = best
+        free[side] = finish
+        greedy[i] = side
+    return greedy
+
+
+def _baselines(
+    work: Sequence[SubgroupWork], free_device_bytes: int, plan_sides: Mapping[int, Side] | None
+) -> dict[str, dict[int, Side]]:
+    """The baselines the list schedule is compared with: all on the CPU, all on the device (when it fits),
+    the plan's split (where it fits)."""
+    candidates: dict[str, dict[int, Side]] = {}
+    candidates["cpu_only"] = {w.index: ("device" if w.pinned_to_device else "cpu") for w in work}
+    if all(_fits(w, free_device_bytes) for w in work):
+        candidates["device_only"] = {w.index: "device" for w in work}
+    if plan_sides is not None:
+        candidates["plan"] = {
+            w.index: (
+                "device"
+                if w.pinned_to_device or (plan_sides.get(w.index) == "device" and _fits(w, free_device_bytes))
+                else "cpu"
+            )
+            for w in work
+        }
+    return candidates
+
+
 def schedule_subgroups(
     work: Sequence[SubgroupWork],
     rates: Throughputs,
@@ -207,38 +259,8 @@ def schedule_subgroups(
         raise ValueError("order: must list every subgroup index exactly once")
 
     # greedy: earliest finish time, in readiness order
-    free = {"cpu": 0.0, "device": 0.0}
-    compute_free = 0.0
-    greedy: dict[int, Side] = {}
-    for i in order:
-        w = by_index[i]
-        options: list[Side] = ["device"] if w.pinned_to_device else ["cpu"]
-        if not w.pinned_to_device and _fits(w, free_device_bytes):
-            options.append("device")
-        best: tuple[float, int, Side, float] | None = None
-        for side in options:
-            finish, cf = _place(w, side, free[side], compute_free, rates)
-            key = (finish, 0 if side == "cpu" else 1, side, cf)  # a tie goes to the CPU (no transfers)
-            if best is None or key[:2] < best[:2]:
-                best = key
-        assert best is not None  # options is never empty
-        finish, _, side, compute_free = best
-        free[side] = finish
-        greedy[i] = side
-
-    candidates: dict[str, dict[int, Side]] = {"greedy": greedy}
-    candidates["cpu_only"] = {w.index: ("device" if w.pinned_to_device else "cpu") for w in work}
-    if all(_fits(w, free_device_bytes) for w in work):
-        candidates["device_only"] = {w.index: "device" for w in work}
-    if plan_sides is not None:
-        candidates["plan"] = {
-            w.index: (
-                "device"
-                if w.pinned_to_device or (plan_sides.get(w.index) == "device" and _fits(w, free_device_bytes))
-                else "cpu"
-            )
-            for w in work
-        }
+    candidates = {"greedy": _greedy_sides(order, by_index, rates, free_device_bytes)}
+    candidates.update(_baselines(work, free_device_bytes, plan_sides))
     predicted = {name: simulate(work, sides, order, rates) for name, sides in candidates.items()}
     # the lowest predicted makespan; ties keep the earlier candidate (greedy, then the baselines)
     names = list(candidates)
@@ -256,120 +278,41 @@ def schedule_subgroups(
     )
 
 
-# ---- measurement ---------------------------------------------------------------------------------------------
+# ---- starting rates ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
-class JobRecord:
-    """What one subgroup's update did and how long its parts took (seconds, wall clock)."""
-
-    index: int
-    side: Side
-    numel: int
-    start_s: float  # since the iteration's first ready subgroup
-    end_s: float
-    kernel_s: float
-    grads_s: float = 0.0  # gradient copy (device -> host for the CPU side)
-    state_in_s: float = 0.0  # state into the working buffer (tier read and/or host -> device)
-    state_out_s: float = 0.0  # state back to its tier
-    params_s: float = 0.0  # master weights -> model parameters
-    state_bytes: int = 0
-    grad_bytes: int = 0
-    param_bytes: int = 0
-    staged: bool = False
-    tier: str = "dram"
-    fallback: bool = False  # scheduled on the device, run on the CPU for lack of device memory
+def default_throughputs(device: torch.device) -> Throughputs:
+    """Order-of-magnitude starting rates when no plan is given (replaced by measurements after a step)."""
+    cuda = device.type == "cuda"
+    return Throughputs(
+        cpu_params_per_s=2e8,
+        device_params_per_s=2e10 if cuda else 2e8,
+        h2d_bytes_per_s=2e10 if cuda else 8e9,
+        d2h_bytes_per_s=2e10 if cuda else 8e9,
+        read_bytes_per_s={"nvme": 2e9, "dram": 8e9, "cxl": 4e9},
+        write_bytes_per_s={"nvme": 1.5e9, "dram": 8e9, "cxl": 4e9},
+        shared_compute=not cuda,
+    )
 
 
-@dataclass(frozen=True, kw_only=True)
-class IterationRecord:
-    """The log of one iteration's optimizer update: the decision and what happened."""
-
-    iteration: int
-    schedule: Schedule
-    jobs: tuple[JobRecord, ...]
-    rates: Throughputs  # the rates the decision used
-    wall_s: float  # first ready subgroup -> last update done
-    grad_norm: float | None = None
-    clip_coef: float | None = None
-    skipped: tuple[int, ...] = ()  # subgroups without gradients this iteration
-
-    @property
-    def executed_sides(self) -> dict[int, Side]:
-        return {j.index: j.side for j in self.jobs}
-
-    @property
-    def fallbacks(self) -> tuple[int, ...]:
-        return tuple(j.index for j in self.jobs if j.fallback)
-
-    def busy_s(self, side: Side) -> float:
-        return sum(j.end_s - j.start_s for j in self.jobs if j.side == side)
-
-
-class RateMeter:
-    """Exponential moving averages of the throughputs the lanes achieved (contention included)."""
-
-    def __init__(self, initial: Throughputs, *, smoothing: float = 0.5) -> None:
-        if not 0.0 < smoothing <= 1.0:
-            raise ValueError(f"smoothing: must be in (0, 1], got {smoothing}")
-        self.smoothing = smoothing
-        self._rates = initial
-        self.observations = 0
-
-    @property
-    def rates(self) -> Throughputs:
-        return self._rates
-
-    def _mix(self, old: float, amount: float, seconds: float) -> float:
-        if amount <= 0 or seconds <= 1e-9:
-            return old
-        new = amount / seconds
-        return (1 - self.smoothing) * old + self.smoothing * new
-
-    def update(self, jobs: Sequence[JobRecord]) -> Throughputs:
-        """Fold one iteration's jobs into the rates (sums per kind, so many small jobs weigh as one big one)."""
-        r = self._rates
-        sums: dict[str, list[float]] = {}
-
-        def add(key: str, amount: float, seconds: float) -> None:
-            acc = sums.setdefault(key, [0.0, 0.0])
-            acc[0] += amount
-            acc[1] += seconds
-
-        for j in jobs:
-            add(f"{j.side}_kernel", j.numel, j.kernel_s)
-            if j.side == "cpu":
-                add("d2h", j.grad_bytes, j.grads_s)
-                add("h2d", j.param_bytes, j.params_s)
-                if j.staged:
-                    add(f"read:{j.tier}", j.state_bytes, j.state_in_s)
-                    add(f"write:{j.tier}", j.state_bytes, j.state_out_s)
-            elif j.tier != "device" and not j.staged:
-                add("h2d", j.state_bytes, j.state_in_s)
-                add("d2h", j.state_bytes, j.state_out_s)
-
-        def mixed(key: str, old: float) -> float:
-            acc = sums.get(key)
-            return self._mix(old, acc[0], acc[1]) if acc else old
-
-        reads = dict(r.read_bytes_per_s)
-        writes = dict(r.write_bytes_per_s)
-        for key in sums:
-            if key.startswith("read:"):
-                tier = key.split(":", 1)[1]
-                reads[tier] = mixed(key, reads.get(tier, sums[key][0] / max(sums[key][1], 1e-9)))
-            elif key.startswith("write:"):
-                tier = key.split(":", 1)[1]
-                writes[tier] = mixed(key, writes.get(tier, sums[key][0] / max(sums[key][1], 1e-9)))
-        self._rates = dataclasses.replace(
-            r,
-            cpu_params_per_s=mixed("cpu_kernel", r.cpu_params_per_s),
-            device_params_per_s=mixed("device_kernel", r.device_params_per_s),
-            h2d_bytes_per_s=mixed("h2d", r.h2d_bytes_per_s),
-            d2h_bytes_per_s=mixed("d2h", r.d2h_bytes_per_s),
-            read_bytes_per_s=reads,
-            write_bytes_per_s=writes,
-        )
-        if jobs:
-            self.observations += 1
-        return self._rates
+def initial_throughputs(plan: Plan, device: torch.device) -> Throughputs:
+    """Starting rates from the plan's cluster: the CPU Adam rate, the host link, the host tiers' bandwidths."""
+    cluster = plan.cluster
+    dev = cluster.device
+    d = plan.workload.dtype_bytes
+    # device update: memory-bound, as the step-time model (planner/steptime.py): parameters, gradients and
+    # state read, parameters and state written, (3d + 2 * 12) bytes per parameter at the memory bandwidth
+    device_rate = dev.memory_bandwidth / (3 * d + 2 * STATE_BYTES_PER_ELEM)
+    if device.type == "cpu":
+        device_rate = cluster.cpu.adam_params_per_s  # the "device" is the CPU
+    reads: dict[str, float] = {t.kind: t.read_bandwidth for t in cluster.host}
+    writes: dict[str, float] = {t.kind: t.write_bandwidth for t in cluster.host}
+    return Throughputs(
+        cpu_params_per_s=cluster.cpu.adam_params_per_s,
+        device_params_per_s=device_rate,
+        h2d_bytes_per_s=dev.host_link.bandwidth,
+        d2h_bytes_per_s=dev.host_link.bandwidth,
+        read_bytes_per_s=reads,
+        write_bytes_per_s=writes,
+        shared_compute=device.type == "cpu",
+    )

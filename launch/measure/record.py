@@ -1,4 +1,4 @@
-"""What every benchmark records beside its numbers: config, versions, machine."""
+"""What every measurement records beside its numbers: config, versions, machine (JSON + PNG writers)."""
 
 from __future__ import annotations
 

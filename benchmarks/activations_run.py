@@ -1,0 +1,321 @@
+"""benchmarks/activations.py's run: the no-offload baseline, then every strategy at every budget side by side,
+each a row of the JSON (a failed strategy is a visible row)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from benchmarks.activations_memtier import memtier_plan, tier_bandwidth
+from benchmarks.activations_torch import (
+    block_sac_stats,
+    compiled_blocks,
+    sac_decisions,
+    sac_module_info,
+    selective_checkpoint,
+)
+from benchmarks.activations_trainer import (
+    Baseline,
+    Config,
+    Trainer,
+    bench_plan,
+    block_call_of,
+    measure_baseline,
+    model_spec,
+    progress,
+)
+from planner.model import ModelSpec
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000] + "\n" + traceback.format_exc(limit=-3)[-1500:]
+
+
+@dataclasses.dataclass(kw_only=True)
+class Bench:
+    """What every strategy run reads: the trainer, the measured baseline and the measured costs."""
+
+    cfg: Config
+    spec: ModelSpec
+    tr: Trainer
+    base: Baseline
+    profiles: list[Any]  # offload.activations.BlockProfile per block
+    block_call: tuple[tuple[Any, ...], dict[str, Any]]  # block 0's (args, kwargs) as the model calls it
+    param_bytes: int
+    tier_bps: tuple[float, float]  # (write, read) the MIP plans with
+    sac: tuple[Any, dict[str, Any]] | None = None  # (SACStats of one block, ModuleInfo), built on first use
+
+    @property
+    def base_s(self) -> float:
+        return float(self.base.step["median_s"])
+
+    @property
+    def saved_total(self) -> int:
+        return sum(p.saved_bytes for p in self.profiles)
+
+    def budget(self, frac: float) -> int:
+        return int(frac * self.base.act_peak_bytes)
+
+    def measure(self, install: Callable[[], Any]) -> dict[str, Any]:
+        """Step time (median) and activation peak with `install()`'s context active."""
+        t0 = time.perf_counter()
+        # no-offload steps right before: the ratio is taken against them, so that load from other processes
+        # drifting during the run (a shared machine) moves both sides of it
+        adjacent = self.tr.timed(self.cfg.steps, 0)["median_s"]
+        with install() as extra:
+            timing = self.tr.timed(self.cfg.steps, self.cfg.warmup)
+            peak = self.tr.activation_peak()
+            installed = dict(extra) if isinstance(extra, dict) else {}
+        return {
+            "step": timing,
+            "adjacent_base_s": adjacent,
+            "act_peak_bytes": peak,
+            "wall_s": time.perf_counter() - t0,
+            "installed": installed,
+        }
+
+    def row(
+        self, strategy: str, frac: float, measured: dict[str, Any] | None, **extra: Any
+    ) -> dict[str, Any]:
+        budget = self.budget(frac)
+        row: dict[str, Any] = {"strategy": strategy, "budget_fraction": frac, "budget_bytes": budget, **extra}
+        if measured is not None:
+            med = measured["step"]["median_s"]
+            base_s = measured.get("adjacent_base_s", self.base_s)
+            row.update(
+                status="ok",
+                step_s=med,
+                base_step_s=base_s,
+                step_ratio=med / base_s,
+                step_ratio_to_first_baseline=med / self.base_s,
+                times_s=measured["step"]["times_s"],
+                warmup_s=measured["step"]["warmup_s"],
+                act_peak_bytes=measured["act_peak_bytes"],
+                peak_over_budget=measured["act_peak_bytes"] / budget,
+                fits=measured["act_peak_bytes"] <= budget,
+            )
+        row.setdefault("status", "not_run")
+        return row
+
+    def attempt(self, strategy: str, fracs: Sequence[float], fn: Callable[[], list[dict[str, Any]]]):
+        """`fn()`'s rows, or one error row per budget when it raises (a failed strategy is a visible row)."""
+        try:
+            rows = fn()
+        except Exception as exc:  # noqa: BLE001 - recorded with its message, the run goes on
+            rows = [self.row(strategy, f, None, status="error", error=_error(exc)) for f in fracs]
+        for r in rows:
+            progress(_summary(r))
+        return rows
+
+    # ---- strategies
+    def recompute_all(self) -> list[dict[str, Any]]:
+        import offload
+        from planner.plan import ActivationPolicy
+
+        acts = tuple(
+            ActivationPolicy(layer=i, keep_fraction=0.0, recompute_fraction=1.0)
+            for i in range(len(self.profiles))
+        )
+        plan = bench_plan(self.spec, self.cfg, acts)
+        m = self.measure(lambda: offload.apply(self.tr.model, None, plan))
+        return [self.row("recompute_all", f, m) for f in self.cfg.budgets]
+
+    def memtier(self, frac: float) -> list[dict[str, Any]]:
+        import offload
+
+        mp = memtier_plan(
+            cfg=self.cfg,
+            spec=self.spec,
+            profiles=self.profiles,
+            base=self.base,
+            tier_bps=self.tier_bps,
+            budget_bytes=self.budget(frac),
+        )
+        sol = mp["solution"]
+        info = {"mip_status": sol.status, "tighten": mp["tighten"], "mip_seconds": sol.seconds}
+        if not mp["fits"]:
+            return [
+                self.row(
+                    "memtier", frac, None, status="infeasible", shortfall_bytes=sol.shortfall_bytes, **info
+                )
+            ]
+        m = self.measure(lambda: offload.apply(self.tr.model, None, mp["plan"]))
+        return [
+            self.row(
+                "memtier",
+                frac,
+                m,
+                predicted_step_s=mp["predicted_step_s"],
+                # the MIP's added seconds on top of the adjacent no-offload step
+                predicted_step_ratio=1 + sol.objective_s / m["adjacent_base_s"],
+                predicted_act_peak_bytes=mp["predicted_peak"],
+                modes=mp["modes"],
+                swap_fractions=mp["swap_fractions"],
+                added_s=sol.objective_s,
+                **info,
+            )
+        ]
+
+    def sac_milp(self, frac: float) -> list[dict[str, Any]]:
+        if self.sac is None:
+            args, kwargs = self.block_call
+            stats = block_sac_stats(self.tr.blocks[0], args, kwargs)
+            info = sac_module_info(
+                stats=stats, profiles=self.profiles, base=self.base, param_bytes=self.param_bytes
+            )
+            self.sac = (stats, info)
+            progress(f"sac stats: {len(stats.func_names)} ops per block, {sum(stats.runtimes):.1f} ms")
+        stats, module_info = self.sac
+        dec = sac_decisions(
+            stats=stats, module_info=module_info, budget_bytes=self.budget(frac), param_bytes=self.param_bytes
+        )
+        info = {k: v for k, v in dec.items() if k != "save"}
+        if not dec["feasible"]:
+            return [self.row("sac_milp", frac, None, status="infeasible", **info)]
+        save = dec["save"]
+        m = self.measure(lambda: selective_checkpoint(list(self.tr.blocks), save))
+        seen = m["installed"]
+        info.update(
+            saved_ops={str(i): sum(s) for i, s in save.items()},
+            ops_per_block=len(stats.func_names),
+            policy_calls_per_block={str(k): v for k, v in seen.items()},
+            op_alignment_ok=all(v == len(stats.func_names) for v in seen.values()),
+        )
+        return [self.row("sac_milp", frac, m, **info)]
+
+    def compiled(self, name: str, fracs: Sequence[float], share: float) -> list[dict[str, Any]]:
+        backend = self.cfg.compile_backend
+        m = self.measure(lambda: compiled_blocks(list(self.tr.blocks), backend=backend, budget=share))
+        info = {"compile_backend": backend, "compile_budget_fraction": share}
+        return [self.row(name, f, m, **info) for f in fracs]
+
+    def compile_share(self, frac: float) -> float:
+        """The share of the blocks' saved bytes a budget leaves after the bytes no block policy touches."""
+        head = max(0, self.base.act_peak_bytes - self.saved_total)
+        return min(1.0, max(0.0, (self.budget(frac) - head) / self.saved_total))
+
+
+DEFINITIONS = {
+    "act_peak_bytes": "peak bytes allocated during one training step above the bytes live at its start "
+    "(params, grads, optimizer state, batch); torch.profiler allocator accounting, main thread",
+    "budget_bytes": "budget_fraction x the no-offload act_peak_bytes",
+    "fits": "act_peak_bytes <= budget_bytes",
+    "step_ratio": "median step time / median no-offload step time measured right before it (base_step_s)",
+    "predicted_step_ratio": "memtier: 1 + the MIP's added seconds / base_step_s",
+    "compile_budget_fraction": "activation_memory_budget given to the partitioner: (budget - the no-offload "
+    "peak's bytes outside the blocks' saved tensors) / the blocks' saved bytes, clamped to [0, 1]",
+}
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    from launch.measure.probe import measure_disk
+    from offload.activations import profile_blocks
+
+    started = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.swap_dir, exist_ok=True)
+    spec = model_spec(cfg)
+    tr = Trainer(cfg, spec)
+    loss_handle = None
+    if cfg.loss == "chunked":
+        from offload.loss import install_chunked_loss
+
+        loss_handle = install_chunked_loss(tr.model, chunk_size=cfg.loss_chunk)
+    param_bytes = sum(p.numel() * p.element_size() for p in tr.model.parameters())
+    progress(
+        f"{spec.name} x{spec.num_layers} layers, {param_bytes / 2**20:.0f} MiB params, batch {cfg.batch}x"
+        f"{cfg.seq_len}, loss {cfg.loss}, {cfg.threads} thread(s)"
+    )
+    try:
+        base = measure_baseline(tr, cfg)
+        progress(
+            f"no offload: {base.step['median_s']:.3f} s/step, activation peak "
+            f"{base.act_peak_bytes / 2**20:.1f} MiB "
+            f"(MemTracker {base.memtracker_act_peak_bytes / 2**20:.1f} MiB)"
+        )
+        profiles = profile_blocks(tr.model, tr.ids)
+        disk_w, disk_r, direct = measure_disk(cfg.swap_dir, cfg.disk_probe_mib << 20)
+        tier_w, tier_r = tier_bandwidth(cfg.swap_dir, [b for b, _ in profiles[0].saved_tensors])
+        progress(
+            f"NVMe at {cfg.swap_dir}: file I/O write {disk_w / 1e9:.2f} / read {disk_r / 1e9:.2f} GB/s "
+            f"(O_DIRECT {direct}); the tier on one block's {len(profiles[0].saved_tensors)} saved tensors "
+            f"({profiles[0].saved_bytes / 2**20:.1f} MiB): write {tier_w / 1e9:.2f} / read "
+            f"{tier_r / 1e9:.2f} GB/s"
+        )
+        bench = Bench(
+            cfg=cfg,
+            spec=spec,
+            tr=tr,
+            base=base,
+            profiles=profiles,
+            block_call=block_call_of(tr),
+            param_bytes=param_bytes,
+            tier_bps=(tier_w, tier_r) if cfg.bandwidth == "tier" else (disk_w, disk_r),
+        )
+        fracs = cfg.budgets
+        baseline_m = {"step": base.step, "act_peak_bytes": base.act_peak_bytes}
+        rows = [bench.row("no_offload", f, baseline_m) for f in fracs]
+        if "recompute_all" in cfg.strategies:
+            rows += bench.attempt("recompute_all", fracs, bench.recompute_all)
+        for f in fracs:
+            for name in ("memtier", "sac_milp"):
+                if name in cfg.strategies:
+                    rows += bench.attempt(name, [f], functools.partial(getattr(bench, name), f))
+            if "compile_budget" in cfg.strategies:
+                share = bench.compile_share(f)
+                rows += bench.attempt(
+                    "compile_budget", [f], lambda f=f, s=share: bench.compiled("compile_budget", [f], s)
+                )
+        if "compile_nobudget" in cfg.strategies:
+            rows += bench.attempt(
+                "compile_nobudget", fracs, lambda: bench.compiled("compile_nobudget", fracs, 1.0)
+            )
+    finally:
+        if loss_handle is not None:
+            loss_handle.remove()
+    stats = bench.sac[0] if bench.sac is not None else None
+    return {
+        "question": "What does an activation memory budget cost in step time?",
+        "config": dataclasses.asdict(cfg),
+        "definitions": DEFINITIONS,
+        "model": dataclasses.asdict(spec),
+        "param_bytes": param_bytes,
+        "baseline": dataclasses.asdict(base),
+        "block_profile": dataclasses.asdict(profiles[0]),
+        "nvme": {
+            "path": cfg.swap_dir,
+            "planned_with": cfg.bandwidth,
+            "file_write_bps": disk_w,
+            "file_read_bps": disk_r,
+            "tier_write_bps": tier_w,
+            "tier_read_bps": tier_r,
+            "direct_io": direct,
+        },
+        "sac_stats": None
+        if stats is None
+        else {
+            "ops": len(stats.func_names),
+            "op_memory_bytes": sum(stats.memory),
+            "op_runtime_ms": sum(stats.runtimes),
+        },
+        "rows": rows,
+        "elapsed_s": time.perf_counter() - started,
+    }
+
+
+def _summary(row: dict[str, Any]) -> str:
+    head = f"{row['strategy']} @ {row['budget_fraction']:.0%}"
+    if row["status"] != "ok":
+        return f"{head}: {row['status']} {row.get('error', '').splitlines()[0] if row.get('error') else ''}"
+    pred = f" (predicted x{row['predicted_step_ratio']:.2f})" if "predicted_step_ratio" in row else ""
+    return (
+        f"{head}: x{row['step_ratio']:.2f}{pred}, peak {row['act_peak_bytes'] / 2**20:.1f} MiB vs budget "
+        f"{row['budget_bytes'] / 2**20:.1f} MiB -> {'fits' if row['fits'] else 'EXCEEDS'}"
+    )

@@ -1,0 +1,211 @@
+"""One training step over the engine the plan names: plain PyTorch (DDP), Accelerate, or DeepSpeed.
+
+Each engine splits a step the same way: `micro_step` runs forward and backward of one micro-batch (no
+update), `step` updates. The loop checks the loss between the two, so a non-finite loss stops the run before
+the parameters change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import torch
+
+from launch.train.checkpoint import save_file
+from launch.train.config import Settings, TrainConfigError
+from launch.train.distributed import Dist, GradientAverager
+
+
+class Engine:
+    """One training step and the state to checkpoint, over a plain, DeepSpeed or Accelerate setup."""
+
+    name = "torch"
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: Any, d: Dist, grad_accum: int, *, max_grad_norm: float = 0.0
+    ) -> None:
+        self.model = model  # the unwrapped HF model
+        self.optimizer = optimizer
+        self.d = d
+        self.grad_accum = grad_accum
+        self.runner: Any = model
+        # an offloaded optimizer clips inside its step (it knows where the gradients are)
+        self.max_grad_norm = 0.0 if getattr(optimizer, "clips_gradients", False) else max_grad_norm
+
+    def micro_step(self, x: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; HF shifts the labels (position t predicts byte t + 1)."""
+        sync = (
+            contextlib.nullcontext() if last or not hasattr(self.runner, "no_sync") else self.runner.no_sync()
+        )
+        with sync:
+            loss = self.runner(input_ids=x, labels=x).loss
+            (loss / self.grad_accum).backward()
+        return loss.detach()
+
+    def step(self) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, tmp: str) -> None:
+        if self.d.main:
+            save_file(self.model.state_dict(), os.path.join(tmp, "model.pt"))
+            save_file(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+
+    def load(self, path: str) -> None:
+        self.model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=self.d.device))
+        self.optimizer.load_state_dict(
+            torch.load(os.path.join(path, "optimizer.pt"), map_location=self.d.device, weights_only=False)
+        )
+
+
+class TorchEngine(Engine):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        d: Dist,
+        grad_accum: int,
+        *,
+        max_grad_norm: float = 0.0,
+        hook_allreduce: bool = False,
+    ) -> None:
+        super().__init__(model, optimizer, d, grad_accum, max_grad_norm=max_grad_norm)
+        self.averager = GradientAverager(model, d.world) if d.world > 1 and hook_allreduce else None
+        if d.world > 1 and self.averager is None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP broadcasts rank 0's parameters at construction and averages gradients in backward.
+            self.runner = DistributedDataParallel(
+                model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+            )
+
+
+class AccelerateEngine(Engine):
+    name = "accelerate"
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: Any, d: Dist, grad_accum: int, *, max_grad_norm: float = 0.0
+    ) -> None:
+        from accelerate import Accelerator
+
+        super().__init__(model, optimizer, d, grad_accum, max_grad_norm=max_grad_norm)
+        self.accelerator = Accelerator(cpu=d.device.type == "cpu")
+        self.runner, self.optimizer = self.accelerator.prepare(model, optimizer)
+
+    def micro_step(self, x: torch.Tensor, last: bool) -> torch.Tensor:
+        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.runner)
+        with sync:
+            loss = self.runner(input_ids=x, labels=x).loss
+            self.accelerator.backward(loss / self.grad_accum)
+        return loss.detach()
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        d: Dist,
+        grad_accum: int,
+        *,
+        config: dict[str, Any],
+        lr: float,
+    ) -> None:
+        import deepspeed
+
+        super().__init__(model, optimizer, d, grad_accum)
+        deepspeed.init_distributed(dist_backend="nccl" if d.device.type == "cuda" else "gloo")
+        opt = None if "optimizer" in config else optimizer
+        if "optimizer" in config:
+            config["optimizer"].setdefault("params", {})["lr"] = lr
+        self.runner, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=opt,
+            config=config,
+        )
+
+    def micro_step(self, x: torch.Tensor, last: bool) -> torch.Tensor:
+        loss = self.runner(input_ids=x, labels=x).loss
+        self.runner.backward(loss)  # DeepSpeed scales by its gradient_accumulation_steps
+        # DeepSpeed wants step() after every micro-batch and updates at the accumulation boundary: the last
+        # micro-batch's step() is `step` below, after the loop has checked the loss
+        if not last:
+            self.runner.step()
+        return loss.detach()
+
+    def step(self) -> None:
+        self.runner.step()
+
+    def save(self, tmp: str) -> None:
+        self.runner.save_checkpoint(tmp, tag="engine")
+
+    def load(self, path: str) -> None:
+        self.runner.load_checkpoint(path, tag="engine")
+
+
+def deepspeed_config(path: str | None, settings: Settings, world: int) -> dict[str, Any]:
+    """The DeepSpeed config: the file `memtier launch` wrote from planner.emit (MEMTIER_DS_CONFIG), or, with a
+    plan and no file, planner.emit.ds_config(plan) itself. A file that disagrees with the plan is refused."""
+    if path:
+        if not os.path.isfile(path):
+            raise TrainConfigError("file not found", field="--ds-config", source=path)
+        with open(path) as fh:
+            try:
+                cfg = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise TrainConfigError(f"malformed JSON: {exc}", field="--ds-config", source=path) from None
+    elif settings.plan is not None:
+        from planner.emit import ds_config
+
+        cfg = ds_config(settings.plan)
+    else:
+        raise TrainConfigError(
+            "--engine deepspeed needs a plan (`memtier plan --engine deepspeed`, then `memtier launch --plan`) "
+            "or a DeepSpeed config",
+            field="--ds-config",
+        )
+    expected = {
+        "train_micro_batch_size_per_gpu": settings.micro_batch,
+        "gradient_accumulation_steps": settings.grad_accum,
+        "gradient_clipping": settings.max_grad_norm,
+    }
+    if settings.plan is None:  # a hand-written config: the run's own settings fill in what it leaves out
+        for key, value in expected.items():
+            cfg.setdefault(key, value)
+    for key, value in expected.items():
+        if cfg.get(key) != value:
+            raise TrainConfigError(
+                f"{key}={cfg.get(key)!r} but the run has {value!r}; the config must agree with the plan",
+                field=f"--ds-config: {key}",
+                source=path,
+            )
+    cfg.setdefault("train_batch_size", settings.micro_batch * settings.grad_accum * world)
+    return cfg
+
+
+def make_engine(
+    model: torch.nn.Module,
+    optimizer: Any,
+    d: Dist,
+    settings: Settings,
+    *,
+    lr: float,
+    ds_config_path: str | None,
+) -> Engine:
+    """The engine the settings name (the plan's `layout.engine`)."""
+    ga, clip = settings.grad_accum, settings.max_grad_norm
+    if settings.engine == "deepspeed":
+        cfg = deepspeed_config(ds_config_path, settings, d.world)
+        return DeepSpeedEngine(model, optimizer, d, ga, config=cfg, lr=lr)
+    if settings.engine == "accelerate":
+        return AccelerateEngine(model, optimizer, d, ga, max_grad_norm=clip)
+    offloaded = settings.plan is not None and settings.plan.optimizer.offload
+    return TorchEngine(model, optimizer, d, ga, max_grad_norm=clip, hook_allreduce=offloaded)
