@@ -27,8 +27,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(_HERE) not in sys.path:  # run as a plain script from a source checkout
     sys.path.insert(0, os.path.dirname(_HERE))
 
-from launch.train import Settings, TrainConfigError, build_parser, run  # noqa: E402
-from planner.errors import SpecError  # noqa: E402
+from launch.train import Settings, TrainConfigError, build_parser, entry, run  # noqa: E402
 from planner.model import ModelSpec  # noqa: E402
 
 DEFAULT_DATA = os.path.join(_HERE, "data", "corpus.txt")
@@ -111,8 +110,4 @@ def main(argv: list[str] | None = None, *, on_step: Any = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (TrainConfigError, SpecError) as exc:
-        print(f"train_lm: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(entry(main, "train_lm"))

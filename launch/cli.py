@@ -7,6 +7,7 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from planner.errors import InfeasibleError, SpecError
 
@@ -20,6 +21,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -54,61 +65,7 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="memtier",
-        description="Plan and run training of models that do not fit in accelerator memory.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
-
-    p = sub.add_parser("probe", help="measure this machine and write a cluster YAML")
-    p.add_argument("--out", help="write the ClusterSpec YAML here (default: print it)")
-    p.add_argument("--disk", help="directory whose disk bandwidth to measure (default: the temp dir)")
-    p.add_argument("--quick", action="store_true", help="smaller measurements (under a minute)")
-
-    p = sub.add_parser("estimate", help="memory and step-time breakdown of a model/workload/layout")
-    _add_specs(p)
-    _add_workload(p)
-    for name in ("tp", "pp", "dp", "cp"):
-        p.add_argument(f"--{name}", type=_positive_int, default=None)
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
-    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
-    p.add_argument("--offload", choices=["none", "optimizer", "optimizer+params"], default="none")
-    p.add_argument("--offload-tier", choices=["dram", "nvme", "cxl"], default="dram")
-    p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument(
-        "--chunked-loss", type=int, default=0, metavar="TOKENS", help="chunked cross-entropy chunk size"
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the memory breakdown as a stacked bar chart")
-    p.add_argument(
-        "--trace",
-        action="store_true",
-        help="also trace the model on the meta device: per-module parameters and saved-activation bytes",
-    )
-
-    p = sub.add_parser("plan", help="search layouts and solve placements: plan.json + emitted configs")
-    _add_specs(p)
-    _add_workload(p)
-    p.add_argument("--budget", help="device memory budget per device (e.g. 8GiB); default: device memory")
-    p.add_argument("--top", type=_positive_int, default=5)
-    p.add_argument("--out", help="directory for plan.json, ds_config.json, accelerate.yaml, launch.sh")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--time-limit", type=float, default=10.0, help="seconds per solver")
-    p.add_argument(
-        "--interleave",
-        type=_positive_int,
-        nargs="+",
-        default=[1],
-        metavar="V",
-        help="model chunks per device to try for the interleaved 1F1B schedule (e.g. 1 2 4; Megatron-LM runs "
-        "it, DeepSpeed does not): default 1, plain 1F1B",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", choices=["torch", "deepspeed", "accelerate"], default="torch")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (0: off)")
-
+def _add_launch_parser(sub: Any) -> None:
     p = sub.add_parser("launch", help="run a training script under torchrun with a plan applied")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--plan", help="plan.json to apply")
@@ -152,6 +109,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memtier",
+        description="Plan and run training of models that do not fit in accelerator memory.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("probe", help="measure this machine and write a cluster YAML")
+    p.add_argument("--out", help="write the ClusterSpec YAML here (default: print it)")
+    p.add_argument("--disk", help="directory whose disk bandwidth to measure (default: the temp dir)")
+    p.add_argument("--quick", action="store_true", help="smaller measurements (under a minute)")
+
+    p = sub.add_parser("estimate", help="memory and step-time breakdown of a model/workload/layout")
+    _add_specs(p)
+    _add_workload(p)
+    for name in ("tp", "pp", "dp", "cp"):
+        p.add_argument(f"--{name}", type=_positive_int, default=None)
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=0)
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--offload", choices=["none", "optimizer", "optimizer+params"], default="none")
+    p.add_argument("--offload-tier", choices=["dram", "nvme", "cxl"], default="dram")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument(
+        "--chunked-loss",
+        type=_non_negative_int,
+        default=0,
+        metavar="TOKENS",
+        help="chunked cross-entropy chunk size",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the memory breakdown as a stacked bar chart")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="also trace the model on the meta device: per-module parameters and saved-activation bytes",
+    )
+
+    p = sub.add_parser("plan", help="search layouts and solve placements: plan.json + emitted configs")
+    _add_specs(p)
+    _add_workload(p)
+    p.add_argument("--budget", help="device memory budget per device (e.g. 8GiB); default: device memory")
+    p.add_argument("--top", type=_positive_int, default=5)
+    p.add_argument("--out", help="directory for plan.json, ds_config.json, accelerate.yaml, launch.sh")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--time-limit", type=float, default=10.0, help="seconds per solver")
+    p.add_argument(
+        "--interleave",
+        type=_positive_int,
+        nargs="+",
+        default=[1],
+        metavar="V",
+        help="model chunks per device to try for the interleaved 1F1B schedule (e.g. 1 2 4; Megatron-LM runs "
+        "it, DeepSpeed does not): default 1, plain 1F1B",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["torch", "deepspeed", "accelerate"], default="torch")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (0: off)")
+    p.add_argument(
+        "--data-parallel-only",
+        action="store_true",
+        help="search only the layouts memtier's trainer runs today (data parallel; ZeRO with --engine deepspeed)",
+    )
+    p.add_argument(
+        "--no-checksum",
+        action="store_true",
+        help="no CRC32 on swap and state files (on by default: a flipped bit on disk is caught, not trained on)",
+    )
+
+    _add_launch_parser(sub)
+
     p = sub.add_parser("bench", help="MFU and memory side by side with baselines")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="benchmarks/results/bench")
@@ -188,6 +217,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"memtier {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # a path the user gave that cannot be written or read (a directory, a file in the way, no space, no
+        # permission): bad input, named; exit 2
+        if args.debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"memtier {args.verb}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - an internal error: one line, never a bare traceback
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"memtier {args.verb}: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -205,6 +250,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.verb == "estimate":
         from launch import estimate
+        from planner.schema import check_output_file
+
+        if args.plot:
+            check_output_file(args.plot, "--plot")
 
         result = estimate.run(args)
         if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from launch.estimate import workload_from_args
@@ -62,7 +63,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = workload_from_args(args, model, 1, default_dtype)
     if args.time_limit <= 0:
         raise SpecError(f"must be positive, got {args.time_limit}", field="--time-limit")
-    space = SearchSpace(micro_batch=args.micro_batch, virtual_stages=tuple(args.interleave))
+    dp_only = getattr(args, "data_parallel_only", False)
+    space = SearchSpace(
+        micro_batch=args.micro_batch,
+        virtual_stages=tuple(args.interleave),
+        data_parallel_only=dp_only,
+        # ZeRO partitioning runs on the DeepSpeed engine only
+        zero_stages=(0, 1, 2, 3) if not dp_only or args.engine == "deepspeed" else (0,),
+    )
     result = make_plan(
         model,
         cluster,
@@ -73,6 +81,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time_limit_s=args.time_limit,
         engine=args.engine,
     )
+    plan = result.plan
+    if getattr(args, "no_checksum", False):
+        plan = plan.replace(tiers=tuple(dataclasses.replace(t, checksum=False) for t in plan.tiers))
     search = result.search
     out: dict[str, Any] = {
         "model": model.name,
@@ -91,10 +102,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "timed": search.timed,
             "seconds": search.seconds,
         },
-        "plan": result.plan.to_dict(),
+        "plan": plan.to_dict(),
     }
     if args.out:
-        out["outputs"] = write_outputs(result.plan, args.out)
+        out["outputs"] = write_outputs(plan, args.out)
     return out
 
 

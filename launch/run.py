@@ -228,6 +228,14 @@ def validate(spec: LaunchSpec) -> None:
         host, _, port = spec.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit():
             raise LaunchError(f"expected HOST:PORT, got {spec.rdzv_endpoint!r}", field="--rdzv-endpoint")
+        if not 1 <= int(port) <= 65535:
+            raise LaunchError(f"port {port} is not between 1 and 65535", field="--rdzv-endpoint")
+    for name, value in (
+        ("--heartbeat-timeout", spec.heartbeat_timeout_s),
+        ("--collective-timeout", spec.collective_timeout_s),
+    ):
+        if not 0 <= value < float("inf"):
+            raise LaunchError(f"must be a number of seconds >= 0, got {value}", field=name)
 
 
 # ------------------------------------------------------------------------------------------- plans
@@ -264,6 +272,36 @@ def check_plan_world(plan: Plan, spec: LaunchSpec) -> None:
             f"nproc({spec.nproc}) * nnodes({spec.nnodes}) = {world}; re-plan for {world} ranks or launch "
             f"{lay.world_size}",
             field="layout",
+            source=spec.plan_path,
+        )
+
+
+def check_runnable(plan: Plan, spec: LaunchSpec) -> None:
+    """Refuse, before any rank starts, a layout the runtime cannot carry out (never run it another way).
+
+    The trainer runs data parallelism: DDP (or gradient averaging in hooks) on the torch engine, ZeRO 0-3 on
+    DeepSpeed's. Tensor, pipeline and context parallelism, interleaved schedules, and ZeRO partitioning on
+    an engine without it are planned (`memtier plan` costs them) but not yet run by memtier's trainer.
+    """
+    lay = plan.layout
+    unsupported = [
+        (name, value, why)
+        for name, value, why in (
+            ("tp", lay.tp, "tensor parallelism"),
+            ("pp", lay.pp, "pipeline parallelism"),
+            ("cp", lay.cp, "context parallelism"),
+            ("virtual_stages", lay.virtual_stages, "interleaved pipeline schedules"),
+        )
+        if value > 1
+    ]
+    if lay.zero_stage and lay.dp > 1 and spec.engine != "deepspeed":
+        unsupported.append(("zero_stage", lay.zero_stage, f"ZeRO partitioning on the {spec.engine} engine"))
+    if unsupported:
+        name, value, why = unsupported[0]
+        raise LaunchError(
+            f"{name}={value}: memtier's trainer does not run {why} yet; re-plan with "
+            "`memtier plan --data-parallel-only` (and --engine deepspeed for ZeRO)",
+            field=f"layout.{name}",
             source=spec.plan_path,
         )
 
@@ -416,6 +454,7 @@ def launch(
         plan = read_plan(spec.plan_path)
     if plan is not None:
         check_plan_world(plan, spec)
+        check_runnable(plan, spec)
         preflight_tiers(plan, spec.plan_path)
     env = worker_env(spec, plan)
     heartbeats = tempfile.mkdtemp(prefix="memtier-heartbeat-")

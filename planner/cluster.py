@@ -19,6 +19,7 @@ import numpy as np
 
 from planner.errors import SpecError
 
+MAX_NODES = 100_000
 _POS = {"positive": True}
 TierKind = Literal["dram", "cxl", "nvme"]
 
@@ -92,6 +93,10 @@ class TierSpec:
     path: str | None = None  # nvme: a directory for swap files
     numa_node: int | None = None  # cxl: the CPU-less NUMA node of the expander
 
+    def __post_init__(self) -> None:
+        if self.path is not None and not str(self.path).strip():
+            raise SpecError("an empty path; give the directory for swap files, or leave it out", field="path")
+
 
 @dataclass(frozen=True, kw_only=True)
 class CpuSpec:
@@ -103,7 +108,8 @@ class CpuSpec:
 @dataclass(frozen=True, kw_only=True)
 class ClusterSpec:
     name: str
-    nodes: int = field(default=1, metadata=_POS)
+    # the largest machines built have ~1e5 accelerators; a bigger count is a typo, not a cluster
+    nodes: int = field(default=1, metadata={"positive": True, "max": MAX_NODES})
     devices_per_node: int = field(metadata=_POS)
     device: DeviceSpec
     links: Links
@@ -133,8 +139,8 @@ class ClusterSpec:
 
     def with_nodes(self, nodes: int) -> ClusterSpec:
         """The same fabric with `nodes` nodes; overrides naming nodes beyond it are dropped."""
-        if nodes < 1:
-            raise SpecError(f"must be positive, got {nodes}", field="--nodes")
+        if not 1 <= nodes <= MAX_NODES:
+            raise SpecError(f"must be between 1 and {MAX_NODES}, got {nodes}", field="--nodes")
         kept = tuple(o for o in self.links.overrides if all(_parse(e)[0] < nodes for e in o.between))
         return dataclasses.replace(
             self,

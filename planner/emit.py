@@ -252,7 +252,10 @@ def write_outputs(plan: Plan, out_dir: str | os.PathLike[str]) -> dict[str, str]
     out = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out) and not os.path.isdir(out):
         raise SpecError("exists and is not a directory", field="--out", source=out)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a file where a directory should be, no permission, ...
+        raise SpecError(f"cannot create it: {e.strerror}", field="--out", source=out) from None
     paths = {
         name: os.path.join(out, name)
         for name in ("plan.json", "ds_config.json", "accelerate.yaml", "launch.sh")

@@ -45,6 +45,9 @@ class ModelSpec:
     mlp_bias: bool = False
 
     def __post_init__(self) -> None:
+        from planner.schema import check_bounds
+
+        check_bounds(self)  # also for specs read from an HF config.json or traced, not only from YAML
         if self.num_kv_heads == 0:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim == 0:
@@ -171,10 +174,53 @@ def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+# ModelSpec field -> the config.json keys it is read from (to name the user's key in an error)
+_HF_KEYS = {
+    "num_layers": ("num_hidden_layers", "n_layer"),
+    "hidden_size": ("hidden_size", "n_embd"),
+    "num_heads": ("num_attention_heads", "n_head"),
+    "num_kv_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "ffn_hidden_size": ("intermediate_size", "n_inner"),
+    "vocab_size": ("vocab_size",),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+}
+
+
+def _check_hf_numbers(cfg: dict[str, Any], source: str | None) -> None:
+    """config.json's size fields are whole numbers (null where HF allows a default); and without an explicit
+    head_dim, hidden_size must split evenly into the heads (transformers would truncate head_dim)."""
+    for key in (k for keys in _HF_KEYS.values() for k in keys):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise SpecError(f"expected a whole number, got {value!r}", field=key, source=source)
+        if value is not None and value <= 0:  # transformers has no meaning for 0 here (0 kv heads is not MHA)
+            raise SpecError(f"must be > 0, got {value}", field=key, source=source)
+    hidden, heads = (
+        cfg.get("hidden_size", cfg.get("n_embd")),
+        cfg.get("num_attention_heads", cfg.get("n_head")),
+    )
+    if not (cfg.get("head_dim") is None and isinstance(hidden, int) and isinstance(heads, int)):
+        return
+    if heads > 0 and hidden > 0 and hidden % heads:
+        raise SpecError(
+            f"hidden_size({hidden}) % num_attention_heads({heads}) = {hidden % heads} != 0: transformers "
+            f"would truncate head_dim to {hidden // heads}; set head_dim explicitly if that is meant",
+            field="num_attention_heads",
+            source=source,
+        )
+
+
+def _hf_key(cfg: dict[str, Any], field_name: str | None) -> str | None:
+    keys = _HF_KEYS.get(field_name or "", ())
+    return next((k for k in keys if k in cfg), keys[0] if keys else field_name)
+
+
 def from_hf_config(cfg: dict[str, Any], *, name: str | None = None, source: str | None = None) -> ModelSpec:
     """A ModelSpec from the fields of an HF `config.json` (Llama, Mistral, Qwen2, GPT-2, GPT-NeoX)."""
     model_type = cfg.get("model_type")
     label = name or cfg.get("_name_or_path") or model_type or "hf-model"
+    _check_hf_numbers(cfg, source)
     try:
         if model_type in ("llama", "mistral", "qwen2"):
             heads = int(cfg["num_attention_heads"])
@@ -246,6 +292,11 @@ def from_hf_config(cfg: dict[str, Any], *, name: str | None = None, source: str 
         raise SpecError(
             f"missing required key for model_type {model_type!r}", field=str(e.args[0]), source=source
         ) from None
+    except SpecError as e:
+        raise SpecError(e.message, field=_hf_key(cfg, e.field), source=source) from None
+    except ZeroDivisionError:
+        zero = [k for k in ("num_attention_heads", "n_head") if cfg.get(k) == 0]
+        raise SpecError("must be > 0, got 0", field=zero[0] if zero else None, source=source) from None
     except (TypeError, ValueError) as e:
         raise SpecError(str(e), source=source) from None
     raise SpecError(

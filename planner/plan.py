@@ -164,7 +164,13 @@ class TierPlan:
     numa_node: int | None = None
     direct_io: bool = True
     block_bytes: int = field(default=1 << 20, metadata={"positive": True})
-    checksum: bool = False
+    # per-chunk CRC32 of swap and state files, verified on read: on by default (a flipped bit must not come
+    # back as data); `memtier plan --no-checksum` turns it off
+    checksum: bool = True
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not str(self.path).strip():
+            raise SpecError("an empty path; give the directory for swap files, or leave it out", field="path")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,7 +180,7 @@ class SolverReport:
     status: SolverStatus
     objective: float = 0.0
     gap: float | None = None  # relative optimality gap; None for heuristics (no bound)
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, compare=False, metadata={"volatile": True})  # wall time: not in plan.json
     fragmentation: float | None = None  # buffers: arena bytes / live-bytes peak (>= 1); None elsewhere
 
 

@@ -172,10 +172,29 @@ def build(cls: type[T], data: Any, *, prefix: str = "", source: str | None = Non
     return obj
 
 
+def check_bounds(obj: Any) -> None:
+    """The `min`/`max`/`positive` metadata of a dataclass's number fields, checked on a built object (for
+    objects made in code or from foreign formats such as an HF config.json, not through `build`)."""
+    for f in dataclasses.fields(obj):
+        meta = f.metadata
+        if not ({"min", "max"} & set(meta) or meta.get("positive")):
+            continue
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise SpecError(f"expected a number, got {value!r}", field=f.name)
+        _check_range(value, f.name, meta)
+
+
 def to_plain(obj: Any) -> Any:
     """Dataclasses, tuples and dicts as JSON-ready plain values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # `volatile` fields (wall-clock timings) stay in memory but are not written: the same inputs give
+        # the same file, byte for byte
+        return {
+            f.name: to_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not f.metadata.get("volatile")
+        }
     if isinstance(obj, list | tuple):
         return [to_plain(v) for v in obj]
     if isinstance(obj, Mapping):
@@ -193,6 +212,8 @@ def load_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SpecError("file not found", source=p) from None
     except IsADirectoryError:
         raise SpecError("is a directory, expected a file", source=p) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"not UTF-8 text (byte {e.start}: {e.reason})", source=p) from None
     except OSError as e:
         raise SpecError(f"cannot read: {e.strerror}", source=p) from None
     if p.endswith(".json"):
@@ -211,6 +232,17 @@ def load_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(f"expected a mapping at the top level, got {type(data).__name__}", source=p, line=1)
     return data
+
+
+def check_output_file(path: str, field: str) -> None:
+    """A file the user asked to be written: not a directory, and its directory exists (nothing is created
+    outside the places the user named)."""
+    if os.path.isdir(path):
+        raise SpecError("is a directory; expected a file name", field=field, source=path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise SpecError(f"its directory {parent} {what}", field=field, source=path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -73,6 +73,8 @@ class SearchSpace:
     # engine does not, so only 1 by default): tried where every stage's blocks divide evenly and the
     # micro-batches per step are a multiple of the stages
     virtual_stages: tuple[int, ...] = (1,)
+    # only the layouts memtier's own trainer runs today (launch/run.py: check_runnable): data parallel
+    data_parallel_only: bool = False
 
     def __post_init__(self) -> None:
         if self.micro_batch is not None and self.micro_batch < 1:
@@ -211,6 +213,10 @@ def parallel_shapes(
 ) -> Iterator[tuple[int, int, int, int]]:
     """(dp, tp, pp, cp) with tp * cp * pp * dp = world and the hard constraints met."""
     world = cluster.world_size
+    if space.data_parallel_only:
+        if workload.global_batch % (world * (space.micro_batch or 1)) == 0:
+            yield world, 1, 1, 1
+        return
     for tp in tp_choices(model, world, space.max_tp):
         for cp in cp_choices(workload, world, space):
             if world % (tp * cp):

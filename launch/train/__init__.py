@@ -18,6 +18,16 @@ from launch.train.config import (
     build_parser,
     resolve_settings,
 )
+from launch.train.entry import entry
 from launch.train.loop import run
 
-__all__ = ["ENGINES", "OPTIMIZERS", "Settings", "TrainConfigError", "build_parser", "resolve_settings", "run"]
+__all__ = [
+    "ENGINES",
+    "OPTIMIZERS",
+    "Settings",
+    "TrainConfigError",
+    "build_parser",
+    "entry",
+    "resolve_settings",
+    "run",
+]

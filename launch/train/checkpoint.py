@@ -29,7 +29,7 @@ META = "meta.json"
 
 class Checkpointable(Protocol):
     def save(self, tmp: str) -> None: ...
-    def load(self, path: str) -> None: ...
+    def load(self, path: str, *, convert: bool = False) -> None: ...
 
 
 def complete_checkpoints(ckpt_dir: str) -> list[str]:
@@ -88,13 +88,67 @@ def plan_digest(path: str | None) -> str | None:
         return hashlib.sha256(fh.read()).hexdigest()[:16]
 
 
+def _mismatch(
+    name: str, saved: torch.Tensor, shape: torch.Size, dtype: torch.dtype, convert: bool
+) -> str | None:
+    if saved.shape != shape:
+        return f"{name}: saved with shape {tuple(saved.shape)}, the run has {tuple(shape)}"
+    if saved.dtype != dtype and not convert:
+        return (
+            f"{name}: saved as {saved.dtype}, the run has {dtype} (--convert-checkpoint loads it converted)"
+        )
+    return None
+
+
+def check_model_state(saved: dict[str, Any], model: torch.nn.Module, *, convert: bool) -> list[str]:
+    """What in a saved model state does not fit the live model: shapes always, dtypes unless `convert`
+    (torch's load_state_dict would copy a bf16 checkpoint into fp32 weights without a word)."""
+    live = model.state_dict()
+    out = []
+    for name, tensor in saved.items():
+        if name in live and isinstance(tensor, torch.Tensor):
+            bad = _mismatch(name, tensor, live[name].shape, live[name].dtype, convert)
+            if bad:
+                out.append(bad)
+    return out
+
+
+def check_optimizer_state(saved: dict[str, Any], optimizer: Any, *, convert: bool) -> list[str]:
+    """Per-parameter optimizer state (torch's format: state indexed by the parameters' order in
+    param_groups) against the live parameters: moments in the parameter's dtype for torch's optimizers, fp32
+    for memtier's offloaded AdamW (its moments and master copy are fp32 whatever the parameters are)."""
+    params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
+    fp32_state = type(optimizer).__name__ == "OffloadedAdamW"
+    out = []
+    for index, entry in saved.get("state", {}).items():
+        if not isinstance(index, int) or index >= len(params) or not isinstance(entry, dict):
+            continue
+        p = params[index]
+        for key in ("exp_avg", "exp_avg_sq", "master"):
+            tensor = entry.get(key)
+            if isinstance(tensor, torch.Tensor):
+                dtype = torch.float32 if fp32_state or key == "master" else p.dtype
+                bad = _mismatch(f"optimizer state[{index}].{key}", tensor, p.shape, dtype, convert)
+                if bad:
+                    out.append(bad)
+    return out
+
+
+def refuse_mismatches(problems: list[str], path: str) -> None:
+    from launch.train.config import TrainConfigError
+
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise TrainConfigError("; ".join(problems[:3]) + more, field="--ckpt-dir", source=path)
+
+
 @dataclass(frozen=True)
 class Position:
     step: int = 0
     data_position: int = 0
 
 
-def resume(engine: Checkpointable, d: Dist, ckpt_dir: str, *, fresh: bool) -> Position:
+def resume(engine: Checkpointable, d: Dist, ckpt_dir: str, *, fresh: bool, convert: bool = False) -> Position:
     """Clear unfinished saves, then load the latest complete checkpoint (unless `fresh`)."""
     from launch.train.config import TrainConfigError
 
@@ -116,7 +170,7 @@ def resume(engine: Checkpointable, d: Dist, ckpt_dir: str, *, fresh: bool) -> Po
             field="--ckpt-dir",
             source=path,
         )
-    engine.load(path)
+    engine.load(path, convert=convert)
     set_rng_state(torch.load(os.path.join(path, f"rng-rank{d.rank}.pt"), weights_only=False))
     pos = Position(int(meta["step"]), int(meta["data_position"]))
     if d.main:

@@ -65,6 +65,11 @@ def build_parser(description: str, *, default_model: str = "llama-20m") -> argpa
     p.add_argument("--ckpt-dir", default=None, help="checkpoint directory (resumes from its latest)")
     p.add_argument("--ckpt-every", type=int, default=0, help="save every N steps (0: only at the end)")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --ckpt-dir")
+    p.add_argument(
+        "--convert-checkpoint",
+        action="store_true",
+        help="resume from a checkpoint whose dtypes differ from the run's, converting (refused otherwise)",
+    )
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--warmup-steps", type=int, default=1, help="steps left out of tokens/s and MFU")
     p.add_argument(

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from launch.train.checkpoint import save_file
+from launch.train.checkpoint import check_model_state, check_optimizer_state, refuse_mismatches, save_file
 from launch.train.config import Settings, TrainConfigError
 from launch.train.distributed import Dist, GradientAverager
 
@@ -56,11 +56,18 @@ class Engine:
             save_file(self.model.state_dict(), os.path.join(tmp, "model.pt"))
             save_file(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
 
-    def load(self, path: str) -> None:
-        self.model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=self.d.device))
-        self.optimizer.load_state_dict(
-            torch.load(os.path.join(path, "optimizer.pt"), map_location=self.d.device, weights_only=False)
+    def load(self, path: str, *, convert: bool = False) -> None:
+        """Model and optimizer state, checked against the live ones first: a dtype or shape that differs is
+        refused (named), unless `convert`."""
+        model_sd = torch.load(os.path.join(path, "model.pt"), map_location=self.d.device)
+        opt_sd = torch.load(
+            os.path.join(path, "optimizer.pt"), map_location=self.d.device, weights_only=False
         )
+        problems = check_model_state(model_sd, self.model, convert=convert)
+        problems += check_optimizer_state(opt_sd, self.optimizer, convert=convert)
+        refuse_mismatches(problems, path)
+        self.model.load_state_dict(model_sd)
+        self.optimizer.load_state_dict(opt_sd)
 
 
 class TorchEngine(Engine):
@@ -147,7 +154,8 @@ class DeepSpeedEngine(Engine):
     def save(self, tmp: str) -> None:
         self.runner.save_checkpoint(tmp, tag="engine")
 
-    def load(self, path: str) -> None:
+    def load(self, path: str, *, convert: bool = False) -> None:
+        # DeepSpeed checks its own checkpoint's partitioning and dtypes (it refuses a mismatched ZeRO layout)
         self.runner.load_checkpoint(path, tag="engine")
 
 

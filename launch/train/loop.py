@@ -174,7 +174,9 @@ class Loop:
     def run(self, on_step: OnStep | None) -> int:
         args, d = self.args, self.d
         if args.ckpt_dir:
-            self.pos = checkpoint.resume(self.engine, d, args.ckpt_dir, fresh=args.no_resume)
+            self.pos = checkpoint.resume(
+                self.engine, d, args.ckpt_dir, fresh=args.no_resume, convert=args.convert_checkpoint
+            )
         first_step = self.pos.step
         if d.main:
             self.announce()

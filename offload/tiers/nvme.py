@@ -77,7 +77,7 @@ class NvmeSettings:
         "auto"  # "aio" (DeepSpeed async I/O), "posix" (thread pool), "auto" (aio if usable)
     )
     io_threads: int = 4  # writer threads and, separately, reader threads (they mostly wait on the disk)
-    checksum: bool = False  # per-chunk CRC32, verified on read
+    checksum: bool = True  # per-chunk CRC32, verified on read (off only when asked: a flipped bit is data)
     direct_io: bool | None = None  # None: O_DIRECT when the file system allows it
     aio_block_bytes: int = 1 << 20  # DeepSpeed aio block_size
     aio_queue_depth: int = 8  # DeepSpeed aio queue_depth
@@ -173,7 +173,7 @@ class NvmeTier(TierStore):
         staging_slots: int = 8,
         io_engine: EngineChoice = "auto",
         io_threads: int = 4,
-        checksum: bool = False,
+        checksum: bool = True,
         direct_io: bool | None = None,
         aio_block_bytes: int = 1 << 20,
         aio_queue_depth: int = 8,

@@ -175,6 +175,25 @@ def test_train_lm_optimizers_in_process(tmp_path, optimizer):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize(
+    ("layout", "field"),
+    [
+        ({"dp": 1, "tp": 2}, "layout.tp"),
+        ({"dp": 1, "pp": 2, "stage_layers": (1, 1)}, "layout.pp"),
+        ({"dp": 2, "zero_stage": 3}, "layout.zero_stage"),
+    ],
+)
+def test_launch_refuses_a_layout_the_trainer_cannot_run(tmp_path, layout, field):
+    """A plan is a promise: a tp/pp/ZeRO layout memtier's trainer would run as plain data parallelism is
+    refused before any rank starts (exit 2, the field named), never run another way."""
+    import dataclasses
+
+    plan = small_plan(str(tmp_path / "plan.json"), ranks=2)
+    plan.replace(layout=dataclasses.replace(plan.layout, **layout)).save(str(tmp_path / "plan.json"))
+    out = memtier("launch", "--nproc", "2", "--plan", str(tmp_path / "plan.json"), TRAIN)
+    assert out.returncode == 2 and field in out.stderr and "--data-parallel-only" in out.stderr, out.stderr
+
+
 def test_launch_refuses_an_engine_the_plan_did_not_choose(tmp_path):
     small_plan(str(tmp_path / "plan.json"), ranks=1)
     out = memtier("launch", "--engine", "deepspeed", "--plan", str(tmp_path / "plan.json"), TRAIN)

@@ -105,3 +105,25 @@ def test_stop_during_an_op_load_is_not_an_op_failure(monkeypatch, tmp_path):
     with pytest.raises(StopRequested):
         op.status(build=True)
     assert op.failure is None and op.module is None
+
+
+def test_resume_refuses_other_dtypes_unless_asked_to_convert(tmp_path):
+    """A checkpoint whose weights were saved in bf16 and Adam moments in fp16 is refused on resume (naming the
+    tensor), not silently upcast; --convert-checkpoint loads it converted."""
+    ex = _example()
+    ckpt = tmp_path / "ckpt"
+    common = ["--model", "tiny-llama", "--seq", "32", "--micro-batch", "2", "--ckpt-dir", str(ckpt)]
+    assert ex.main([*common, "--steps", "2"]) == 0
+    (step,) = sorted(ckpt.iterdir())
+    model_sd = torch.load(step / "model.pt")
+    torch.save({k: v.to(torch.bfloat16) for k, v in model_sd.items()}, step / "model.pt")
+    opt_sd = torch.load(step / "optimizer.pt", weights_only=False)
+    for entry in opt_sd["state"].values():
+        entry["exp_avg"] = entry["exp_avg"].to(torch.float16)
+    torch.save(opt_sd, step / "optimizer.pt")
+    with pytest.raises(TrainConfigError, match=r"saved as torch.bfloat16, the run has torch.float32"):
+        ex.main([*common, "--steps", "3"])
+    torch.save(model_sd, step / "model.pt")  # weights back to fp32: the moments alone are refused too
+    with pytest.raises(TrainConfigError, match=r"optimizer state\[0\]\.exp_avg: saved as torch.float16"):
+        ex.main([*common, "--steps", "3"])
+    assert ex.main([*common, "--steps", "3", "--convert-checkpoint"]) == 0

@@ -358,3 +358,22 @@ def test_build_lock_is_named_not_waited_on_forever(tmp_path: Path, held: bool) -
     assert elapsed < 100  # bounded: not the builder's endless wait
     assert lock.exists()  # named, not removed behind the user's back
     assert _AIO.label == "async_io"
+
+
+def test_checksums_are_on_by_default(tmp_path: Path) -> None:
+    """A flipped bit in a swap file is an error, not data, without anyone asking for checksums: the store's
+    default and the plan's (TierPlan.checksum) are on; off is an explicit choice."""
+    from planner.plan import TierPlan
+
+    assert TierPlan(kind="nvme", capacity_bytes=1 << 20).checksum
+    with NvmeTier(path=tmp_path, chunk_bytes=CHUNK, staging_slots=2, build_aio=False) as store:
+        t = random_tensor(3 * CHUNK // 4, torch.float32)
+        h = store.put(t)
+        store.synchronize()
+        with open(store.file_path(h), "r+b") as f:
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0x01]))  # one bit
+        with pytest.raises(TierCorruptionError, match="CRC32"):
+            store.get(h)
