@@ -245,7 +245,8 @@ def _log_rows(rows: Sequence[dict[str, Any]], progress: Progress) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     quick = bool(getattr(args, "quick", False))
-    steps = args.steps if getattr(args, "steps", None) else (3 if quick else 6)
+    # >= 8 timed steady-state rounds by default (the spread of per-round ratios is reported); --quick is 3
+    steps = args.steps if getattr(args, "steps", None) else (3 if quick else 8)
     strategies = tuple(args.strategies) if getattr(args, "strategies", None) else tuple(STRATEGIES)
     return BenchConfig(
         model=args.model,
@@ -257,13 +258,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cluster=args.cluster,
         calibrate=args.calibrate,
         quick=quick,
+        warmup=1 if quick else 2,
         threads=getattr(args, "threads", 0) or 0,
     )
 
 
 def add_arguments(p: argparse.ArgumentParser, *, with_common: bool = True) -> None:
     if with_common:
-        p.add_argument("--quick", action="store_true", help="3 timed rounds (a few minutes)")
+        p.add_argument(
+            "--quick",
+            action="store_true",
+            help="3 timed rounds after 1 warm-up (a few minutes; a quick look)",
+        )
         p.add_argument("--out", default="benchmarks/results/bench")
         p.add_argument(
             "--calibrate", action="store_true", help="write the measured efficiency to the cluster YAML"
@@ -273,7 +279,7 @@ def add_arguments(p: argparse.ArgumentParser, *, with_common: bool = True) -> No
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument(
-        "--steps", type=int, default=0, help="timed rounds: steps per strategy (default 3 quick, 6 full)"
+        "--steps", type=int, default=0, help="timed rounds: steps per strategy (default 3 quick, 8 full)"
     )
     p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: all cores)")

@@ -42,12 +42,19 @@ def summarize(
             # (tracking the optimizer) counts with the step's tensors; on a CPU-only machine that is the same
             # memory, so they are moved to the DRAM tier here, as memtier's offloaded state is
             offloaded_opt = int(mem.get("device_opt_bytes", 0))
+            mem["device_peak_bytes_as_tracked"] = mem.get(
+                "device_peak_bytes"
+            )  # before the move, for the record
             if "device_peak_bytes" in mem:
                 mem["device_peak_bytes"] -= offloaded_opt
             mem["device_opt_bytes"] = 0
+        times = r.get("step_times_s") or []
         row.update(
             tokens_per_s=r["tokens_per_s"],
             step_s=step,
+            timed_steps=len(times),
+            # this strategy's own steady state: (max - min) / median of its timed steps
+            step_spread=(max(times) - min(times)) / statistics.median(times) if times else None,
             cpu_s=r.get("cpu_time_s"),
             step_times_s=r.get("step_times_s"),
             achieved_tflops=mflops / step / 1e12,
@@ -72,6 +79,8 @@ def summarize(
             row["tokens_per_s_vs_pytorch"] = (
                 statistics.median(pairs) if pairs else r["tokens_per_s"] / base_tps
             )
+            if pairs:  # the spread: min and max of the per-round ratios
+                row["ratio_min"], row["ratio_max"] = min(pairs), max(pairs)
             if r.get("cpu_time_s") and base.get("cpu_time_s"):
                 row["cpu_s_vs_pytorch"] = r["cpu_time_s"] / base["cpu_time_s"]
         if base_peak and mem.get("device_peak_bytes"):
@@ -84,10 +93,16 @@ def summarize(
     return rows
 
 
+def _spread(r: dict[str, Any]) -> str:
+    if r.get("ratio_min") is None:
+        return "-"
+    return f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+
+
 def render(rows: Sequence[dict[str, Any]]) -> str:
     head = (
         f"{'strategy':<14} {'tok/s':>8} {'x pytorch':>9} {'cpu x':>6} {'MFU':>6} {'HFU':>6} {'peak MiB':>9} {'x peak':>7} "
-        f"{'dram MiB':>9} {'pred step':>10} {'err':>6} {'pred MiB':>9} {'err':>6}  plan"
+        f"{'dram MiB':>9} {'pred step':>10} {'err':>6} {'pred MiB':>9} {'err':>6} {'ratio min-max':>13}  plan"
     )
     out = [head, "-" * len(head)]
     for r in rows:
@@ -102,7 +117,8 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
             f"{100 * r['mfu']:>5.1f}% {100 * r['hfu']:>5.1f}% {_mib(r.get('device_peak_bytes')):>9} "
             f"{r.get('peak_vs_pytorch', float('nan')):>7.2f} {_mib(dram):>9} "
             f"{r.get('predicted_step_s', float('nan')):>9.2f}s {_pct(r.get('step_error')):>6} "
-            f"{_mib(r.get('predicted_peak_bytes')):>9} {_pct(r.get('peak_error')):>6}  "
+            f"{_mib(r.get('predicted_peak_bytes')):>9} {_pct(r.get('peak_error')):>6} "
+            f"{_spread(r):>13}  "
             f"{p.get('activations', '')} loss={p.get('loss', '')} opt_offload={p.get('optimizer_offload', '')}"
         )
     return "\n".join(out)
