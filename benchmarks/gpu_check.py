@@ -329,7 +329,15 @@ def workload(cfg: Config) -> Any:
     from planner.workload import Workload
 
     dtype = "bf16" if cfg.dtype == torch.bfloat16 else "fp32"
-    return Workload(global_batch=cfg.micro_batch, micro_batch=cfg.micro_batch, seq_len=cfg.seq, dtype=dtype)
+    # the runs train bf16 weights with torch's AdamW on them: pure 16-bit (no fp32 master, 16-bit moments).
+    # The first H100 run (2026-12-06) planned them as mixed precision and every prediction was 7.1 GB high.
+    return Workload(
+        global_batch=cfg.micro_batch,
+        micro_batch=cfg.micro_batch,
+        seq_len=cfg.seq,
+        dtype=dtype,
+        precision="pure",
+    )
 
 
 def this_cluster() -> Any:

@@ -60,6 +60,25 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rank", type=_positive_int, default=128, help="GaLore/FRUGAL projection rank")
     p.add_argument(
+        "--precision",
+        choices=["mixed", "pure", "any"],
+        default="mixed",
+        help="bf16/fp16: fp32 master + fp32 moments (mixed), or weights and moments in the 16-bit dtype (pure:"
+        " 8 B/param less with AdamW, updates below a bf16 ulp are lost); any: plan searches both",
+    )
+    p.add_argument(
+        "--layerwise",
+        choices=["off", "on", "any"],
+        default="off",
+        help="step each parameter in backward and free its gradient (no global clipping); any: plan searches",
+    )
+    p.add_argument(
+        "--state-bits",
+        choices=["0", "8", "4", "any"],
+        default="0",
+        help="optimizer moments in 8 bits (bitsandbytes) or 4 bits (torchao); 0: unquantized; any: plan searches",
+    )
+    p.add_argument(
         "--no-flash", action="store_true", help="attention without a fused kernel (keeps the score matrix)"
     )
 
@@ -109,6 +128,29 @@ def _add_launch_parser(sub: Any) -> None:
     p.add_argument("script_args", nargs=argparse.REMAINDER)
 
 
+def _add_links_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("links (--links: a torchrun job, one rank per device)")
+    g.add_argument(
+        "--links",
+        action="store_true",
+        help="measure every link of the job (pairs alone and in parallel rounds, all-reduce per group size)"
+        " and write them as overrides into the cluster YAML --out (default cluster.yaml)",
+    )
+    g.add_argument("--nproc-per-node", type=_positive_int, default=1, help="ranks (devices) on this node")
+    g.add_argument("--nnodes", type=_positive_int, default=1)
+    g.add_argument("--node-rank", type=_non_negative_int, default=None, help="default: $NODE_RANK or 0")
+    g.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of node 0 (needed with --nnodes > 1)")
+    g.add_argument(
+        "--cluster",
+        default=None,
+        help="base cluster (preset, YAML) for devices and tiers (default: --out or local)",
+    )
+    g.add_argument("--message-bytes", default="64MiB", help="bytes per timed message and all-reduce")
+    g.add_argument("--reps", type=_positive_int, default=5, help="timed messages per pair and direction")
+    g.add_argument("--tolerance", type=float, default=0.1, help="device-pair override past this share")
+    g.add_argument("--plot", default=None, help="heatmap PNG (default: beside --out, .links.png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memtier",
@@ -121,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the ClusterSpec YAML here (default: print it)")
     p.add_argument("--disk", help="directory whose disk bandwidth to measure (default: the temp dir)")
     p.add_argument("--quick", action="store_true", help="smaller measurements (under a minute)")
+    _add_links_flags(p)
 
     p = sub.add_parser("estimate", help="memory and step-time breakdown of a model/workload/layout")
     _add_specs(p)
@@ -235,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "probe" and args.links:
+        from launch.measure import links
+
+        return links.run_cli(args)
     if args.verb == "probe":
         from launch.measure import probe
         from planner.cluster import cluster_to_yaml

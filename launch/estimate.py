@@ -14,7 +14,10 @@ from planner.memory import MemoryOptions, Offload
 from planner.model import ModelSpec
 from planner.plan import Layout
 from planner.units import fmt_bytes, fmt_count, fmt_rate
-from planner.workload import OptimizerSpec, Workload
+from planner.workload import OptimizerSpec, StateBits, Workload, memory_modes
+
+# --state-bits: "any" lets `memtier plan` search; a single estimate starts unquantized
+_STATE_BITS: dict[str, StateBits] = {"0": 0, "8": 8, "4": 4, "any": 0}
 
 
 def workload_from_args(args: argparse.Namespace, model: ModelSpec, dp: int, default_dtype: str) -> Workload:
@@ -23,14 +26,32 @@ def workload_from_args(args: argparse.Namespace, model: ModelSpec, dp: int, defa
     clip = getattr(args, "max_grad_norm", 1.0)  # `memtier plan --max-grad-norm`; estimate has no such flag
     if not (math.isfinite(clip) and clip >= 0):
         raise SpecError(f"must be a finite number >= 0 (0: no clipping), got {clip}", field="--max-grad-norm")
+    layerwise = getattr(args, "layerwise", "off") == "on"
+    bits = getattr(args, "state_bits", "0")
     return Workload(
         global_batch=args.global_batch or mb * dp,
         micro_batch=mb,
         seq_len=seq,
         dtype=args.dtype or default_dtype,
-        optimizer=OptimizerSpec(kind=args.optimizer, rank=args.rank),
+        precision="pure" if getattr(args, "precision", "mixed") == "pure" else "mixed",
+        layerwise=layerwise,
+        optimizer=OptimizerSpec(kind=args.optimizer, rank=args.rank, state_bits=_STATE_BITS[bits]),
         flash_attention=not args.no_flash,
-        max_grad_norm=clip,
+        max_grad_norm=0.0 if layerwise else clip,
+    )
+
+
+def modes_from_args(args: argparse.Namespace, workload: Workload, device_kind: str) -> tuple[Workload, ...]:
+    """The memory modes the flags ask for (`any`: every one the device runs), most exact first."""
+    prec = getattr(args, "precision", "mixed")
+    lw = getattr(args, "layerwise", "off")
+    bits = getattr(args, "state_bits", "0")
+    return memory_modes(
+        workload,
+        precision=("mixed", "pure") if prec == "any" else (workload.precision,),
+        layerwise=(False, True) if lw == "any" else (workload.layerwise,),
+        state_bits=(0, 8, 4) if bits == "any" else (workload.optimizer.state_bits,),
+        device_kind=device_kind,
     )
 
 
@@ -65,6 +86,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = MemoryOptions(recompute=args.recompute, offload=offload, loss_chunk_tokens=args.chunked_loss)
     est = estimate(model, cluster, workload, layout, options)
     mem, t = est.memory, est.time
+    # the same layout under every memory mode (precision, state bits, layer-wise), as `memtier plan` searches
+    every = argparse.Namespace(**{**vars(args), "precision": "any", "layerwise": "any", "state_bits": "any"})
+    modes = []
+    for w in modes_from_args(every, workload, cluster.device.kind):
+        m = estimate(model, cluster, w, layout, options)
+        modes.append({"mode": w.mode(), **m.memory.by_category(), "fits": m.fits, "step_s": m.time.step_s})
     return {
         "params": model.params,
         "model": model.summary(),
@@ -75,6 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seq_len": workload.seq_len,
             "dtype": workload.dtype,
             "optimizer": workload.optimizer.kind,
+            "mode": workload.mode(),
         },
         "layout": {**layout.__dict__, "describe": layout.describe(), "recompute": args.recompute},
         "memory": {
@@ -84,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "budget_bytes": est.budget_bytes,
             "fits": est.fits,
             "detail": mem.detail,
+            "modes": modes,
         },
         "time": {
             "step_s": t.step_s,
@@ -160,6 +189,8 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"  offloaded to {tier:5s} {fmt_bytes(v):>12s}")
     verdict = "fits" if mem["fits"] else "DOES NOT FIT"
     lines.append(f"  budget             {fmt_bytes(mem['budget_bytes']):>12s}  ({verdict})")
+    lines += ["", f"per memory mode ({w['optimizer']}, same layout):", _mode_header()]
+    lines += [_mode_row(row) for row in mem["modes"]]
     t = r["time"]
     lines.append("")
     lines.append(f"step time {t['step_s']:.3f} s (bottleneck: {t['bottleneck']}):")
@@ -183,6 +214,19 @@ def render(r: dict[str, Any]) -> str:
                 f"  {m['module']:40s} {m['kind']:26s} {fmt_count(m['params']):>10s} {fmt_bytes(m['saved_bytes']):>12s}"
             )
     return "\n".join(lines)
+
+
+_MODE_COLS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "total")
+
+
+def _mode_header() -> str:
+    labels = ("params", "grads", "opt states", "acts", "buffers", "total")
+    return f"  {'mode':38s}" + "".join(f" {c:>10s}" for c in labels) + "  fits"
+
+
+def _mode_row(row: dict[str, Any]) -> str:
+    cells = "".join(f" {fmt_bytes(row[c]):>10s}" for c in _MODE_COLS)
+    return f"  {row['mode']:38s}{cells}  {'yes' if row['fits'] else 'no'}"
 
 
 def plot(result: dict[str, Any], path: str) -> None:

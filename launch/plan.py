@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-from launch.estimate import workload_from_args
+from launch.estimate import modes_from_args, workload_from_args
 from launch.specs import cluster_from_arg, model_from_arg
 from planner.emit import write_outputs
-from planner.errors import SpecError
-from planner.planning import make_plan
+from planner.errors import InfeasibleError, SpecError
+from planner.planning import PlanResult, make_plan
 from planner.search import Candidate, SearchSpace
 from planner.units import UnitError, fmt_bytes, parse_bytes
+from planner.workload import Workload
 
 
 def _budget(text: str | None) -> int | None:
@@ -71,17 +73,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # ZeRO partitioning runs on the DeepSpeed engine only
         zero_stages=(0, 1, 2, 3) if not dp_only or args.engine == "deepspeed" else (0,),
     )
-    result = make_plan(
-        model,
-        cluster,
-        workload,
-        budget=_budget(args.budget),
-        space=space,
-        seed=args.seed,
-        time_limit_s=args.time_limit,
-        engine=args.engine,
-    )
-    plan = result.plan
+    budget = _budget(args.budget)
+    result = _fastest_mode(
+        [(w, s) for w in modes_from_args(args, workload, cluster.device.kind)
+         for s in _mode_spaces(w, space, cluster.world_size)],
+        lambda w, s: make_plan(
+            model, cluster, w, budget=budget, space=s, seed=args.seed,
+            time_limit_s=args.time_limit, engine=args.engine,
+        ),
+    )  # fmt: skip
+    plan, workload = result.plan, result.plan.workload
     if getattr(args, "no_checksum", False):
         plan = plan.replace(tiers=tuple(dataclasses.replace(t, checksum=False) for t in plan.tiers))
     search = result.search
@@ -91,6 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "world_size": cluster.world_size,
         "global_batch": workload.global_batch,
         "seq_len": workload.seq_len,
+        "mode": workload.mode(),
+        "breakdown": result.memory.by_category(),
         "budget_bytes": search.budget_bytes,
         "top": [_row(c) for c in search.top(args.top)],
         "chosen": _row(result.chosen),
@@ -109,11 +112,55 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _mode_spaces(workload: Workload, space: SearchSpace, world: int) -> list[SearchSpace]:
+    """The search space, and for layer-wise updates also the micro-batch without accumulation.
+
+    The layout search stops growing the micro-batch at the first that misses (memory grows with it), but
+    layer-wise updates free the gradients only without accumulation: one micro-batch of the whole
+    per-device batch can fit where smaller ones, which keep every gradient, do not."""
+    spaces = [space]
+    whole = workload.global_batch // world
+    if workload.layerwise and space.micro_batch is None and whole > 1 and workload.global_batch % world == 0:
+        spaces.append(dataclasses.replace(space, micro_batch=whole))
+    return spaces
+
+
+def _fastest_mode(
+    modes: list[tuple[Workload, SearchSpace]], plan_for: Callable[[Workload, SearchSpace], PlanResult]
+) -> PlanResult:
+    """The fastest plan over the memory modes (`planner.workload.memory_modes`); a tie goes to the earlier,
+    more exact mode. When no mode fits, the error names what each mode's leanest layout needs."""
+    best: PlanResult | None = None
+    misses: list[tuple[str, InfeasibleError]] = []
+    for w, space in modes:
+        try:
+            r = plan_for(w, space)
+        except InfeasibleError as e:
+            misses.append((w.mode() + (f", micro-batch {space.micro_batch}" if space.micro_batch else ""), e))
+            continue
+        if best is None or r.chosen.time.step_s < best.chosen.time.step_s:
+            best = r
+    if best is not None:
+        return best
+    lean = min(misses, key=lambda m: m[1].need_bytes)
+    if len(misses) == 1:
+        raise lean[1]
+    per_mode = "; ".join(f"{mode}: {fmt_bytes(e.need_bytes)}" for mode, e in misses)
+    raise InfeasibleError(
+        f"no memory mode fits; leanest per mode: {per_mode}. The leanest, {lean[0]}: {lean[1]}",
+        need_bytes=lean[1].need_bytes,
+        have_bytes=lean[1].have_bytes,
+        alternatives=lean[1].alternatives,
+    )
+
+
 def render(r: dict[str, Any]) -> str:
     width = max([len("layout")] + [len(row["layout"]) for row in r["top"]])
     lines = [
         f"memtier plan: {r['model']} on {r['cluster']} ({r['world_size']} devices),"
         f" global batch {r['global_batch']} x seq {r['seq_len']}, budget {fmt_bytes(r['budget_bytes'])} per device",
+        f"memory mode: {r['mode']}; #1 per device: "
+        + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r["breakdown"].items()),
         "",
         f"{'#':>2}  {'layout':<{width}} {'step s':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak/dev':>10}  bottleneck",
     ]

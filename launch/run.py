@@ -279,29 +279,19 @@ def check_plan_world(plan: Plan, spec: LaunchSpec) -> None:
 def check_runnable(plan: Plan, spec: LaunchSpec) -> None:
     """Refuse, before any rank starts, a layout the runtime cannot carry out (never run it another way).
 
-    The trainer runs data parallelism: DDP (or gradient averaging in hooks) on the torch engine, ZeRO 0-3 on
-    DeepSpeed's. Tensor, pipeline and context parallelism, interleaved schedules, and ZeRO partitioning on
-    an engine without it are planned (`memtier plan` costs them) but not yet run by memtier's trainer.
+    `launch.train.layouts.refusals` says what the trainer runs: on the torch engine data, tensor and pipeline
+    parallelism (1F1B, interleaved), ZeRO 1-3 as FSDP2, and their products; ZeRO 0-3 data parallelism on
+    DeepSpeed's; context parallelism nowhere. The first refusal is the error (exit 2, the field named).
     """
-    lay = plan.layout
-    unsupported = [
-        (name, value, why)
-        for name, value, why in (
-            ("tp", lay.tp, "tensor parallelism"),
-            ("pp", lay.pp, "pipeline parallelism"),
-            ("cp", lay.cp, "context parallelism"),
-            ("virtual_stages", lay.virtual_stages, "interleaved pipeline schedules"),
-        )
-        if value > 1
-    ]
-    if lay.zero_stage and lay.dp > 1 and spec.engine != "deepspeed":
-        unsupported.append(("zero_stage", lay.zero_stage, f"ZeRO partitioning on the {spec.engine} engine"))
-    if unsupported:
-        name, value, why = unsupported[0]
+    from launch.train.layouts import refusals
+
+    problems = refusals(plan)
+    if problems:
+        name, why = problems[0]
         raise LaunchError(
-            f"{name}={value}: memtier's trainer does not run {why} yet; re-plan with "
-            "`memtier plan --data-parallel-only` (and --engine deepspeed for ZeRO)",
-            field=f"layout.{name}",
+            f"{why}; memtier's trainer cannot run this plan: re-plan (`memtier plan --data-parallel-only` runs "
+            "everywhere)",
+            field=name,
             source=spec.plan_path,
         )
 

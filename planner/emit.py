@@ -125,11 +125,9 @@ def ds_config(plan: Plan) -> dict[str, Any]:
             "synchronize_checkpoint_boundary": False,
             "profile": False,
         }
-    if layout.tp > 1:
-        cfg["tensor_parallel"] = {"autotp_size": layout.tp}
-    if layout.pp > 1:
-        # the split per stage is plan.layout.stage_layers (PipelineModule takes it in code)
-        cfg["pipeline"] = {"stages": layout.pp}
+    # No "pipeline" block: DeepSpeed reads it only for a PipelineModule, never for an HF model; no
+    # "tensor_parallel": memtier runs DeepSpeed for ZeRO data parallelism only (launch/train/layouts.py refuses
+    # tp/pp on that engine; torch's engine runs them), so the config holds the keys that run
     return cfg
 
 

@@ -3,7 +3,9 @@
 Model states follow the ZeRO paper (Rajbhandari et al. 2020, Sec. 3.1 and 5):
 mixed-precision Adam holds 2Ψ (16-bit params) + 2Ψ (16-bit grads) + KΨ (fp32 master
 weights, momentum, variance: K = 12); stage 1 partitions the K term over the
-data-parallel group, stage 2 also the gradients, stage 3 also the parameters.
+data-parallel group, stage 2 also the gradients, stage 3 also the parameters. K follows the
+workload's memory modes (`planner.optimizer_state`: fp32 master or pure 16-bit, quantized moments);
+layer-wise updates (`Workload.layerwise`) step and free each gradient in backward.
 
 Activations are the tensors autograd saves for backward, counted per token of a
 block from the implementation the model runs (transformers' modules for the HF
@@ -27,11 +29,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from planner.model import ModelSpec
+from planner.optimizer_state import FP32, optimizer_state_bytes_per_param
+from planner.optimizer_state import low_rank_state_elems as low_rank_state_elems  # re-exported
 from planner.plan import ActivationPolicy, Layout
 from planner.workload import Workload
 
 Recompute = Literal["none", "selective", "full"]
-FP32 = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,63 +142,6 @@ def device_params(model: ModelSpec, layout: Layout, stage: int = 0) -> int:
             # an untied head, or a tied one that the last stage keeps a copy of
             total += model.vocab_size * model.hidden_size / tp
     return int(math.ceil(total))
-
-
-def optimizer_state_bytes_per_param(workload: Workload, model: ModelSpec | None = None) -> float:
-    """K in the ZeRO paper's 2Ψ + 2Ψ + KΨ, for the workload's optimizer and precision.
-
-    AdamW keeps two fp32 moments (8 B/param) and, in mixed precision, an fp32 master copy
-    (4 B/param): K = 12. SGD with momentum keeps one moment. GaLore keeps Adam moments of
-    the rank-r projection (r x n for an m x n weight, m >= n projected on the left) plus the
-    m x r projector (Zhao et al. 2024, Sec. 4); FRUGAL keeps Adam moments on a `density`
-    share (Zaitsev et al. 2024). For the low-rank ones the ratio depends on shapes, so the
-    model is needed.
-    """
-    opt = workload.optimizer
-    master = FP32 if workload.mixed_precision else 0
-    if opt.kind == "adamw":
-        return master + 2 * FP32
-    if opt.kind == "sgd":
-        return master + FP32
-    if model is None:
-        raise ValueError(f"optimizer {opt.kind!r} needs the model's shapes")
-    return master + low_rank_state_elems(model, workload) * FP32 / model.params
-
-
-def low_rank_state_elems(model: ModelSpec, workload: Workload) -> float:
-    """Optimizer-state elements of GaLore / Natural GaLore / FRUGAL for the whole model.
-
-    The transformer blocks' matrices are projected; vectors (norms, biases), embeddings and the
-    head keep full Adam moments (how galore-torch is used: projection on the blocks' linears).
-    For an m x n weight with m >= n, GaLore projects the short side: Adam moments of the m x r
-    projected gradient plus the n x r basis, 2rm + rn (Zhao et al. 2024, Sec. 4.2); Natural
-    GaLore adds a history of s low-rank gradients, s*r*m (Das et al. 2024); FRUGAL keeps the
-    same on rank r = density * n, or plain Adam (2mn) when r = n and nothing when r = 0
-    (Zmushko et al. 2024). The same arithmetic as `optim.state_bytes.expected_state_bytes`,
-    held together by a cross-check test (planner may not import optim).
-    """
-    opt = workload.optimizer
-    elems = 0.0
-    for _, shape in model.layer_param_shapes():
-        if len(shape) != 2:
-            elems += 2 * shape[0]
-            continue
-        m, n = max(shape), min(shape)
-        if opt.kind == "frugal":
-            r = int(math.floor(opt.density * n + 0.5))
-            elems += 2 * m * n if r >= n else (0 if r == 0 else 2 * r * m + r * n)
-            continue
-        r = min(opt.rank, n)
-        elems += 2 * r * m + r * n
-        if opt.kind == "natural_galore":
-            elems += NATURAL_GALORE_HISTORY * r * m
-    elems *= model.num_layers
-    other = model.embedding_params + model.lm_head_params + model.norm_params
-    return elems + 2 * other
-
-
-# Natural GaLore's stored low-rank gradients (optim.NaturalGaLoreAdamW's default history_size)
-NATURAL_GALORE_HISTORY = 10
 
 
 def model_states(model: ModelSpec, workload: Workload, layout: Layout, stage: int = 0) -> ModelStates:
@@ -413,7 +359,8 @@ def gradients_during_backward(
     weight gradient, made by the time the block's MLP backward peaks (see `backward_temp_bytes`), plus:
     with the optimizer offloaded, nothing more (ZeRO-Offload; memtier's OffloadedAdamW hands each
     parameter to the CPU update as its gradient completes when nothing clips: MemTracker saw exactly that
-    one gradient at llama-34m's swap-all peak); on the device, the head's and the later blocks' (done).
+    one gradient at llama-34m's swap-all peak) and with layer-wise updates (`Workload.layerwise`: each
+    gradient stepped and freed in its hook); on the device, the head's and the later blocks' (done).
     """
     grads = model_states(model, workload, layout, stage).gradients
     layers = stage_layer_counts(model, layout.pp, layout.stage_layers)[stage]
@@ -423,15 +370,16 @@ def gradients_during_backward(
     layer_grad = grads * block_device_params(model, layout.tp) / psi  # one block's share of `grads`
     head_grad = grads - layer_grad * layers if stage == layout.pp - 1 else 0.0
     down_grad = grads * model.hidden_size * model.ffn_hidden_size / layout.tp / psi
-    if options.offload.optimizer:
+    if options.offload.optimizer or workload.layerwise:
         return [down_grad] * layers
     return [down_grad + head_grad + layer_grad * (layers - 1 - l) for l in range(layers)]
 
 
-def gradients_consumed_in_backward(layout: Layout, offload: Offload) -> bool:
+def gradients_consumed_in_backward(layout: Layout, offload: Offload, *, layerwise: bool = False) -> bool:
     """An offloaded optimizer takes each gradient off the device as it completes (ZeRO-Offload; memtier's
-    OffloadedAdamW), unless accumulation keeps the gradients through later micro-batches."""
-    return offload.optimizer and layout.grad_accum == 1
+    OffloadedAdamW), and layer-wise updates step and free it in its hook (GaLore, Zhao et al. 2024,
+    Sec. 4.3), unless accumulation keeps the gradients through later micro-batches."""
+    return (offload.optimizer or layerwise) and layout.grad_accum == 1
 
 
 def in_flight_microbatches(layout: Layout, stage: int) -> float:
@@ -530,13 +478,16 @@ def _step_buffers(
     tp = layout.tp
     largest = max(model.vocab_size * model.hidden_size, model.ffn_hidden_size * model.hidden_size) / tp
     opt_tmp = 0
-    if not options.offload.optimizer:
-        if options.optimizer_impl == "single_tensor":
-            opt_tmp = int(2 * largest * FP32)
+    sb = workload.state_dtype_bytes
+    if not options.offload.optimizer and not workload.optimizer.state_bits:
+        # (a quantized step updates its blocks in place: bitsandbytes' 8-bit kernels; MemTracker saw no
+        # temporary of a tensor's size on the CPU)
+        if options.optimizer_impl == "single_tensor" or workload.layerwise:
+            # (a layer-wise step updates one tensor at a time: sqrt and the division of its moment; optim's
+            # low-rank optimizers divide in place, one temporary: optim.updates.adamw_step_)
+            opt_tmp = int((1 if workload.optimizer.low_rank else 2) * largest * sb)
         elif options.optimizer_impl == "foreach":
-            opt_tmp = int(
-                device_params(model, layout, stage) * FP32 / (layout.dp if layout.zero_stage else 1)
-            )
+            opt_tmp = int(device_params(model, layout, stage) * sb / (layout.dp if layout.zero_stage else 1))
     # the embedding's backward materialises a dense vocab x hidden gradient (and, tied to
     # the head, adds it to the head's gradient through one more buffer) while the other
     # gradients already exist: the end of backward
@@ -570,7 +521,7 @@ def _split_peak(
     in_grads = grads if phase in ("optimizer", "backward_end") or accumulating else 0
     if consumed_in_backward and phase in ("optimizer", "backward_end"):
         in_grads = 0  # (the one block's gradient at the end of backward counts as a buffer)
-    in_acts = activations if phase in ("forward", "backward") else 0
+    in_acts = activations if phase in ("forward", "backward", "head_step") else 0
     if phase == "block_backward":
         in_grads = sweep_grads
         in_acts = peak - params - opt - in_grads - temp
@@ -597,6 +548,43 @@ def _states_on_device(
     return params, grads, opt, host
 
 
+def _step_end_phases(
+    model: ModelSpec,
+    workload: Workload,
+    layout: Layout,
+    options: MemoryOptions,
+    stage: int,
+    *,
+    states: tuple[int, int, int],
+    activations: int,
+    layer_grad: int,
+    emb_tmp: int,
+    opt_tmp: int,
+    bucket: int,
+) -> dict[str, int]:
+    """The end of backward and the optimizer step (and, layer-wise, the head's step) of pipeline `stage`."""
+    params, opt, grads = states
+    consumed = gradients_consumed_in_backward(layout, options.offload, layerwise=workload.layerwise)
+    # layer-wise on the device: each parameter's step (and its temporaries) runs inside backward
+    stepped = workload.layerwise and consumed and not options.offload.optimizer
+    # an untied embedding's gradient is `emb_tmp` until its backward ends (counted once, not in `grads` too)
+    untied_embedding_grad = 0 if model.tied_embeddings or stage else emb_tmp
+    phases = {
+        # an offloaded optimizer has consumed the other gradients by then (and steps off the device)
+        "backward_end": params
+        + opt
+        + (layer_grad if consumed else grads - untied_embedding_grad)
+        + emb_tmp
+        + (opt_tmp if stepped else 0),
+        "optimizer": params + (0 if consumed else grads) + opt + bucket + (0 if stepped else opt_tmp),
+    }
+    if stepped and stage == layout.pp - 1 and model.lm_head_params:
+        # layer-wise: the untied head is stepped first in backward, every block's activations still held
+        head_grad = model.lm_head_params / layout.tp * workload.dtype_bytes
+        phases["head_step"] = int(params + opt + activations + head_grad + opt_tmp)
+    return phases
+
+
 def estimate_memory(
     model: ModelSpec,
     workload: Workload,
@@ -608,11 +596,8 @@ def estimate_memory(
     """Peak bytes per device; with `stage=None` the worst pipeline stage."""
     options = options or MemoryOptions()
     if stage is None:
-        stages = range(layout.pp)
-        return max(
-            (estimate_memory(model, workload, layout, options, stage=s) for s in stages),
-            key=lambda m: m.total,
-        )
+        every = (estimate_memory(model, workload, layout, options, stage=s) for s in range(layout.pp))
+        return max(every, key=lambda m: m.total)
 
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
     params, grads, opt, host = _states_on_device(model, workload, layout, options.offload, stage)
@@ -634,7 +619,7 @@ def estimate_memory(
     )
     bucket, opt_tmp, emb_tmp = _step_buffers(model, workload, layout, options, stage)
     grads_at = gradients_during_backward(model, workload, layout, options, stage=stage)
-    consumed_in_backward = gradients_consumed_in_backward(layout, options.offload)
+    consumed = gradients_consumed_in_backward(layout, options.offload, layerwise=workload.layerwise)
     layer_grad = grads * block_device_params(model, layout.tp) / max(1, device_params(model, layout, stage))
     temp = backward_temp_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     sweep, sweep_block, prefetch = backward_sweep(
@@ -653,9 +638,19 @@ def estimate_memory(
         "block_forward": int(params + opt + fwd_sweep + others),
         # the backward sweep, loss buffers gone: the worst block's backward (see `backward_sweep`)
         "block_backward": int(params + opt + sweep + others),
-        # an offloaded optimizer has consumed the other gradients by then (and steps off the device)
-        "backward_end": params + opt + (int(layer_grad) if consumed_in_backward else grads) + emb_tmp,
-        "optimizer": params + (0 if consumed_in_backward else grads) + opt + bucket + opt_tmp,
+        **_step_end_phases(
+            model,
+            workload,
+            layout,
+            options,
+            stage,
+            states=(params, opt, grads),
+            activations=activations,
+            layer_grad=int(layer_grad),
+            emb_tmp=emb_tmp,
+            opt_tmp=opt_tmp,
+            bucket=bucket,
+        ),  # fmt: skip
     }
     if layout.grad_accum > 1:
         # accumulation keeps gradients alive through the next micro-batches
@@ -675,7 +670,7 @@ def estimate_memory(
         sweep_grads=int(grads_at[sweep_block]) if resident else 0,
         temp=temp,
         accumulating=layout.grad_accum > 1,
-        consumed_in_backward=consumed_in_backward,
+        consumed_in_backward=consumed,
     )
     frag = int(peak * options.fragmentation)
     return MemoryBreakdown(

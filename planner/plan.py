@@ -19,11 +19,12 @@ from planner.cluster import ClusterSpec
 from planner.errors import SpecError
 from planner.model import ModelSpec
 from planner.schema import atomic_write_text, build, to_plain
-from planner.workload import OptimizerKind, Workload
+from planner.workload import OptimizerKind, Precision, StateBits, Workload
 
 # 1.1: Layout.engine; OptimizerPlan.cpu_kernel, schedule, max_grad_norm; SolverReport.problem (was "stage").
-# A 1.0 file loads with the defaults (see `upgrade`).
-SCHEMA_VERSION = "1.1"
+# 1.2: OptimizerPlan.precision, layerwise, state_bits (the memory modes; `planner.workload`).
+# A 1.0 or 1.1 file loads with the defaults (see `upgrade`).
+SCHEMA_VERSION = "1.2"
 SUPPORTED_MAJOR = 1
 
 TierName = Literal["device", "dram", "cxl", "nvme"]
@@ -142,8 +143,19 @@ class OptimizerPlan:
     cpu_kernel: CpuKernel = "torch_fused"
     schedule: UpdateSchedule = "cpu"  # "plan" where the planner placed subgroups (interleaved offload)
     max_grad_norm: float = field(default=1.0, metadata={"min": 0.0})  # global-norm clipping; 0 = off
+    # the memory modes (`planner.workload`): fp32 master copy or pure 16-bit; each parameter stepped and its
+    # gradient freed in backward (optim.LayerwiseStepper); moments in 8 or 4 bits (0: not quantized)
+    precision: Precision = "mixed"
+    layerwise: bool = False
+    state_bits: StateBits = 0
 
     def __post_init__(self) -> None:
+        if self.layerwise and self.max_grad_norm:
+            raise SpecError(
+                f"layer-wise updates step each parameter before the others' gradients exist: global-norm"
+                f" clipping is impossible, got max_grad_norm={self.max_grad_norm!r} (use 0)",
+                field="max_grad_norm",
+            )
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise SpecError(
                 f"must be a finite number >= 0, got {self.max_grad_norm!r}", field="max_grad_norm"
@@ -180,7 +192,8 @@ class SolverReport:
     status: SolverStatus
     objective: float = 0.0
     gap: float | None = None  # relative optimality gap; None for heuristics (no bound)
-    seconds: float = field(default=0.0, compare=False, metadata={"volatile": True})  # wall time: not in plan.json
+    # wall time: kept in memory, not written to plan.json (same inputs, same file) nor compared
+    seconds: float = field(default=0.0, compare=False, metadata={"volatile": True})
     fragmentation: float | None = None  # buffers: arena bytes / live-bytes peak (>= 1); None elsewhere
 
 

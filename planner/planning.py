@@ -293,13 +293,15 @@ def optimizer_plan(workload: Workload, chosen: Candidate) -> OptimizerPlan:
         offload=offload.optimizer,
         tier=offload.tier if offload.optimizer else "device",
         max_grad_norm=workload.max_grad_norm,
+        precision=workload.precision,
+        layerwise=workload.layerwise,
+        state_bits=workload.optimizer.state_bits,
     )
     placed = chosen.optimizer.optimizer_plan
     if placed is not None:
         # the strategy decided subgroups, their tiers and the expected device/CPU split
-        optimizer = dataclasses.replace(
-            placed, kind=optimizer.kind, settings=optimizer.settings, max_grad_norm=optimizer.max_grad_norm
-        )
+        kept = ("kind", "settings", "max_grad_norm", "precision", "layerwise", "state_bits")
+        optimizer = dataclasses.replace(placed, **{k: getattr(optimizer, k) for k in kept})
     return optimizer
 
 

@@ -61,6 +61,9 @@ class SearchSpace:
     max_micro_batch: int = field(default=16, metadata={"positive": True})
     zero_stages: tuple[int, ...] = (0, 1, 2, 3)
     max_tp: int | None = None  # None: any divisor of the world size the heads allow
+    # context parallelism: costed when True, but memtier's trainer does not run it yet (launch/train/layouts.py
+    # refuses cp > 1), so the search leaves it out by default
+    context_parallel: bool = False
     cp_min_seq: int = field(default=8192, metadata={"positive": True})  # context parallel from this length
     cp_min_chunk: int = field(default=2048, metadata={"positive": True})  # tokens per cp rank, at least
     uneven_splits: bool = True
@@ -199,7 +202,7 @@ def tp_choices(model: ModelSpec, world: int, max_tp: int | None = None) -> list[
 
 def cp_choices(workload: Workload, world: int, space: SearchSpace) -> list[int]:
     out = [1]
-    if workload.seq_len >= space.cp_min_seq:
+    if space.context_parallel and workload.seq_len >= space.cp_min_seq:
         c = 2
         while c <= world and workload.seq_len % c == 0 and workload.seq_len // c >= space.cp_min_chunk:
             if world % c == 0:

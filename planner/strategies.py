@@ -75,6 +75,20 @@ from planner.workload import Workload
 # ---- optimizer-state placement ---------------------------------------------------------
 
 
+def host_update_runs(workload: Workload) -> bool:
+    """Whether the offloaded (host) optimizer runs the workload's memory mode: it keeps fp32 master weights
+    and fp32 moments (ZeRO-Offload, memtier's OffloadedAdamW), so not quantized or pure 16-bit states."""
+    return not workload.optimizer.state_bits and (workload.dtype == "fp32" or workload.precision == "mixed")
+
+
+@dataclass(frozen=True)
+class InterleavedHostUpdate(OptimizerInterleaved):
+    """Interleaved offload (`planner.optimizer_placement`) where the host update runs the memory mode."""
+
+    def applies(self, inp: StrategyInput) -> bool:
+        return host_update_runs(inp.workload) and super().applies(inp)
+
+
 def _placement_result(
     name: str, options: MemoryOptions, need: int, host: dict[str, int], *, fits: bool
 ) -> StrategyResult:
@@ -122,7 +136,11 @@ class OptimizerOffload:
     min_zero_stage: int = 1
 
     def applies(self, inp: StrategyInput) -> bool:
-        return inp.layout.zero_stage >= self.min_zero_stage and inp.cluster.tier(self.tier) is not None
+        return (
+            inp.layout.zero_stage >= self.min_zero_stage
+            and inp.cluster.tier(self.tier) is not None
+            and host_update_runs(inp.workload)
+        )
 
     def solve(self, inp: StrategyInput) -> StrategyResult:
         options = dataclasses.replace(inp.options, offload=Offload(optimizer=True, tier=self.tier))
@@ -498,4 +516,4 @@ ACTIVATION_STRATEGIES: tuple[Strategy, ...] = (*ACTIVATION_BASELINES, Activation
 
 # what `memtier plan` searches: the baselines and interleaved offload (picked only when it is faster
 # than both and fits)
-OPTIMIZER_STRATEGIES: tuple[Strategy, ...] = (*OPTIMIZER_BASELINES, OptimizerInterleaved())
+OPTIMIZER_STRATEGIES: tuple[Strategy, ...] = (*OPTIMIZER_BASELINES, InterleavedHostUpdate())

@@ -148,7 +148,8 @@ def states_bytes(model: ModelSpec, workload: Workload, layout: Layout, offload: 
         params = 0 if offload.params else st.parameters
         # grads live at the optimizer step whatever the activation policy, unless an offloaded
         # optimizer takes each as it completes (one micro-batch: planner.memory.gradients_during_backward)
-        grads = 0 if gradients_consumed_in_backward(layout, offload) else st.gradients
+        consumed = gradients_consumed_in_backward(layout, offload, layerwise=workload.layerwise)
+        grads = 0 if consumed else st.gradients
         worst = max(worst, params + opt + grads)
     return worst
 

@@ -12,6 +12,15 @@ _POS = {"positive": True}
 DType = Literal["bf16", "fp16", "fp32"]
 OptimizerKind = Literal["adamw", "sgd", "galore", "natural_galore", "frugal"]
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# "mixed": 16-bit working weights and gradients with an fp32 master copy and fp32 moments (Micikevicius et
+# al. 2018; the ZeRO paper's K = 12 for Adam); "pure": weights, gradients and moments all in the working
+# dtype, no master copy (what a plain torch AdamW on bf16 parameters does: 4 B/param of Adam state, measured
+# on an H100, README "Measured on a GPU"). Pure saves 8 B/param (Adam) but updates smaller than a bf16 ulp
+# of the weight are lost (Zamirai et al. 2020, "Revisiting BFloat16 Training"): the trade-off is accuracy.
+Precision = Literal["mixed", "pure"]
+# Optimizer-state bits: 0 = the precision's dtype (fp32 in mixed, the working dtype in pure); 8 or 4 =
+# block-quantized moments (bitsandbytes' 8-bit blockwise Adam, Dettmers et al. 2022; torchao's 4-bit Adam)
+StateBits = Literal[0, 8, 4]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +35,8 @@ class OptimizerSpec:
     update_proj_gap: int = field(default=200, metadata=_POS)
     # FRUGAL: share of each weight updated by the state-full optimizer
     density: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})
+    # moments stored in 8 or 4 bits per element (0: not quantized); see `StateBits`
+    state_bits: StateBits = 0
 
     @property
     def low_rank(self) -> bool:
@@ -37,7 +48,11 @@ class Workload:
     global_batch: int = field(metadata=_POS)  # sequences per optimizer step, all ranks
     micro_batch: int = field(default=1, metadata=_POS)  # sequences per rank per forward
     seq_len: int = field(metadata=_POS)
-    dtype: DType = "bf16"  # bf16/fp16: mixed precision with fp32 master weights; fp32: plain fp32
+    dtype: DType = "bf16"  # working dtype of weights, activations and gradients
+    precision: Precision = "mixed"  # bf16/fp16 only: fp32 master + fp32 moments, or none (`Precision`)
+    # layer-wise (per-parameter) optimizer updates: each parameter is stepped in its post-accumulate-grad
+    # hook and its gradient freed (GaLore, Zhao et al. 2024, Sec. 4.3); no global-norm clipping then
+    layerwise: bool = False
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     flash_attention: bool = True  # fused attention kernel: no s x s score matrix kept
     headroom: float = field(default=0.05, metadata={"min": 0.0, "max": 0.9})  # device memory kept free
@@ -50,7 +65,19 @@ class Workload:
 
     @property
     def mixed_precision(self) -> bool:
-        return self.dtype != "fp32"
+        """An fp32 master copy beside 16-bit working weights."""
+        return self.dtype != "fp32" and self.precision == "mixed"
+
+    @property
+    def state_dtype_bytes(self) -> int:
+        """Bytes per element of unquantized optimizer moments: fp32, or the working dtype in pure mode."""
+        return self.dtype_bytes if self.precision == "pure" else DTYPE_BYTES["fp32"]
+
+    def mode(self) -> str:
+        """The memory mode in words: precision, state bits, layer-wise updates."""
+        prec = "fp32" if self.dtype == "fp32" else f"{self.dtype} {self.precision}"
+        bits = f", {self.optimizer.state_bits}-bit states" if self.optimizer.state_bits else ""
+        return f"{prec}{bits}{', layer-wise' if self.layerwise else ''}"
 
     @property
     def tokens_per_step(self) -> int:
@@ -69,3 +96,39 @@ class Workload:
                 field="global_batch",
             )
         return self.global_batch // per_step
+
+
+def low_bit_runs_on(device_kind: str, bits: int) -> bool:
+    """Whether a kept library runs `bits`-bit optimizer states on the device: bitsandbytes' 8-bit Adam on
+    CUDA and (its CPU backend, bitsandbytes >= 0.45) on the CPU; torchao's 4-bit Adam on CUDA only."""
+    return bits == 8 or (bits == 4 and device_kind != "cpu")
+
+
+def memory_modes(
+    workload: Workload,
+    *,
+    precision: tuple[Precision, ...],
+    layerwise: tuple[bool, ...],
+    state_bits: tuple[StateBits, ...],
+    device_kind: str,
+) -> tuple[Workload, ...]:
+    """The workload under each asked-for memory mode the device can run, most exact first (mixed before
+    pure, 32-bit before 8 before 4, whole-step before layer-wise): ties go to the more exact mode.
+
+    fp32 has no master copy to drop (one precision); layer-wise updates turn global clipping off (each
+    parameter is stepped before the other gradients exist); SGD has no quantized variant here."""
+    out: list[Workload] = []
+    for prec in precision if workload.dtype != "fp32" else ("mixed",):
+        for bits in state_bits:
+            if bits and (workload.optimizer.kind == "sgd" or not low_bit_runs_on(device_kind, bits)):
+                continue
+            for lw in layerwise:
+                w = workload.replace(
+                    precision=prec,
+                    layerwise=lw,
+                    max_grad_norm=0.0 if lw else workload.max_grad_norm,
+                    optimizer=dataclasses.replace(workload.optimizer, state_bits=bits),
+                )
+                if w not in out:
+                    out.append(w)
+    return tuple(out)

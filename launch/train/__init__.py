@@ -5,7 +5,8 @@
     run(args, build_model=..., build_optimizer=..., make_data=...)
 
 Modules: `config` (the run's settings from the plan or flags), `distributed` (process group, gradient
-averaging in hooks), `engines` (torch/DDP, Accelerate, DeepSpeed), `apply` (offload.apply with the plan's
+averaging in hooks), `engines` (torch/DDP, Accelerate, DeepSpeed), `layouts` (which layouts run),
+`parallel` (device mesh, DTensor tp, FSDP2, pipelining), `apply` (offload.apply with the plan's
 settings), `checkpoint` (atomic saves, exact resume), `metrics` (MFU/HFU, memory, summary), `signals`
 (clean stops, benchmark step gates), `loop` (the loop).
 """

@@ -17,8 +17,11 @@ class Applied:
 
     handle: Any = None  # offload.apply's handle (hooks, tiers, chunked loss)
     optimizer: Any = None  # the optimizer to step: the plan's offloaded one when it has one
+    layerwise: Any = None  # optim.LayerwiseStepper when the plan steps each parameter in backward
 
     def remove(self) -> None:
+        if self.layerwise is not None:
+            self.layerwise.remove()
         if self.handle is not None:
             self.handle.remove()  # closes the tiers: swap files deleted
 
@@ -55,7 +58,60 @@ def apply_plan(model: torch.nn.Module, optimizer: Any, settings: Settings) -> Ap
             cpu_kernel=plan.optimizer.cpu_kernel,
             schedule=plan.optimizer.schedule,
         )
+    else:
+        optimizer = memory_modes(model, optimizer, settings)
     handle = offload.apply(model, optimizer, plan, optimizer_settings=offload_settings)
     if plan.optimizer.offload:
         handle.optimizer.clips_gradients = bool(plan.optimizer.max_grad_norm)
-    return Applied(handle=handle, optimizer=handle.optimizer)
+        # (an offloaded optimizer without clipping already steps each parameter in backward: layer-wise)
+        return Applied(handle=handle, optimizer=handle.optimizer)
+    stepper = None
+    if plan.optimizer.layerwise:
+        from optim import LayerwiseStepper
+
+        stepper = LayerwiseStepper(
+            optimizer, accumulation_steps=plan.layout.grad_accum, reduce_gradients=False
+        )
+    return Applied(handle=handle, optimizer=handle.optimizer, layerwise=stepper)
+
+
+def memory_modes(model: torch.nn.Module, optimizer: Any, settings: Settings) -> Any:
+    """The plan's memory modes on a device-resident optimizer: pure 16-bit parameters, low-bit moments,
+    a per-parameter step for layer-wise updates (`planner.workload`); refused where they cannot run."""
+    plan = settings.plan
+    assert plan is not None
+    opt_plan, where = plan.optimizer, settings.plan_path
+    if opt_plan.layerwise and plan.layout.world_size > 1:
+        raise TrainConfigError(
+            "layer-wise updates run on one rank in the trainer (optim.LayerwiseStepper reduces gradients"
+            " itself; the engines do not hand it the process group yet)",
+            field="optimizer.layerwise",
+            source=where,
+        )
+    if opt_plan.precision == "pure" and plan.workload.dtype != "fp32":
+        # no fp32 master copy: the parameters (and so the moments torch creates like them) in 16 bits;
+        # module.to keeps the Parameter objects, so the optimizer's references stay valid
+        model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[plan.workload.dtype])
+    if opt_plan.state_bits:
+        if opt_plan.kind != "adamw":
+            raise TrainConfigError(
+                f"{opt_plan.state_bits}-bit states run for AdamW only in the trainer, not {opt_plan.kind}",
+                field="optimizer.state_bits",
+                source=where,
+            )
+        from optim.errors import OptimizerConfigError
+        from optim.per_param import PerParameterOptimizer, low_bit_adamw
+
+        keys = ("lr", "betas", "eps", "weight_decay")
+        groups = [
+            {"params": g["params"], **{k: g[k] for k in keys if k in g}} for g in optimizer.param_groups
+        ]
+        try:  # one AdamW per parameter: the whole-step and the layer-wise path alike
+            return PerParameterOptimizer(groups, lambda g: low_bit_adamw(g, bits=opt_plan.state_bits))
+        except OptimizerConfigError as e:
+            raise TrainConfigError(str(e), field="optimizer.state_bits", source=where) from None
+    if opt_plan.layerwise and not callable(getattr(optimizer, "step_param", None)):
+        from optim.per_param import PerParameterOptimizer
+
+        return PerParameterOptimizer.like(optimizer)
+    return optimizer

@@ -1,4 +1,5 @@
-"""One training step over the engine the plan names: plain PyTorch (DDP), Accelerate, or DeepSpeed.
+"""One training step over the engine the plan names: plain PyTorch (DDP; tp / pp / FSDP2 through
+`launch.train.parallel`), Accelerate, or DeepSpeed.
 
 Each engine splits a step the same way: `micro_step` runs forward and backward of one micro-batch (no
 update), `step` updates. The loop checks the loss between the two, so a non-finite loss stops the run before
@@ -32,6 +33,8 @@ class Engine:
         self.d = d
         self.grad_accum = grad_accum
         self.runner: Any = model
+        self.dp_rank, self.dp_size = d.rank, d.world  # which share of the global batch this rank reads
+        self.whole_batch = False  # True: `batch_step` runs all micro-batches at once (a pipeline schedule)
         # an offloaded optimizer clips inside its step (it knows where the gradients are)
         self.max_grad_norm = 0.0 if getattr(optimizer, "clips_gradients", False) else max_grad_norm
 
@@ -45,11 +48,19 @@ class Engine:
             (loss / self.grad_accum).backward()
         return loss.detach()
 
+    def batch_step(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of all of this rank's micro-batches (stacked) at once; their mean loss."""
+        raise NotImplementedError
+
     def step(self) -> None:
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def final_params(self) -> dict[str, torch.Tensor]:
+        """The parameters to save at the end (`--save-final-params`), whole tensors."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def save(self, tmp: str) -> None:
         if self.d.main:
@@ -90,6 +101,51 @@ class TorchEngine(Engine):
             self.runner = DistributedDataParallel(
                 model, device_ids=[d.device.index] if d.device.type == "cuda" else None
             )
+
+
+class ParallelEngine(Engine):
+    """The plan's tp / pp / FSDP2 layout on torch's engine (`launch.train.parallel`): the model was
+    parallelized before the optimizer was built; gradients are averaged over the dp dim (FSDP2 in backward,
+    else after the last micro-batch) and clipped by the global norm over every rank."""
+
+    def __init__(self, par: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # Engine's: model, optimizer, d, grad_accum, max_grad_norm=
+        self.par = par
+        self.dp_rank, self.dp_size = par.dp_rank, par.dp
+        self.whole_batch = par.schedule is not None
+
+    def batch_step(self, x: torch.Tensor) -> torch.Tensor:
+        from launch.train.parallel import pipeline_step
+
+        return pipeline_step(self.par, x)
+
+    def step(self) -> None:
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        from launch.train.parallel import average_gradients, clip_gradients
+
+        average_gradients(self.par)
+        if self.max_grad_norm:
+            clip_gradients(self.par, self.max_grad_norm)
+        # NOTE: replicated parameters (embeddings, norms) stay plain tensors beside the DTensor shards of the
+        # tp-split projections; one fused optimizer call over both treats the plain ones as replicated
+        with implicit_replication():
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def final_params(self) -> dict[str, torch.Tensor]:
+        from launch.train.parallel import full_state
+
+        return full_state(self.par, self.model)
+
+    def save(self, tmp: str) -> None:
+        raise TrainConfigError(
+            "checkpoints of tp / pp / FSDP2 layouts are not written yet; run without --ckpt-dir",
+            field="--ckpt-dir",
+        )
+
+    def load(self, path: str, *, convert: bool = False) -> None:
+        self.save(path)
 
 
 class AccelerateEngine(Engine):
@@ -207,13 +263,16 @@ def make_engine(
     *,
     lr: float,
     ds_config_path: str | None,
+    par: Any = None,
 ) -> Engine:
-    """The engine the settings name (the plan's `layout.engine`)."""
+    """The engine the settings name (the plan's `layout.engine`); `par`: the layout `parallelize` applied."""
     ga, clip = settings.grad_accum, settings.max_grad_norm
     if settings.engine == "deepspeed":
         cfg = deepspeed_config(ds_config_path, settings, d.world)
         return DeepSpeedEngine(model, optimizer, d, ga, config=cfg, lr=lr)
     if settings.engine == "accelerate":
         return AccelerateEngine(model, optimizer, d, ga, max_grad_norm=clip)
+    if par is not None:
+        return ParallelEngine(par, model, optimizer, d, ga, max_grad_norm=clip)
     offloaded = settings.plan is not None and settings.plan.optimizer.offload
     return TorchEngine(model, optimizer, d, ga, max_grad_norm=clip, hook_allreduce=offloaded)

@@ -39,6 +39,7 @@ from launch.train.metrics import (
     timing_summary,
     write_json_atomic,
 )
+from launch.train.parallel import parallel_layout
 from planner.flops import hardware_flops_per_step, model_flops_per_step
 from planner.model import ModelSpec
 
@@ -51,9 +52,9 @@ class Data(Protocol):
         ...
 
 
-def _rates(settings: Settings, d: Dist) -> StepRates:
+def _rates(settings: Settings, d: Dist, dp: int) -> StepRates:
     spec, seq = settings.spec, settings.seq_len
-    tokens = settings.micro_batch * settings.grad_accum * d.world * seq
+    tokens = settings.micro_batch * settings.grad_accum * dp * seq
     recomputed = float(sum(a.recompute_fraction for a in settings.plan.activations)) if settings.plan else 0.0
     return StepRates(
         tokens_per_step=tokens,
@@ -76,7 +77,7 @@ class Loop:
             engine,
             handle,
         )
-        self.rates = _rates(settings, d)
+        self.rates = _rates(settings, d, engine.dp_size)
         self.pos = checkpoint.Position()
         self.step_times: list[float] = []
         self.cpu_times: list[float] = []  # CPU seconds of this process (all its threads) per timed step
@@ -92,11 +93,19 @@ class Loop:
     def _micro_batches(self, probe: MemoryProbe | None) -> torch.Tensor:
         s, d = self.s, self.d
         loss_sum = torch.zeros((), device=d.device)
+        dp_rank, dp = self.engine.dp_rank, self.engine.dp_size
         with probe.track() if probe is not None else contextlib.nullcontext():
-            for micro in range(s.grad_accum):
+            # micro-batch `micro` of data-parallel rank r: the sequences from (micro * dp + r) * micro_batch on;
+            # the ranks of one dp rank's tp/pp group read the same ones
+            firsts = [
+                self.pos.data_position + (m * dp + dp_rank) * s.micro_batch for m in range(s.grad_accum)
+            ]
+            if self.engine.whole_batch:
+                x = torch.cat([self.data.batch(f, s.micro_batch) for f in firsts]).to(d.device)
+                loss_sum += self.engine.batch_step(x) * s.grad_accum
+            for micro, first in enumerate(firsts if not self.engine.whole_batch else []):
                 if probe is not None and micro:
                     probe.next_micro_batch()
-                first = self.pos.data_position + (micro * d.world + d.rank) * s.micro_batch
                 x = self.data.batch(first, s.micro_batch).to(d.device)
                 loss_sum += self.engine.micro_step(x, last=micro == s.grad_accum - 1)
             mean = self._mean_loss(loss_sum / s.grad_accum)
@@ -135,14 +144,15 @@ class Loop:
         dt, cpu_dt = time.perf_counter() - t0, time.process_time() - c0
         if probe is not None:
             self.memory = probe.result()
-        global_batch = self.s.micro_batch * self.s.grad_accum * d.world
+        global_batch = self.s.micro_batch * self.s.grad_accum * self.engine.dp_size
         self.pos = checkpoint.Position(self.pos.step + 1, self.pos.data_position + global_batch)
         return float(mean), dt, cpu_dt, track
 
     # ---- around the steps
     def announce(self) -> None:
         s, d, plan = self.s, self.d, self.s.plan
-        if plan is not None and plan.layout.zero_stage and plan.layout.dp > 1 and s.engine != "deepspeed":
+        sharded = s.engine == "deepspeed" or getattr(self.engine, "par", None) is not None
+        if plan is not None and plan.layout.zero_stage and plan.layout.dp > 1 and not sharded:
             print(
                 f"[train] warning: the plan's ZeRO stage {plan.layout.zero_stage} is carried out by "
                 "the deepspeed engine only; this engine keeps a full replica per rank",
@@ -205,7 +215,7 @@ class Loop:
         args, d = self.args, self.d
         if args.save_final_params:
             os.makedirs(args.save_final_params, exist_ok=True)
-            params = {k: v.detach().cpu().clone() for k, v in self.engine.model.state_dict().items()}
+            params = self.engine.final_params()
             checkpoint.save_file(params, os.path.join(args.save_final_params, f"params-rank{d.rank}.pt"))
         if d.main and args.metrics_out:
             write_json_atomic(args.metrics_out, self.summary())
@@ -249,9 +259,13 @@ def _train(
     settings = resolve_settings(args)
     data = make_data(settings)
     model = build_model(settings.spec, args.seed).to(d.device)
-    applied = apply_plan(model, build_optimizer(model, settings, args.lr), settings)
+    par = parallel_layout(model, settings, d, args)
+    trained = par.modules if par is not None else model  # a pipeline rank trains its chunks only
+    applied = apply_plan(model, build_optimizer(trained, settings, args.lr), settings)
     try:
-        engine = make_engine(model, applied.optimizer, d, settings, lr=args.lr, ds_config_path=args.ds_config)
+        engine = make_engine(
+            model, applied.optimizer, d, settings, lr=args.lr, ds_config_path=args.ds_config, par=par
+        )
         return Loop(args, d, settings, data, engine, applied.handle).run(on_step)
     finally:
         applied.remove()

@@ -47,10 +47,21 @@ def small_plan(
     optimizer_offload: bool = False,
     zero_stage: int = 0,
     engine: str = "torch",
+    tp: int = 1,
+    pp: int = 1,
+    grad_accum: int = 1,
+    virtual_stages: int = 1,
+    num_layers: int = 2,
 ) -> Plan:
-    """tiny-llama (2 blocks) on a CPU 'cluster' of `ranks` devices; written to `path`."""
+    """tiny-llama (2 blocks, or `num_layers`) on a CPU 'cluster' of `ranks` devices, data parallel over the
+    ranks that `tp` and `pp` leave (even pipeline split); written to `path`."""
     model = MODEL_PRESETS["tiny-llama"]
-    workload = Workload(global_batch=micro_batch * ranks, micro_batch=micro_batch, seq_len=seq, dtype="fp32")
+    if num_layers != model.num_layers:
+        model = dataclasses.replace(model, name=f"tiny-llama-{num_layers}l", num_layers=num_layers)
+    dp = ranks // (tp * pp)
+    workload = Workload(
+        global_batch=micro_batch * grad_accum * dp, micro_batch=micro_batch, seq_len=seq, dtype="fp32"
+    )
     activations = tuple(
         dataclasses.replace(a, swap_tier=swap_tier) if a.swap_fraction else a for a in activations
     )
@@ -65,7 +76,12 @@ def small_plan(
         cluster=cpu_cluster(ranks),
         workload=workload,
         layout=Layout(
-            dp=ranks,
+            dp=dp,
+            tp=tp,
+            pp=pp,
+            grad_accum=grad_accum,
+            virtual_stages=virtual_stages,
+            stage_layers=(num_layers // pp,) * pp if pp > 1 else (),
             zero_stage=zero_stage,
             engine=engine,
             micro_batch=micro_batch,

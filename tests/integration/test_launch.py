@@ -176,21 +176,25 @@ def test_train_lm_optimizers_in_process(tmp_path, optimizer):
 
 
 @pytest.mark.parametrize(
-    ("layout", "field"),
+    ("plan_kw", "layout", "field"),
     [
-        ({"dp": 1, "tp": 2}, "layout.tp"),
-        ({"dp": 1, "pp": 2, "stage_layers": (1, 1)}, "layout.pp"),
-        ({"dp": 2, "zero_stage": 3}, "layout.zero_stage"),
+        ({}, {"dp": 1, "cp": 2}, "layout.cp"),
+        ({}, {"dp": 1, "pp": 2, "stage_layers": (1, 1)}, "layout.grad_accum"),  # 1F1B: >= pp micro-batches
+        ({"engine": "deepspeed"}, {"dp": 1, "tp": 2}, "layout.tp"),
+        ({"activations": POLICIES}, {"dp": 1, "tp": 2}, "activations[0].swap_fraction"),
+        ({"optimizer_offload": True}, {"dp": 2, "zero_stage": 3}, "optimizer.offload"),
+        ({"ranks": 4}, {"dp": 2, "pp": 2, "grad_accum": 2, "zero_stage": 3}, "layout.zero_stage"),
     ],
 )
-def test_launch_refuses_a_layout_the_trainer_cannot_run(tmp_path, layout, field):
-    """A plan is a promise: a tp/pp/ZeRO layout memtier's trainer would run as plain data parallelism is
+def test_launch_refuses_a_layout_the_trainer_cannot_run(tmp_path, plan_kw, layout, field):
+    """A plan is a promise: a layout (or a part of the plan beside it) memtier's trainer cannot carry out is
     refused before any rank starts (exit 2, the field named), never run another way."""
     import dataclasses
 
-    plan = small_plan(str(tmp_path / "plan.json"), ranks=2)
+    plan = small_plan(str(tmp_path / "plan.json"), **{"ranks": 2, **plan_kw})
     plan.replace(layout=dataclasses.replace(plan.layout, **layout)).save(str(tmp_path / "plan.json"))
-    out = memtier("launch", "--nproc", "2", "--plan", str(tmp_path / "plan.json"), TRAIN)
+    nproc = str(plan.cluster.world_size)
+    out = memtier("launch", "--nproc", nproc, "--plan", str(tmp_path / "plan.json"), TRAIN)
     assert out.returncode == 2 and field in out.stderr and "--data-parallel-only" in out.stderr, out.stderr
 
 

@@ -12,12 +12,12 @@ from tests.optim.helpers import llama_batches, llama_loss, make_tiny_llama
 
 
 def _dense_reference(g: torch.Tensor, history: torch.Tensor, damping: float) -> torch.Tensor:
-    # (lambda I + G G^T)^{-1} g by a dense d x d solve in float64.
+    # lambda (lambda I + G G^T)^{-1} g by a dense d x d solve in float64.
     rows = history.reshape(history.shape[0], -1).double()
     filled = rows[rows.norm(dim=1) > 0]
     lam = damping * float((filled**2).sum(dim=1).mean())
     fisher = lam * torch.eye(rows.shape[1], dtype=torch.float64) + rows.t() @ rows
-    return torch.linalg.solve(fisher, g.reshape(-1).double()).reshape(g.shape)
+    return lam * torch.linalg.solve(fisher, g.reshape(-1).double()).reshape(g.shape)
 
 
 def test_woodbury_equals_the_dense_inverse_fisher() -> None:

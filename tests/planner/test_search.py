@@ -68,7 +68,7 @@ def test_hetero_links_plan_beats_uniform_assumption_and_mapping_beats_default():
     ratio = t_uniform / t_real
     # rank mapping: llama3-70b at 16K tokens, where Megatron order sends dp across the racks
     model70, w70 = MODEL_PRESETS["llama3-70b"], Workload(global_batch=32, seq_len=16384)
-    real70 = make_plan(model70, HETERO, w70, seed=0)
+    real70 = make_plan(model70, HETERO, w70, seed=0, space=SearchSpace(context_parallel=True))  # (costed CP)
     mapping = real70.chosen.mapping
     print(
         f"\nhetero-a100-32, llama2-13b, seq 4096, batch 64:"
@@ -161,11 +161,14 @@ def test_uneven_splits_cover_every_layer_and_balance_the_head():
 
 
 def test_context_parallel_only_for_long_sequences():
-    space = SearchSpace()
+    assert cp_choices(Workload(global_batch=8, seq_len=32768), 32, SearchSpace()) == [
+        1
+    ]  # the trainer cannot run it
+    space = SearchSpace(context_parallel=True)
     assert cp_choices(Workload(global_batch=8, seq_len=4096), 32, space) == [1]
     assert cp_choices(Workload(global_batch=8, seq_len=32768), 32, space) == [1, 2, 4, 8, 16]
     model, w = MODEL_PRESETS["llama3-8b"], Workload(global_batch=16, seq_len=32768)
-    res = search(model, HETERO, w, budget_bytes=budget_bytes(HETERO, w), mapping_top=0)
+    res = search(model, HETERO, w, budget_bytes=budget_bytes(HETERO, w), space=space, mapping_top=0)
     assert any(c.layout.cp > 1 for c in res.ranked)
 
 
