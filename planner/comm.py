@@ -39,25 +39,19 @@ def logical_rank(layout: Layout, *, tp: int, cp: int, dp: int, pp: int) -> int:
 
 
 def groups(layout: Layout) -> dict[str, list[list[int]]]:
-    """Logical ranks of every tp, cp, dp and pp group."""
-    out: dict[str, list[list[int]]] = {"tp": [], "cp": [], "dp": [], "pp": []}
-    T, C, D, P = layout.tp, layout.cp, layout.dp, layout.pp
-    for p in range(P):
-        for d in range(D):
-            for c in range(C):
-                out["tp"].append([logical_rank(layout, tp=t, cp=c, dp=d, pp=p) for t in range(T)])
-    for p in range(P):
-        for d in range(D):
-            for t in range(T):
-                out["cp"].append([logical_rank(layout, tp=t, cp=c, dp=d, pp=p) for c in range(C)])
-    for p in range(P):
-        for c in range(C):
-            for t in range(T):
-                out["dp"].append([logical_rank(layout, tp=t, cp=c, dp=d, pp=p) for d in range(D)])
-    for d in range(D):
-        for c in range(C):
-            for t in range(T):
-                out["pp"].append([logical_rank(layout, tp=t, cp=c, dp=d, pp=p) for p in range(P)])
+    """Logical ranks of every tp, cp, dp and pp group: for each dimension, one group per combination of the
+    other three coordinates (outer loops in pp, dp, cp, tp order, as before), its members along the dimension."""
+    import itertools
+
+    sizes = {"tp": layout.tp, "cp": layout.cp, "dp": layout.dp, "pp": layout.pp}
+    outer = ("pp", "dp", "cp", "tp")
+    out: dict[str, list[list[int]]] = {}
+    for dim in ("tp", "cp", "dp", "pp"):
+        others = [o for o in outer if o != dim]
+        out[dim] = [
+            [logical_rank(layout, **dict(zip(others, coords)), **{dim: i}) for i in range(sizes[dim])]
+            for coords in itertools.product(*(range(sizes[o]) for o in others))
+        ]
     return out
 
 

@@ -52,6 +52,13 @@ def _finish_within(proc, seconds: float) -> str:
         raise AssertionError(f"the launcher did not exit within {seconds} s") from None
 
 
+def _launch_fault(plan, *script_args: str, env: dict[str, str], launcher: tuple[str, ...] = ()):
+    """`memtier launch --nproc 2 [launcher flags] --plan PLAN train_fault.py SCRIPT_ARGS`, started."""
+    return start_memtier(
+        "launch", "--nproc", "2", *launcher, "--plan", str(plan), FAULT, *script_args, env=env
+    )
+
+
 def _until_fault(proc, mark) -> set[int]:
     """The job's processes seen until the faulty rank wrote `mark` (fails if it never does)."""
     seen: set[int] = set()
@@ -93,21 +100,7 @@ def test_dead_rank_stops_the_job(tmp_path):
         FAULT_MARK=str(mark),
         PID_DIR=str(pid_dir),
     )
-    proc = start_memtier(
-        "launch",
-        "--nproc",
-        "2",
-        "--plan",
-        str(plan),
-        FAULT,
-        "--steps",
-        "50",
-        "--ckpt-dir",
-        str(ckpt),
-        "--ckpt-every",
-        "1",
-        env=env,
-    )
+    proc = _launch_fault(plan, "--steps", "50", "--ckpt-dir", str(ckpt), "--ckpt-every", "1", env=env)
     seen = _until_fault(proc, mark)
     # the launcher must exit within 30 s of the rank's death
     out = _finish_within(proc, 30)
@@ -127,19 +120,7 @@ def test_stopped_rank_is_named_and_the_job_ends(tmp_path):
     pid_dir, mark = tmp_path / "pids", tmp_path / "stopped"
     pid_dir.mkdir()
     env = _env(FAULT_RANK="1", FAULT_STEP="2", FAULT_WHERE="stop", FAULT_MARK=str(mark), PID_DIR=str(pid_dir))
-    proc = start_memtier(
-        "launch",
-        "--nproc",
-        "2",
-        "--heartbeat-timeout",
-        "5",
-        "--plan",
-        str(plan),
-        FAULT,
-        "--steps",
-        "50",
-        env=env,
-    )
+    proc = _launch_fault(plan, "--steps", "50", env=env, launcher=("--heartbeat-timeout", "5"))
     seen = _until_fault(proc, mark)
     out = _finish_within(proc, 60)  # 5 s of silence, then torchrun's own teardown
     assert proc.returncode == 1, out
@@ -155,19 +136,7 @@ def test_signal_stops_all_ranks_and_removes_swap_files(tmp_path, sig):
     small_plan(str(plan), activations=POLICIES, swap_tier="nvme", swap_path=str(swap))
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
-    proc = start_memtier(
-        "launch",
-        "--nproc",
-        "2",
-        "--plan",
-        str(plan),
-        FAULT,
-        "--steps",
-        "100000",
-        "--log-every",
-        "1",
-        env=_env(PID_DIR=str(pid_dir)),
-    )
+    proc = _launch_fault(plan, "--steps", "100000", "--log-every", "1", env=_env(PID_DIR=str(pid_dir)))
     seen: set[int] = set()
     lines = []
     for line in proc.stdout:  # the progress lines: training is under way once step 2 is logged

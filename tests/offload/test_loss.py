@@ -84,18 +84,9 @@ class _LargestTensor(TorchDispatchMode):
 
 
 def _tiny_config(arch: str, *, tied: bool, vocab: int = 211):
-    if arch == "llama":
-        return transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=tied,
-        )
-    if arch == "qwen2":
-        return transformers.Qwen2Config(
+    if arch in ("llama", "qwen2"):
+        config_class = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
+        return config_class(
             vocab_size=vocab,
             hidden_size=32,
             intermediate_size=64,
