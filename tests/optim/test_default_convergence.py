@@ -85,9 +85,11 @@ def test_the_bound_rejects_the_papers_scale_at_adamws_learning_rate() -> None:
 
 
 def _one_matrix_optimizer(kind: str, w: torch.nn.Parameter) -> torch.optim.Optimizer:
-    cls = {"galore": GaLoreAdamW, "natural_galore": NaturalGaLoreAdamW, "frugal": FRUGAL}[kind]
-    rank = {} if cls is FRUGAL else {"rank": 8}
-    return cls([{"params": [w], cls.switch_key: True, "update_proj_gap": 2, **rank}], lr=1e-2)
+    group = {"params": [w], "update_proj_gap": 2}
+    if kind == "frugal":
+        return FRUGAL([{**group, "frugal": True}], lr=1e-2)
+    cls = NaturalGaLoreAdamW if kind == "natural_galore" else GaLoreAdamW
+    return cls([{**group, "galore": True, "rank": 8}], lr=1e-2)
 
 
 @pytest.mark.parametrize("kind", list(DEFAULTS))
