@@ -29,7 +29,8 @@ if _ROOT not in sys.path:  # run as a plain script from a source checkout
 from launch.measure.probe import local_cluster  # noqa: E402
 from launch.measure.record import savefig, write_json  # noqa: E402
 from planner.cluster import ClusterSpec  # noqa: E402
-from planner.plan import Layout, OptimizerPlan, Plan  # noqa: E402
+from planner.plan import Layout, Plan  # noqa: E402
+from planner.planning import fixed_plan  # noqa: E402
 from planner.presets import MODEL_PRESETS  # noqa: E402
 from planner.steptime import estimate_step_time  # noqa: E402
 from planner.workload import Workload  # noqa: E402
@@ -61,7 +62,7 @@ def make_plan(name: str, cluster: ClusterSpec, model_name: str, seq: int) -> Pla
         layout = dataclasses.replace(layout, stage_layers=(model.num_layers // layout.pp,) * layout.pp)
     batch = layout.micro_batch * layout.grad_accum * layout.dp
     workload = Workload(global_batch=batch, micro_batch=layout.micro_batch, seq_len=seq, dtype="fp32")
-    plan = Plan(model=model, cluster=cluster, workload=workload, layout=layout, optimizer=OptimizerPlan())
+    plan = fixed_plan(model, cluster, workload, layout=layout)  # the planner's one builder
     predicted = estimate_step_time(model, cluster, workload, layout)
     return plan.replace(predicted=dataclasses.replace(plan.predicted, step_time_s=predicted.step_s))
 
