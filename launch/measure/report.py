@@ -63,6 +63,8 @@ def summarize(
             hfu=min(MFU_CAP, hfu),
             mfu_capped=mfu > MFU_CAP or hfu > MFU_CAP,
             device_peak_bytes=mem.get("device_peak_bytes"),
+            # the process's real memory (RSS high-water mark): on a CPU the device pool is bookkeeping
+            process_peak_rss_bytes=r.get("process_memory", {}).get("peak_rss_bytes"),
             device_by_category={k: v for k, v in mem.items() if k != "device_peak_bytes"},
             dram_activation_bytes=r.get("tier_peak_bytes", {}).get("dram", 0),
             optimizer_tier_bytes=r.get("optimizer_tier_bytes")

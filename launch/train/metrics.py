@@ -220,6 +220,22 @@ def timing_summary(step_times: list[float], cpu_times: list[float], rates: StepR
     }
 
 
+def process_memory() -> dict[str, int]:
+    """This process's real memory, beside the device-pool figures: on a CPU "device" the pool is MemTracker's
+    count of live tensors, which leaves out the tiers' arenas, allocator slack and the runtime itself.
+    `peak_rss_bytes` is the kernel's high-water mark (getrusage ru_maxrss, KiB on Linux)."""
+    import resource
+
+    import psutil
+
+    rss = int(psutil.Process().memory_info().rss)
+    # the kernel updates its high-water mark lazily: it can trail the current RSS by a few pages
+    return {
+        "peak_rss_bytes": max(rss, int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024),
+        "rss_bytes": rss,
+    }
+
+
 def swap_stats(handle: Any) -> dict[str, Any]:
     return dataclasses.asdict(handle.stats) if handle is not None and hasattr(handle, "stats") else {}
 

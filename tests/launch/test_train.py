@@ -127,3 +127,17 @@ def test_resume_refuses_other_dtypes_unless_asked_to_convert(tmp_path):
     with pytest.raises(TrainConfigError, match=r"optimizer state\[0\]\.exp_avg: saved as torch.float16"):
         ex.main([*common, "--steps", "3"])
     assert ex.main([*common, "--steps", "3", "--convert-checkpoint"]) == 0
+
+
+def test_metrics_record_the_process_memory_beside_the_device_pool(tmp_path):
+    """On a CPU the device pool is MemTracker's bookkeeping; the summary also carries the process's real
+    memory (RSS high-water mark), which holds the pool and everything else."""
+    import json
+
+    metrics = tmp_path / "m.json"
+    argv = ["--model", "tiny-llama", "--seq", "32", "--micro-batch", "2", "--steps", "2", "--track-memory"]
+    assert _example().main([*argv, "--metrics-out", str(metrics)]) == 0
+    m = json.loads(metrics.read_text())
+    proc = m["process_memory"]
+    assert proc["peak_rss_bytes"] >= proc["rss_bytes"] > 0
+    assert proc["peak_rss_bytes"] > m["memory"]["device_peak_bytes"] > 0
