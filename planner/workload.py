@@ -45,7 +45,9 @@ class OptimizerSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class Workload:
-    global_batch: int = field(metadata=_POS)  # sequences per optimizer step, all ranks
+    # sequences per optimizer step, all ranks (at most 2**31: far beyond any real step, and it keeps the
+    # search's enumeration of batch divisors bounded)
+    global_batch: int = field(metadata={"positive": True, "max": 2**31})
     micro_batch: int = field(default=1, metadata=_POS)  # sequences per rank per forward
     seq_len: int = field(metadata=_POS)
     dtype: DType = "bf16"  # working dtype of weights, activations and gradients

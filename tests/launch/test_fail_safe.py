@@ -125,7 +125,12 @@ def test_an_internal_error_is_one_line_and_exit_1(capsys, monkeypatch):
 _BAD_INT = st.one_of(st.integers(-(10**12), 0), st.text(max_size=3), st.floats(allow_nan=True), st.booleans())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    derandomize=True,
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(key=st.sampled_from(sorted(LLAMA.keys() - {"model_type"})), value=_BAD_INT)
 def test_random_bad_config_values_exit_2_naming_the_key(tmp_path, capsys, key, value):
     """Property: a value no reader should accept in a size field of config.json exits 2 naming that key; no
@@ -145,7 +150,12 @@ _CLUSTER_KEYS = (
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    derandomize=True,
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     key=st.sampled_from(_CLUSTER_KEYS),
     value=st.one_of(st.integers(-(10**15), 0), st.text(alphabet="xyz!@ ", max_size=4), st.booleans()),
@@ -168,7 +178,12 @@ def test_random_bad_cluster_values_exit_2_naming_the_field(tmp_path, capsys, key
     assert code == 2 and leaf in err and str(path) in err, (key, value, err)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    derandomize=True,
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     flag=st.sampled_from(
         ["--tp", "--pp", "--dp", "--micro-batch", "--global-batch", "--seq", "--budget", "--zero"]
