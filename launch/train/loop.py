@@ -87,8 +87,11 @@ class Loop:
         self.progress = Progress(total=args.steps)
         self.observer = StepObserver(engine.model, handle)
         plan = settings.plan
-        # an offloaded optimizer without clipping starts its updates in backward, before the loss is known
-        self.updates_in_backward = bool(plan and plan.optimizer.offload and not settings.max_grad_norm)
+        # updates that run in backward, before the loss is known: layer-wise steps, and an offloaded
+        # optimizer without clipping
+        self.updates_in_backward = bool(
+            plan and (plan.optimizer.layerwise or (plan.optimizer.offload and not settings.max_grad_norm))
+        )
 
     # ---- one step
     def _micro_batches(self, probe: MemoryProbe | None) -> torch.Tensor:
@@ -126,7 +129,7 @@ class Loop:
         value = float(loss)
         if not math.isfinite(value):
             state = (
-                "the offloaded optimizer updates in backward without clipping, so some may have changed"
+                "this plan updates parameters in backward (layer-wise or offloaded without clipping), so some may have changed"
                 if self.updates_in_backward
                 else "the parameters were not updated"
             )
