@@ -9,7 +9,9 @@ What it installs, all undone by the returned handle's `remove()`:
   (closed, and swap files deleted, on `remove()`);
 - the chunked loss when `plan.loss.kind == "chunked"` (`offload.loss.install_chunked_loss`);
 - optimizer-state offload when `plan.optimizer.offload`: `offload.optimizer.offload_optimizer` wraps the
-  AdamW; the training loop steps `handle.optimizer`.
+  AdamW; the training loop steps `handle.optimizer`;
+- streamed model state when `plan.model_state.stream`: parameters, gradients and optimizer state in the plan's
+  tiers, streamed per block (`offload.state`); the loop steps `handle.optimizer`, `handle.state` checkpoints.
 
 Everything is validated before anything is installed, so a bad plan leaves the model untouched.
 """
@@ -50,6 +52,7 @@ class OffloadHandle:
         self._block_hooks: list[BlockHooks] = []
         self._loss_handle: Any = None
         self._optimizer_handle: Any = None
+        self.state: Any = None  # offload.state.StreamHandle when the plan streams model state
         self.optimizer: Any = None  # the optimizer to step: the offloaded one when the plan offloads
         self._model_hook: Any = None
         self.removed = False
@@ -77,6 +80,7 @@ class OffloadHandle:
             *([self._model_hook.remove] if self._model_hook is not None else []),
             *([self._loss_handle.remove] if self._loss_handle is not None else []),
             *([self._optimizer_handle.remove] if self._optimizer_handle is not None else []),
+            *([self.state.remove] if self.state is not None else []),
             *([self.engine.close] if self.engine is not None else []),
             *(t.close for t in self.tiers.values()),
         ):
@@ -129,7 +133,9 @@ def _swap_tiers(plan: Plan, policies: Sequence[BlockPolicy]) -> dict[str, TierPl
     return tier_plans
 
 
-def _install_blocks(handle: OffloadHandle, tier_plans: dict[str, TierPlan], *, seq_dim: int) -> None:
+def _install_blocks(
+    handle: OffloadHandle, tier_plans: dict[str, TierPlan], *, seq_dim: int, param_pack: Any = None
+) -> None:
     """The swap tiers and their engine, the blocks' hooks and the model's drain hook, onto ``handle``."""
     if tier_plans:
         from offload.tiers.factory import stores_for_plan
@@ -144,7 +150,9 @@ def _install_blocks(handle: OffloadHandle, tier_plans: dict[str, TierPlan], *, s
             continue
         # With swapping, kept blocks get the engine's back-pressure hooks too (see install_block_hooks).
         handle._block_hooks.append(
-            install_block_hooks(block, policy, engine=handle.engine, seq_dim=seq_dim, param_ptrs=ptrs)
+            install_block_hooks(
+                block, policy, engine=handle.engine, seq_dim=seq_dim, param_ptrs=ptrs, param_pack=param_pack
+            )
         )
     if handle.engine is not None:
         engine = handle.engine
@@ -217,7 +225,15 @@ def apply(
 
     handle.optimizer = optimizer
     try:
-        _install_blocks(handle, tier_plans, seq_dim=seq_dim)
+        param_pack = None
+        if plan.model_state.stream:
+            from offload.state import install_streaming
+
+            swapped = frozenset(p.layer for p in policies if p.mode == "swap")
+            handle.state = install_streaming(model, optimizer, plan, found.modules, swap_blocks=swapped)
+            handle.optimizer = handle.state.optimizer
+            param_pack = handle.state.streamer.param_ref
+        _install_blocks(handle, tier_plans, seq_dim=seq_dim, param_pack=param_pack)
         if chunked:
             loss_module = importlib.import_module("offload.loss")
             # chunk_size 0 in a plan means "not set": the loss module's default applies.

@@ -23,8 +23,9 @@ from planner.workload import OptimizerKind, Precision, StateBits, Workload
 
 # 1.1: Layout.engine; OptimizerPlan.cpu_kernel, schedule, max_grad_norm; SolverReport.problem (was "stage").
 # 1.2: OptimizerPlan.precision, layerwise, state_bits (the memory modes; `planner.workload`).
-# A 1.0 or 1.1 file loads with the defaults (see `upgrade`).
-SCHEMA_VERSION = "1.2"
+# 1.3: Plan.model_state (parameters, gradients and optimizer state streamed from host tiers); Predicted.host_peak_bytes.
+# A 1.0, 1.1 or 1.2 file loads with the defaults (see `upgrade`).
+SCHEMA_VERSION = "1.3"
 SUPPORTED_MAJOR = 1
 
 TierName = Literal["device", "dram", "cxl", "nvme"]
@@ -186,6 +187,65 @@ class TierPlan:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StateGroup:
+    """Where each kind of one group's model state lives between uses.
+
+    A group is the unit the runtime streams: "block.{i}" (transformer block i, as `offload.blocks.find_blocks`
+    orders them) or "rest" (every parameter outside the blocks: embedding, final norm, head). The kinds follow
+    the ZeRO paper's accounting (Rajbhandari et al. 2020, Sec. 3.1): the working parameters in the training
+    dtype, the fp32 master copy (mixed precision only; with fp32 or pure 16-bit training the working
+    parameters are the master and `master` is ignored), the gradients (accumulated over micro-batches, fp32
+    when there is a master copy) and the optimizer moments. "device" keeps that kind resident on the device.
+    """
+
+    name: str
+    numel: int = field(metadata={"min": 0})
+    params: TierName = "device"
+    master: TierName = "device"
+    grads: TierName = "device"
+    moments: TierName = "device"
+
+    def tiers(self) -> dict[str, TierName]:
+        return {"params": self.params, "master": self.master, "grads": self.grads, "moments": self.moments}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStatePlan:
+    """Model state off the device (ZeRO-Infinity, Rajbhandari et al. 2021; Fuyou, Liao et al. 2024).
+
+    With `stream` on, the runtime (`offload.state`) reads each group's parameters from their tier into a
+    device buffer shortly before its forward and again before its backward (`prefetch_depth` groups ahead of
+    the one computing), releases them after use, moves each gradient to its tier as backward produces it,
+    and updates the optimizer state out of core on the CPU (read ahead, write behind). `staging_bytes` is the
+    host staging pool the transfers go through, allocated once. Off: every kind of state stays on the device
+    (the optimizer may still be offloaded by `OptimizerPlan`).
+    """
+
+    stream: bool = False
+    prefetch_depth: int = field(default=1, metadata={"min": 0})
+    groups: tuple[StateGroup, ...] = ()
+    staging_bytes: int = field(default=0, metadata={"min": 0})
+    io_threads: int = field(default=2, metadata={"positive": True})
+
+    def group(self, name: str) -> StateGroup | None:
+        return next((g for g in self.groups if g.name == name), None)
+
+    def bytes_by_tier(self, *, param_bytes: int, master: bool, moment_bytes: float) -> dict[str, int]:
+        """Bytes of model state per tier: working parameters at `param_bytes` per element, the fp32 master
+        when `master`, fp32 gradients when there is a master (else `param_bytes`), moments at `moment_bytes`
+        per element."""
+        out: dict[str, int] = {}
+        grad_bytes = 4 if master else param_bytes
+        for g in self.groups:
+            parts = [(g.params, param_bytes), (g.grads, grad_bytes), (g.moments, moment_bytes)]
+            if master:
+                parts.append((g.master, 4))
+            for tier, per in parts:
+                out[tier] = out.get(tier, 0) + int(round(g.numel * per))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
 class SolverReport:
     problem: str  # what was solved: "layout", "activations", "buffers", "optimizer", "mapping"
     strategy: str  # "mip", "greedy", "keep_all", ...
@@ -207,6 +267,9 @@ class Predicted:
     tflops_per_device: float = 0.0
     mfu: float = 0.0
     hfu: float = 0.0
+    # peak system memory of the host per node (staging pool, state held in DRAM, the CPU optimizer's working
+    # set; page cache excluded: NVMe traffic uses direct I/O); 0 where the planner did not model it
+    host_peak_bytes: int = field(default=0, metadata={"min": 0})
     solvers: tuple[SolverReport, ...] = ()
 
 
@@ -221,6 +284,7 @@ class Plan:
     optimizer: OptimizerPlan = field(default_factory=OptimizerPlan)
     loss: LossPlan = field(default_factory=LossPlan)
     tiers: tuple[TierPlan, ...] = ()
+    model_state: ModelStatePlan = field(default_factory=ModelStatePlan)
     predicted: Predicted = field(default_factory=Predicted)
     notes: tuple[str, ...] = ()
 

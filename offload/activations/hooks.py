@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from offload.activations.engine import SwapEngine, _Kept
+from offload.activations.engine import SwapEngine, _Saved
 from offload.activations.layout import _block_tokens
 from offload.activations.policy import BlockPolicy, PolicyError
 
@@ -76,6 +76,7 @@ def install_block_hooks(
     engine: SwapEngine | None = None,
     seq_dim: int = 1,
     param_ptrs: Callable[[], frozenset[int]] | None = None,
+    param_pack: Callable[[torch.Tensor], Any] | None = None,
 ) -> BlockHooks:
     """Carry out `policy` on `block`; `remove()` on the result undoes it.
 
@@ -83,7 +84,8 @@ def install_block_hooks(
     kept ones included, also gets the back-pressure hooks (`SwapEngine.enter_block` / `exit_block`), so
     the sources of earlier swapped blocks are released during later blocks whatever their policy.
     `param_ptrs` returns the storage pointers never to swap (the model's parameters and buffers); by
-    default the block's own.
+    default the block's own. `param_pack` (streamed model state, `offload.state`) is asked first for every saved
+    tensor of a swapped block: a non-None answer (an object with `unpack()`) is saved instead.
     """
     if policy.mode == "swap" and engine is None:
         raise PolicyError(f"layer {policy.layer}: swapping needs a SwapEngine", field="engine")
@@ -99,7 +101,7 @@ def install_block_hooks(
         if engine is None:  # narrowed above
             raise PolicyError("engine", field="engine")
         ptrs_fn = param_ptrs or functools.partial(_own_ptrs, block)
-        wrapped = _swap_forward(forward, without_cache, policy, engine, seq_dim, ptrs_fn)
+        wrapped = _swap_forward(forward, without_cache, policy, engine, seq_dim, ptrs_fn, param_pack)
     block.__dict__["forward"] = wrapped
     return BlockHooks(block, wrapped=wrapped, original=original, handles=handles)
 
@@ -191,6 +193,7 @@ def _swap_forward(
     eng: SwapEngine,
     seq_dim: int,
     ptrs_fn: Callable[[], frozenset[int]],
+    param_pack: Callable[[torch.Tensor], Any] | None = None,
 ) -> Callable[..., Any]:
     """`forward` with its saved tensors packed by `eng` (one record per call) when grad is enabled."""
 
@@ -204,6 +207,10 @@ def _swap_forward(
         record = eng.new_record(policy.layer, prefetch=policy.prefetch)
 
         def pack(t: torch.Tensor) -> Any:
+            if param_pack is not None:
+                ref = param_pack(t)
+                if ref is not None:
+                    return ref
             return eng.pack(t, record, policy, tokens, seq_dim, ptrs)
 
         try:
@@ -216,6 +223,6 @@ def _swap_forward(
 
 
 def _unpack(packed: Any) -> torch.Tensor:
-    if isinstance(packed, _Kept):
-        return packed.unpack()
-    return packed.engine.unpack(packed)
+    if isinstance(packed, _Saved):
+        return packed.engine.unpack(packed)
+    return packed.unpack()  # _Kept, or a streamed parameter's reference (`param_pack`)
