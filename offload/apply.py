@@ -192,6 +192,7 @@ def apply(
     blocks: Iterable[nn.Module] | None = None,
     seq_dim: int = 1,
     optimizer_settings: Any = None,
+    weights: Any = None,
 ) -> OffloadHandle:
     """Install the plan's activation policies, tiers, loss and optimizer offload on `model`.
 
@@ -199,6 +200,8 @@ def apply(
     `offload.optimizer.offload_optimizer`, and the loop steps `handle.optimizer` (the optimizer itself
     when nothing is offloaded); `optimizer_settings` (an `offload.optimizer.OffloadSettings`) overrides
     what it reads from the plan.
+    `weights` (streamed model state only): a safetensors file the parameters are read from group by group; the
+    model may then be built on the meta device (`offload.state.weights`).
     `blocks` overrides the block discovery; `seq_dim` is the sequence dimension of the blocks' hidden-state
     input (1 for batch-first models). Call `remove()` on the result (or use it as a context manager) after
     the last backward.
@@ -218,6 +221,8 @@ def apply(
             "plan.loss.kind='chunked' needs offload.loss.install_chunked_loss (issue 5), "
             "which is not available in this build"
         )
+    if weights is not None and not plan.model_state.stream:
+        raise PolicyError("weights= reads streamed model state; the plan does not stream it", field="weights")
     if plan.optimizer.offload and optimizer is None:
         raise PolicyError(
             "plan.optimizer.offload needs the optimizer to offload, got None", field="optimizer"
@@ -230,7 +235,9 @@ def apply(
             from offload.state import install_streaming
 
             swapped = frozenset(p.layer for p in policies if p.mode == "swap")
-            handle.state = install_streaming(model, optimizer, plan, found.modules, swap_blocks=swapped)
+            handle.state = install_streaming(
+                model, optimizer, plan, found.modules, swap_blocks=swapped, weights=weights
+            )
             handle.optimizer = handle.state.optimizer
             param_pack = handle.state.streamer.param_ref
         _install_blocks(handle, tier_plans, seq_dim=seq_dim, param_pack=param_pack)

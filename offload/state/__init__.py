@@ -24,6 +24,7 @@ from offload.state.groups import Group, StateError, build_groups
 from offload.state.optimizer import StreamedAdamW, check_optimizer
 from offload.state.residency import StateResidency
 from offload.state.stream import ParamStreamer
+from offload.state.weights import SafetensorsReader, materialize_meta
 from planner.plan import Plan
 
 __all__ = ["StateError", "StreamHandle", "install_streaming"]
@@ -162,21 +163,30 @@ def install_streaming(
     blocks: Sequence[nn.Module],
     *,
     swap_blocks: frozenset[int] = frozenset(),
+    weights: str | os.PathLike[str] | None = None,
 ) -> StreamHandle:
-    """Move the model's state into the plan's tiers and stream it (see the package docstring)."""
+    """Move the model's state into the plan's tiers and stream it (see the package docstring).
+
+    ``weights``: a safetensors file the parameters are read from, group by group (`offload.state.weights`); the
+    model may then be built on the meta device (its parameters are replaced, in the optimizer too).
+    """
     _check_plan(plan, optimizer)
     ms = plan.model_state
     groups = build_groups(model, blocks, ms)
     params = [s.param for g in groups for s in g.slots]
-    device = params[0].device if params else torch.device("cpu")
+    real = [p.device for p in params if not p.is_meta]
+    device = real[0] if real else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pdt = _DTYPES[plan.workload.dtype]
     master = plan.workload.mixed_precision
     wdt = torch.float32 if master else pdt
-    for p in params:
-        if p.device != device:
-            raise StateError(
-                f"parameters on {p.device} and {device}: streaming needs one device", field="model"
-            )
+    for d in real:
+        if d != device:
+            raise StateError(f"parameters on {d} and {device}: streaming needs one device", field="model")
+    if len(real) < len(params) and weights is None:
+        raise StateError(
+            "the model's parameters are on the meta device: give the weights to read them from (weights=PATH)",
+            field="weights",
+        )
     dtypes = {"params": pdt, "grads": wdt, "exp_avg": wdt, "exp_avg_sq": wdt}
     if master:
         dtypes["master"] = torch.float32
@@ -187,7 +197,14 @@ def install_streaming(
             groups, residency, device=device, prefetch_depth=ms.prefetch_depth, io_threads=ms.io_threads,
             swap_blocks=swap_blocks,
         )  # fmt: skip
-        _move_in(groups, residency, optimizer, streamer, master=master)
+        if len(real) < len(params):
+            materialize_meta(model, optimizer, groups, device, pdt)
+        reader = SafetensorsReader(weights) if weights is not None else None
+        try:
+            _move_in(groups, residency, optimizer, streamer, master=master, reader=reader)
+        finally:
+            if reader is not None:
+                reader.close()
         opt = StreamedAdamW(
             optimizer, groups, residency, streamer, max_grad_norm=plan.optimizer.max_grad_norm, master=master
         )
@@ -206,6 +223,7 @@ def _move_in(
     streamer: ParamStreamer,
     *,
     master: bool,
+    reader: SafetensorsReader | None = None,
 ) -> None:
     """Each group's parameters into its tiers; the device copies of streamed groups released."""
     if any(optimizer.state.values()):
@@ -216,11 +234,16 @@ def _move_in(
     for g in groups:
         flat = torch.empty(g.numel, dtype=torch.float32 if master else residency.dtype("params"))
         for s in g.slots:
-            s.view(flat).copy_(s.param.detach())
+            if reader is not None:
+                reader.read_into(s.name, s.view(flat))
+            else:
+                s.view(flat).copy_(s.param.detach())
         residency.write(g, "params", flat.to(residency.dtype("params")))
         if master:
             residency.write(g, "master", flat)
         del flat
+    # only once every group is stored: a failure above leaves the model's parameters as they were
+    for g in groups:
         resident = residency.resident(g, "params")
         for s in g.slots:
             if resident is not None:

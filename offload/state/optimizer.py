@@ -14,7 +14,6 @@ update starts after backward (planner: "optimizer_exposed").
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
