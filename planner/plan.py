@@ -217,7 +217,7 @@ class ModelStatePlan:
     device buffer shortly before its forward and again before its backward (`prefetch_depth` groups ahead of
     the one computing), releases them after use, moves each gradient to its tier as backward produces it,
     and updates the optimizer state out of core on the CPU (read ahead, write behind). `staging_bytes` is the
-    host staging pool the transfers go through, allocated once. Off: every kind of state stays on the device
+    host staging pool the transfers go through, allocated once (see `offload.state` for its parts). Off: every kind of state stays on the device
     (the optimizer may still be offloaded by `OptimizerPlan`).
     """
 
@@ -226,6 +226,9 @@ class ModelStatePlan:
     groups: tuple[StateGroup, ...] = ()
     staging_bytes: int = field(default=0, metadata={"min": 0})
     io_threads: int = field(default=2, metadata={"positive": True})
+    # host-side state moves and updates in chunks of this many elements (MemAscend: buffers sized to the
+    # transfer, not to the largest tensor): the optimizer's two work sets, the gradient buffers
+    chunk_numel: int = field(default=1 << 22, metadata={"positive": True})
 
     def group(self, name: str) -> StateGroup | None:
         return next((g for g in self.groups if g.name == name), None)

@@ -191,7 +191,7 @@ def install_streaming(
     if master:
         dtypes["master"] = torch.float32
     planned = {g.name: g for g in ms.groups}
-    residency = StateResidency(groups, planned, dtypes, plan.tiers, device)
+    residency = StateResidency(groups, planned, dtypes, plan.tiers, device, chunk_numel=ms.chunk_numel)
     try:
         streamer = ParamStreamer(
             groups, residency, device=device, prefetch_depth=ms.prefetch_depth, io_threads=ms.io_threads,

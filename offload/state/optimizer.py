@@ -47,6 +47,9 @@ def check_optimizer(optimizer: Any) -> None:
 
 
 class _WorkSet:
+    """One chunk's operands on the host: weights (fp32 master or the parameters), gradients, moments, and the
+    cast-down parameters when there is a master copy."""
+
     def __init__(
         self,
         numel: int,
@@ -89,7 +92,7 @@ class StreamedAdamW(torch.optim.Optimizer):
         self.weight_kind = "master" if master else "params"
         self.steps: dict[int, int] = {}  # ParamSlot.order -> updates so far
         self._hyper_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        numel = max(g.numel for g in self.groups)
+        numel = min(residency.chunk_numel, max(g.numel for g in self.groups))
         wdt, gdt, pdt = residency.dtype(self.weight_kind), residency.dtype("grads"), residency.dtype("params")
         self._sets = [_WorkSet(numel, wdt, gdt, pdt, master) for _ in range(2)]
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="memtier-opt-read")
@@ -105,15 +108,27 @@ class StreamedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.streamer.wait_gradients()
-        todo = [g for g in self.groups if any(s.order in self.streamer.has_grad for s in g.trainable)]
-        coef = self._clip_coefficient()
+        grads = self.streamer.grads
+        coef = self._clip_coefficient(grads.norms)
+        for (
+            g
+        ) in self.groups:  # each parameter with a gradient counts one more step, however many chunks it spans
+            for s in g.trainable:
+                if s.order in grads.has_grad:
+                    self.steps[s.order] = self.steps.get(s.order, 0) + 1
+        units = [
+            (g, k, a, b)
+            for g in self.groups
+            if any(s.order in grads.has_grad for s in g.trainable)
+            for k, (a, b) in enumerate(self.res.chunks(g))
+        ]
         self.streamer.release_all(rest=True)  # the loaded parameters are about to be stale
-        self._pipeline(todo, coef)
+        self._pipeline(units, coef)
         self.streamer.new_step()
         return loss
 
-    def _clip_coefficient(self) -> torch.Tensor | None:
-        norms = self.streamer.norms
+    def _clip_coefficient(self, norms: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """clip_grad_norm_'s coefficient: the norms stacked in model.parameters() order."""
         if not norms:
             return None
         total = torch.linalg.vector_norm(torch.stack([norms[k] for k in sorted(norms)]), 2.0)
@@ -122,65 +137,71 @@ class StreamedAdamW(torch.optim.Optimizer):
             return None
         return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
 
-    def _pipeline(self, todo: Sequence[Group], coef: torch.Tensor | None) -> None:
+    def _pipeline(self, units: Sequence[tuple[Group, int, int, int]], coef: torch.Tensor | None) -> None:
+        """Read chunk i+1 while chunk i is updated; write chunk i while chunk i+1 is updated (two work sets)."""
         reads: list[Future[Any]] = []
         writes: list[Future[Any]] = []
-        if todo:
-            reads.append(self._reader.submit(self._read, todo[0], self._sets[0]))
-        for i, g in enumerate(todo):
+        if units:
+            reads.append(self._reader.submit(self._read, units[0], self._sets[0]))
+        for i, unit in enumerate(units):
             ws = self._sets[i % 2]
             reads[i].result()
-            if i + 1 < len(todo):
+            if i + 1 < len(units):
                 if i >= 1:
                     writes[i - 1].result()  # the other set is free again
-                reads.append(self._reader.submit(self._read, todo[i + 1], self._sets[(i + 1) % 2]))
-            self._update(g, ws, coef)
-            writes.append(self._writer.submit(self._write, g, ws))
+                reads.append(self._reader.submit(self._read, units[i + 1], self._sets[(i + 1) % 2]))
+            self._update(unit, ws, coef)
+            writes.append(self._writer.submit(self._write, unit, ws))
         for f in writes:
             f.result()
 
-    def _read(self, g: Group, ws: _WorkSet) -> None:
-        n = g.numel
-        self.res.read(g, self.weight_kind, ws.weights[:n])
-        self.res.read(g, "grads", ws.grads[:n])
+    def _read(self, unit: tuple[Group, int, int, int], ws: _WorkSet) -> None:
+        g, k, a, b = unit
+        n = b - a
+        self.res.read_chunk(g, self.weight_kind, k, ws.weights[:n])
+        self.res.read_chunk(g, "grads", k, ws.grads[:n])
         for kind, buf in (("exp_avg", ws.exp_avg), ("exp_avg_sq", ws.exp_avg_sq)):
-            if self.res.has(g, kind):
-                self.res.read(g, kind, buf[:n])
+            if self.res.has_chunk(g, kind, k):
+                self.res.read_chunk(g, kind, k, buf[:n])
             else:
                 buf[:n].zero_()  # torch's AdamW starts its moments at zero
 
-    def _update(self, g: Group, ws: _WorkSet, coef: torch.Tensor | None) -> None:
-        n = g.numel
-        weights, grads, m, v = ws.weights[:n], ws.grads[:n], ws.exp_avg[:n], ws.exp_avg_sq[:n]
-        slots = [s for s in g.trainable if s.order in self.streamer.has_grad]
+    def _update(self, unit: tuple[Group, int, int, int], ws: _WorkSet, coef: torch.Tensor | None) -> None:
+        g, _k, a, b = unit
+        has = self.streamer.grads.has_grad
+        # the chunk's part of each parameter with a gradient: [x, y) in chunk coordinates
+        parts = [
+            (s, max(a, s.offset) - a, min(b, s.offset + s.numel) - a)
+            for s in g.trainable
+            if s.order in has and s.offset < b and s.offset + s.numel > a
+        ]
         if coef is not None:
-            # clip_grad_norm_ multiplies every gradient by the clamped coefficient
-            for s in slots:
-                s.view(grads).mul_(coef)
-        by_group: dict[int, list[Any]] = {}
-        for s in slots:
-            by_group.setdefault(self._hyper_of[id(s.param)], []).append(s)
+            for _s, x, y in parts:  # clip_grad_norm_ multiplies every gradient by the clamped coefficient
+                ws.grads[x:y].mul_(coef)
+        by_group: dict[int, list[tuple[Any, int, int]]] = {}
+        for part in parts:
+            by_group.setdefault(self._hyper_of[id(part[0].param)], []).append(part)
         for gi, members in by_group.items():
-            for s in members:
-                self.steps[s.order] = self.steps.get(s.order, 0) + 1
+            # elementwise: the kernel on a flat slice does to each element what it does on the whole tensor
             tensors = AdamWTensors(
-                params=[s.view(weights) for s in members],
-                grads=[s.view(grads) for s in members],
-                exp_avgs=[s.view(m) for s in members],
-                exp_avg_sqs=[s.view(v) for s in members],
-                steps=[float(self.steps[s.order]) for s in members],
+                params=[ws.weights[x:y] for _s, x, y in members],
+                grads=[ws.grads[x:y] for _s, x, y in members],
+                exp_avgs=[ws.exp_avg[x:y] for _s, x, y in members],
+                exp_avg_sqs=[ws.exp_avg_sq[x:y] for _s, x, y in members],
+                steps=[float(self.steps[s.order]) for s, _x, _y in members],
             )
             self._kernel(tensors, AdamWHyper.from_group(self.param_groups[gi]))
         if ws.params is not None:
-            ws.params[:n].copy_(weights)  # the working copy in the training dtype
+            ws.params[: b - a].copy_(ws.weights[: b - a])  # the working copy in the training dtype
 
-    def _write(self, g: Group, ws: _WorkSet) -> None:
-        n = g.numel
-        self.res.write(g, self.weight_kind, ws.weights[:n])
+    def _write(self, unit: tuple[Group, int, int, int], ws: _WorkSet) -> None:
+        g, k, a, b = unit
+        n = b - a
+        self.res.write_chunk(g, self.weight_kind, k, ws.weights[:n])
         if ws.params is not None:
-            self.res.write(g, "params", ws.params[:n])
-        self.res.write(g, "exp_avg", ws.exp_avg[:n])
-        self.res.write(g, "exp_avg_sq", ws.exp_avg_sq[:n])
+            self.res.write_chunk(g, "params", k, ws.params[:n])
+        self.res.write_chunk(g, "exp_avg", k, ws.exp_avg[:n])
+        self.res.write_chunk(g, "exp_avg_sq", k, ws.exp_avg_sq[:n])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing to do: gradients left the parameters in backward; the next step starts new accumulations."""

@@ -34,6 +34,35 @@ _PLAN_FIELD = {
 }
 
 
+# A chunk that ends inside a parameter ends at a multiple of ALIGN elements from the parameter's start. torch's
+# fused CPU AdamW splits each tensor into tasks of one cache line (64 bytes) and runs each task vectorised with a
+# scalar tail, so in a whole tensor only its last (numel % vector width) elements take the scalar path; a slice
+# starting at a multiple of 64 elements from the tensor's start gives every element the same path as in the
+# whole tensor (vector width | 64 for every dtype), hence the same rounding.
+ALIGN = 64
+
+
+def split_chunks(g: Group, chunk_numel: int) -> list[tuple[int, int]]:
+    """[start, end) ranges covering the group: at most ``chunk_numel`` (>= ALIGN) elements each, every boundary
+    inside a parameter at a multiple of ALIGN from its start."""
+    slots = sorted(g.slots, key=lambda s: s.offset)
+    out: list[tuple[int, int]] = []
+    pos, i = 0, 0
+    while pos < g.numel:
+        end = min(pos + chunk_numel, g.numel)
+        while i < len(slots) and slots[i].offset + slots[i].numel <= end:
+            i += 1
+        if end < g.numel and i < len(slots) and slots[i].offset < end:
+            s = slots[i]
+            aligned = s.offset + (end - s.offset) // ALIGN * ALIGN
+            end = (
+                aligned if aligned > pos else end
+            )  # a chunk shorter than ALIGN past pos cannot happen: pos is aligned
+        out.append((pos, end))
+        pos = end
+    return out
+
+
 @dataclass(frozen=True)
 class KindSpec:
     tier: str
@@ -41,7 +70,10 @@ class KindSpec:
 
 
 class StateResidency:
-    """Every group's state in its tier. ``dtypes`` maps each kind used to its dtype (no "master": fp32/pure)."""
+    """Every group's state in its tier, in chunks of ``chunk_numel`` elements (one store entry per chunk).
+
+    ``dtypes`` maps each kind used to its dtype (no "master" with fp32 or pure 16-bit training).
+    """
 
     def __init__(
         self,
@@ -51,11 +83,14 @@ class StateResidency:
         tier_plans: Sequence[TierPlan],
         device: torch.device,
         *,
+        chunk_numel: int,
         stores: Mapping[str, TierStore] | None = None,
     ) -> None:
         self.groups = list(groups)
         self.device = device
         self.dtypes = dict(dtypes)
+        self.chunk_numel = max(chunk_numel, ALIGN)
+        self._chunks: dict[int, list[tuple[int, int]]] = {}
         self.spec: dict[tuple[int, str], KindSpec] = {}
         sizes: dict[str, list[int]] = {}
         for g in self.groups:
@@ -64,7 +99,7 @@ class StateResidency:
                 tier = getattr(plan_group, _PLAN_FIELD[kind])
                 self.spec[(g.index, kind)] = KindSpec(tier=tier, dtype=dtype)
                 if tier != "device":
-                    sizes.setdefault(tier, []).append(g.numel * dtype.itemsize)
+                    sizes.setdefault(tier, []).extend((b - a) * dtype.itemsize for a, b in self.chunks(g))
         given = dict(stores or {})
         # files are replaced put-then-free (a failed write leaves the old state readable): one extra entry of room
         need = {
@@ -72,18 +107,24 @@ class StateResidency:
             for t, s in sizes.items()
             if t not in given
         }
-        for tier in need:
-            if not any(tp.kind == tier for tp in tier_plans) and tier == "nvme":
-                raise StateError(
-                    "the plan places model state on nvme but has no nvme tier entry (its path)", field="tiers"
-                )
+        if "nvme" in need and not any(tp.kind == "nvme" for tp in tier_plans):
+            raise StateError(
+                "the plan places model state on nvme but has no nvme tier entry (its path)", field="tiers"
+            )
         self._own = stores_for_plan(tier_plans, need) if need else {}
         self.stores: dict[str, TierStore] = {**given, **self._own}
-        self._handles: dict[tuple[int, str], Handle] = {}
+        self._handles: dict[tuple[int, str, int], Handle] = {}
         self._resident: dict[tuple[int, str], torch.Tensor] = {}
         self._lock = threading.Lock()
 
     # ---- queries -------------------------------------------------------------------------------------------
+    def chunks(self, g: Group) -> list[tuple[int, int]]:
+        """The element ranges [start, end) of the group's chunks (at most ``chunk_numel`` elements each)."""
+        found = self._chunks.get(g.index)
+        if found is None:
+            found = self._chunks[g.index] = split_chunks(g, self.chunk_numel)
+        return found
+
     def tier(self, g: Group, kind: str) -> str:
         return self.spec[(g.index, kind)].tier
 
@@ -91,8 +132,12 @@ class StateResidency:
         return self.dtypes[kind]
 
     def has(self, g: Group, kind: str) -> bool:
-        key = (g.index, kind)
-        return key in self._handles or key in self._resident
+        with self._lock:
+            return (g.index, kind) in self._resident or (g.index, kind, 0) in self._handles
+
+    def has_chunk(self, g: Group, kind: str, k: int) -> bool:
+        with self._lock:
+            return (g.index, kind) in self._resident or (g.index, kind, k) in self._handles
 
     def resident(self, g: Group, kind: str) -> torch.Tensor | None:
         """The device-resident tensor of a kind kept on the device (updated in place), else None."""
@@ -100,17 +145,29 @@ class StateResidency:
 
     # ---- copies ----------------------------------------------------------------------------------------------
     def write(self, g: Group, kind: str, src: torch.Tensor) -> None:
-        """Store ``src`` (flat, the kind's dtype) as the group's ``kind``; ``src`` may be reused on return."""
-        key = (g.index, kind)
-        spec = self.spec[key]
+        """Store ``src`` (flat, the kind's dtype, the whole group); ``src`` may be reused on return."""
+        if self.spec[(g.index, kind)].tier == "device":
+            self._write_resident(g, kind, src, 0)
+            return
+        for k, (a, b) in enumerate(self.chunks(g)):
+            self.write_chunk(g, kind, k, src[a:b])
+
+    def read(self, g: Group, kind: str, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (flat, the kind's dtype, ``g.numel`` elements) with the group's ``kind``."""
+        res = self._resident.get((g.index, kind))
+        if res is not None:
+            return out.copy_(res)
+        for k, (a, b) in enumerate(self.chunks(g)):
+            self.read_chunk(g, kind, k, out[a:b])
+        return out
+
+    def write_chunk(self, g: Group, kind: str, k: int, src: torch.Tensor) -> None:
+        spec = self.spec[(g.index, kind)]
         if spec.tier == "device":
-            res = self._resident.get(key)
-            if res is None:
-                self._resident[key] = src.detach().to(self.device, copy=True)
-            else:
-                res.copy_(src)
+            self._write_resident(g, kind, src, self.chunks(g)[k][0])
             return
         store = self.stores[spec.tier]
+        key = (g.index, kind, k)
         with self._lock:
             old = self._handles.pop(key, None)
         if old is not None and callable(getattr(store, "view", None)):
@@ -122,24 +179,23 @@ class StateResidency:
         if old is not None:
             store.free(old)
 
-    def read(self, g: Group, kind: str, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (flat, the kind's dtype, ``g.numel`` elements) with the group's ``kind``."""
+    def read_chunk(self, g: Group, kind: str, k: int, out: torch.Tensor) -> torch.Tensor:
+        res = self._resident.get((g.index, kind))
+        if res is not None:
+            a, b = self.chunks(g)[k]
+            return out.copy_(res[a:b])
+        with self._lock:
+            handle = self._handles.get((g.index, kind, k))
+        if handle is None:
+            raise RuntimeError(f"memtier: internal error: group {g.name} has no {kind} chunk {k} stored")
+        return self.stores[self.spec[(g.index, kind)].tier].get(handle, out=out)
+
+    def _write_resident(self, g: Group, kind: str, src: torch.Tensor, start: int) -> None:
         key = (g.index, kind)
         res = self._resident.get(key)
-        if res is not None:
-            return out.copy_(res)
-        with self._lock:
-            handle = self._handles.get(key)
-        if handle is None:
-            raise RuntimeError(f"memtier: internal error: group {g.name} has no {kind} stored")
-        return self.stores[self.spec[key].tier].get(handle, out=out)
-
-    def prefetch(self, g: Group, kind: str, out: torch.Tensor) -> None:
-        key = (g.index, kind)
-        with self._lock:
-            handle = self._handles.get(key)
-        if handle is not None:
-            self.stores[self.spec[key].tier].prefetch(handle, out=out)
+        if res is None:
+            res = self._resident[key] = torch.empty(g.numel, dtype=self.dtypes[kind], device=self.device)
+        res[start : start + src.numel()].copy_(src)
 
     def bytes_by_tier(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -149,10 +205,6 @@ class StateResidency:
                     spec = self.spec[(g.index, kind)]
                     out[spec.tier] = out.get(spec.tier, 0) + g.numel * spec.dtype.itemsize
         return out
-
-    def synchronize(self) -> None:
-        for store in self.stores.values():
-            store.synchronize()
 
     def close(self) -> None:
         errors: list[BaseException] = []

@@ -17,7 +17,6 @@ only change at the optimizer step).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from offload.state.groups import Group, ParamSlot
+from offload.state.gradients import GradientSink
+from offload.state.groups import Group
 from offload.state.residency import StateResidency
 
 __all__ = ["ParamStreamer", "StreamStats"]
@@ -38,7 +38,6 @@ class StreamStats:
         self.read_bytes = 0
         self.prefetch_hits = 0  # reads that had started before they were needed
         self.waits_s = 0.0  # compute thread waiting for a read
-        self.grad_flushes = 0
 
     def as_dict(self) -> dict[str, float]:
         return dict(vars(self))
@@ -114,25 +113,11 @@ class ParamStreamer:
         self._bound: set[int] = set()  # groups whose parameters point into their buffer
         self._loading: dict[int, Future[Any]] = {}
         self._reader = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="memtier-state-read")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="memtier-state-grad")
         self._cursor: tuple[int, int] = (0, 1)  # (group index, direction) of the last use
         self._in_backward = False
         self._saved_ctx: list[Any] = []
         self._handles: list[Any] = []
-        # gradients: per-group host buffers (reused), whether the group's tier holds this step's first micro-batch
-        gmax = max((g.numel for g in self.groups), default=0)
-        self._grad_free = [torch.empty(gmax, dtype=self.grad_dtype) for _ in range(2)]
-        self._grad_acc = torch.empty(gmax, dtype=self.grad_dtype)
-        self._grad_open: dict[
-            int, tuple[torch.Tensor, torch.Tensor]
-        ] = {}  # group -> (whole buffer, its view)
-        self._grad_got: dict[int, set[int]] = {}
-        self._grad_cv = threading.Condition()
-        self._flushes: list[Future[Any]] = []
-        self.fresh: dict[int, bool] = {g.index: True for g in self.groups}
-        self.has_grad: set[int] = set()  # ParamSlot.order of parameters with a gradient this step
-        self.norms: dict[int, torch.Tensor] = {}  # ParamSlot.order -> 2-norm of its accumulated gradient
-        self.error: BaseException | None = None
+        self.grads = GradientSink(self.groups, residency, device)
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def install(self, model: nn.Module) -> None:
@@ -146,14 +131,14 @@ class ParamStreamer:
             )
         for g in self.groups:
             for s in g.trainable:
-                self._handles.append(s.param.register_post_accumulate_grad_hook(self._grad_hook(g, s)))
+                self._handles.append(s.param.register_post_accumulate_grad_hook(self.grads.hook(g, s)))
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._reader.shutdown(wait=True)
-        self._writer.shutdown(wait=True)
+        self.grads.close()
 
     # ---- loading and releasing ----------------------------------------------------------------------------------
     def _buffer_for(self, g: Group) -> torch.Tensor:
@@ -259,7 +244,8 @@ class ParamStreamer:
     # ---- module hooks -----------------------------------------------------------------------------------------
     def _pre_hook(self, g: Group) -> Callable[..., None]:
         def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._raise_deferred()
+            if self.grads.error is not None:
+                self.grads.wait()  # raises the failed write
             self.ensure(g)
             self._cursor = (g.index, 1)
             self._top_up()
@@ -304,86 +290,13 @@ class ParamStreamer:
     def _backward_done(self) -> None:
         self._in_backward = False
         self.release_all(rest=False)
-        for g in self.groups:
-            if g.index in self._grad_open:
-                self._flush(g)
-
-    # ---- gradients ---------------------------------------------------------------------------------------------
-    def _grad_hook(self, g: Group, s: ParamSlot) -> Callable[[torch.Tensor], None]:
-        def hook(p: torch.Tensor) -> None:
-            grad = p.grad
-            if grad is None:
-                return
-            opened = self._grad_open.get(g.index)
-            if opened is None:
-                whole = self._take_grad_buffer()
-                opened = self._grad_open[g.index] = (whole, whole[: g.numel])
-                self._grad_got[g.index] = set()
-            s.view(opened[1]).copy_(grad)
-            p.grad = None
-            got = self._grad_got[g.index]
-            got.add(s.order)
-            if len(got) == len(g.trainable):
-                self._flush(g)
-
-        return hook
-
-    def _take_grad_buffer(self) -> torch.Tensor:
-        with self._grad_cv:
-            while not self._grad_free:
-                self._grad_cv.wait()
-            return self._grad_free.pop()
-
-    def _flush(self, g: Group) -> None:
-        whole, buf = self._grad_open.pop(g.index)
-        got = self._grad_got.pop(g.index)
-        self.stats.grad_flushes += 1
-        self._flushes.append(self._writer.submit(self._flush_job, g, whole, buf, got))
-
-    def _flush_job(self, g: Group, whole: torch.Tensor, buf: torch.Tensor, got: set[int]) -> None:
-        try:
-            fresh = self.fresh[g.index]
-            missing = [s for s in g.trainable if s.order not in got]
-            for s in missing:  # no gradient in this micro-batch: adds nothing
-                s.view(buf).zero_()
-            if fresh:
-                total = buf
-            else:
-                total = self._grad_acc[: g.numel]
-                self.res.read(g, "grads", total)
-                total.add_(buf)  # earlier micro-batches + this one, as autograd's accumulation adds
-            self.res.write(g, "grads", total)
-            self.fresh[g.index] = False
-            self.has_grad.update(got)
-            with_grad = [s for s in g.trainable if s.order in self.has_grad]
-            if with_grad:
-                norms = torch._foreach_norm([s.view(total) for s in with_grad], 2.0)  # type: ignore[attr-defined]
-                self.norms.update({s.order: n for s, n in zip(with_grad, norms)})
-        except BaseException as exc:  # noqa: BLE001 - surfaced on the compute thread
-            self.error = exc
-        finally:
-            with self._grad_cv:
-                self._grad_free.append(whole)
-                self._grad_cv.notify()
+        self.grads.end_backward()
 
     def wait_gradients(self) -> None:
         """Every gradient written to its tier (what the optimizer step reads)."""
-        for g in self.groups:
-            if g.index in self._grad_open:
-                self._flush(g)
-        for f in self._flushes:
-            f.result()
-        self._flushes.clear()
-        self._raise_deferred()
+        self.grads.wait()
 
     def new_step(self) -> None:
         """After the optimizer step: the next backward starts new accumulations; loaded parameters are stale."""
-        self.fresh = dict.fromkeys(self.fresh, True)
-        self.has_grad = set()
-        self.norms = {}
+        self.grads.new_step()
         self.release_all(rest=True)
-
-    def _raise_deferred(self) -> None:
-        if self.error is not None:
-            err, self.error = self.error, None
-            raise RuntimeError(f"memtier: a gradient write to its tier failed: {err}") from err

@@ -43,7 +43,7 @@ def train(model, step_fn, data, *, steps: int, ga: int, start: int = 0) -> list[
 
 
 def stream_plan(
-    model, nvme_dir: str, *, tier: str = "nvme", activations: str = "keep", depth: int = 1, ga: int = 2,
+    model, nvme_dir: str, *, tier: str = "nvme", activations: str = "keep", depth: int = 1, ga: int = 2, chunk: int = 1 << 22,
     **kinds: str,
 ) -> Plan:  # fmt: skip
     blocks = find_blocks(model)
@@ -69,5 +69,7 @@ def stream_plan(
             TierPlan(kind="nvme", capacity_bytes=1 << 30, path=nvme_dir),
             TierPlan(kind="dram", capacity_bytes=256 << 20),
         ),
-        model_state=ModelStatePlan(stream=True, groups=tuple(groups), prefetch_depth=depth),
+        model_state=ModelStatePlan(
+            stream=True, groups=tuple(groups), prefetch_depth=depth, chunk_numel=chunk
+        ),
     )

@@ -64,19 +64,24 @@ def streamed(tmp_path, layers: int, steps: int = STEPS, **plan_kw):
         (5, {"tier": "nvme", "depth": 2, "activations": "swap"}),
         (3, {"tier": "dram", "activations": "recompute"}),
         (3, {"tier": "nvme", "params": "dram", "grads": "device"}),
+        # chunks smaller than a parameter and straddling parameters; more open chunks than buffers
+        (3, {"tier": "nvme", "chunk": 1000, "steps": 6}),
+        (2, {"tier": "dram", "chunk": 333, "activations": "swap", "steps": 6}),
     ],
-    ids=["nvme", "nvme-depth2-swap", "dram-recompute", "mixed-tiers"],
+    ids=["nvme", "nvme-depth2-swap", "dram-recompute", "mixed-tiers", "chunks-1000", "chunks-333"],
 )
 def test_bit_identical_to_unoffloaded(tmp_path, layers, kw):
-    ref_losses, ref_params = reference(layers)
-    losses, params, stats = streamed(tmp_path, layers, **kw)
+    kw = dict(kw)
+    steps = kw.pop("steps", STEPS)
+    ref_losses, ref_params = reference(layers, steps)
+    losses, params, stats = streamed(tmp_path, layers, steps, **kw)
     assert losses == ref_losses
     for name, p in ref_params.items():
         assert torch.equal(p, params[name]), name
     if kw.get("params", kw["tier"]) != "device":
         # each block read before forward and again before backward (the last block stays for backward), "rest"
         # once a step
-        assert stats.reads == (2 * layers - 1) * STEPS * GA + STEPS
+        assert stats.reads == (2 * layers - 1) * steps * GA + steps
         assert stats.prefetch_hits > 0
 
 
