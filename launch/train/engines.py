@@ -58,11 +58,21 @@ class Engine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    @property
+    def streamed(self) -> Any:
+        """The streamed model state (`offload.state.StreamHandle`) when the plan streams it, else None."""
+        return getattr(self.optimizer, "stream_handle", None)
+
     def final_params(self) -> dict[str, torch.Tensor]:
         """The parameters to save at the end (`--save-final-params`), whole tensors."""
+        if self.streamed is not None:
+            return self.streamed.state_dict()
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def save(self, tmp: str) -> None:
+        if self.streamed is not None:  # every tier's state, group by group (never the whole model in memory)
+            self.streamed.save(os.path.join(tmp, "state"))
+            return
         if self.d.main:
             save_file(self.model.state_dict(), os.path.join(tmp, "model.pt"))
             save_file(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -70,6 +80,9 @@ class Engine:
     def load(self, path: str, *, convert: bool = False) -> None:
         """Model and optimizer state, checked against the live ones first: a dtype or shape that differs is
         refused (named), unless `convert`."""
+        if self.streamed is not None:
+            self.streamed.load(os.path.join(path, "state"))
+            return
         model_sd = torch.load(os.path.join(path, "model.pt"), map_location=self.d.device)
         opt_sd = torch.load(
             os.path.join(path, "optimizer.pt"), map_location=self.d.device, weights_only=False

@@ -7,7 +7,8 @@ before any rank starts, `launch.train.parallel` asks again in every rank.
 - deepspeed engine: ZeRO 0-3 data parallelism;
 - accelerate engine: plain data parallelism.
 
-Context parallelism is not run (the search does not choose it).
+Context parallelism is not run (the search does not choose it). Streamed model state (`plan.model_state`) runs
+in one process on the torch engine with AdamW.
 """
 
 from __future__ import annotations
@@ -62,10 +63,33 @@ def _pipeline_refusals(plan: Plan) -> list[tuple[str, str]]:
     return out
 
 
+def _stream_refusals(plan: Plan) -> list[tuple[str, str]]:
+    """Streamed model state (`offload.state`) runs in one process on the torch engine, with AdamW."""
+    if not plan.model_state.stream:
+        return []
+    lay, out = plan.layout, []
+    if lay.world_size > 1 or lay.zero_stage:
+        out.append(
+            ("model_state.stream", f"streamed model state runs in one process, the plan has {lay.describe()}")
+        )
+    if lay.engine != "torch":
+        out.append(("layout.engine", f"streamed model state runs on the torch engine, not {lay.engine!r}"))
+    if plan.optimizer.kind != "adamw":
+        out.append(
+            ("optimizer.kind", f"streamed model state updates with AdamW, not {plan.optimizer.kind!r}")
+        )
+    for name in ("layerwise", "state_bits"):
+        if getattr(plan.optimizer, name):
+            out.append((f"optimizer.{name}", f"optimizer.{name} is not run with streamed model state"))
+    if plan.optimizer.offload:
+        out.append(("optimizer.offload", "the plan streams model state and also offloads the optimizer"))
+    return out
+
+
 def refusals(plan: Plan) -> list[tuple[str, str]]:
     """(field, why) of every part of the plan memtier's trainer cannot carry out; empty: it runs."""
     lay, spec = plan.layout, plan.model
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str]] = _stream_refusals(plan)
     if lay.cp > 1:
         out.append(("layout.cp", f"cp={lay.cp}: context parallelism is not run by memtier's trainer"))
     if lay.engine != "torch":

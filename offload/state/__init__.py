@@ -67,6 +67,7 @@ class StreamHandle:
         self.residency = residency
         self.streamer = streamer
         self.optimizer = optimizer
+        optimizer.stream_handle = self  # what the trainer checkpoints through
         self.removed = False
 
     def _weights(self, g: Group) -> torch.Tensor:

@@ -99,6 +99,7 @@ class StreamedAdamW(torch.optim.Optimizer):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="memtier-opt-write")
         self._kernel = TorchFusedAdamW()
         self.last_grad_norm: float | None = None
+        self.stream_handle: Any = None  # the StreamHandle that owns it (set by it)
 
     # ---- the step ------------------------------------------------------------------------------------------
     @torch.no_grad()
