@@ -85,6 +85,44 @@ def test_bit_identical_to_unoffloaded(tmp_path, layers, kw):
         assert stats.prefetch_hits > 0
 
 
+def test_with_chunked_loss(tmp_path):
+    """The chunked loss (the head's weight used chunk by chunk in forward and backward) on streamed state:
+    bit-identical to the same chunked loss without streaming."""
+    from planner.plan import LossPlan, ModelStatePlan
+
+    def run(stream: bool):
+        model = build(3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        plan = dataclasses.replace(
+            stream_plan(model, str(tmp_path)), loss=LossPlan(kind="chunked", chunk_size=16)
+        )
+        if not stream:
+            plan = dataclasses.replace(plan, model_state=ModelStatePlan())
+        handle = offload.apply(model, opt, plan)
+
+        def step():
+            if not stream:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            handle.optimizer.step()
+            handle.optimizer.zero_grad()
+
+        try:
+            losses = train(model, step, batches(6 * GA), steps=6, ga=GA)
+            params = (
+                handle.state.state_dict()
+                if stream
+                else {n: p.detach().clone() for n, p in model.named_parameters()}
+            )
+        finally:
+            handle.remove()
+        return losses, params
+
+    (ref_losses, ref_params), (losses, params) = run(False), run(True)
+    assert losses == ref_losses
+    for name, p in ref_params.items():
+        assert torch.equal(params[name], p), name
+
+
 def test_buffers_are_reused_so_saved_weight_views_are_resolved_again(tmp_path, monkeypatch):
     """Without re-resolving saved views of streamed weights, a reused buffer feeds backward another block's
     weights: the guard that this test can fail."""
