@@ -12,6 +12,7 @@ from planner.errors import LayoutError, SpecError
 from planner.estimate import estimate
 from planner.memory import MemoryOptions, Offload
 from planner.model import ModelSpec
+from planner.model_state import ElementBytes, StreamedState, plan_model_state, stream_refusal
 from planner.plan import Layout
 from planner.units import fmt_bytes, fmt_count, fmt_rate
 from planner.workload import OptimizerSpec, StateBits, Workload, memory_modes
@@ -127,7 +128,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mfu": t.mfu,
         "hfu": t.hfu,
         **({"trace": trace_table(args.model, model, workload)} if getattr(args, "trace", False) else {}),
+        **(
+            {
+                "model_state": streamed_state(
+                    model, cluster, workload, layout, args.chunked_loss, est.budget_bytes
+                )
+            }
+            if (args.offload == "optimizer+params" or not est.fits)
+            and stream_refusal(cluster, workload) is None
+            else {}
+        ),
     }
+
+
+def streamed_state(
+    model: ModelSpec, cluster: ClusterSpec, workload: Workload, layout: Layout, chunk: int, budget: int
+) -> dict[str, Any]:
+    """The model state placed across the tiers and streamed per block (`planner.model_state`), at this
+    micro-batch: per tier, device and host peaks, step time; or by how much it misses."""
+    found = plan_model_state(
+        model,
+        cluster,
+        workload,
+        budget_bytes=budget,
+        micro_batches=[layout.micro_batch],
+        loss_chunk_tokens=chunk,
+    )
+    if not isinstance(found, StreamedState):
+        return {
+            "fits": False,
+            "where": found.where,
+            "need_bytes": found.need_bytes,
+            "have_bytes": found.have_bytes,
+        }
+    eb = ElementBytes.of(workload)
+    return {
+        "fits": True,
+        "level": found.level,
+        "activations": found.activation_strategy,
+        "state_bytes_by_tier": found.state.bytes_by_tier(
+            param_bytes=eb.params, master=bool(eb.master), moment_bytes=eb.moments
+        ),
+        "state_by_kind": _by_kind(found, eb),
+        "device_peak_bytes": found.memory.total,
+        "host_peak_bytes": found.host_peak_bytes,
+        "staging_bytes": found.state.staging_bytes,
+        "step_s": found.time.step_s,
+        "tflops_per_device": found.time.tflops_per_device,
+        "breakdown_s": found.time_breakdown,
+    }
+
+
+def _by_kind(found: StreamedState, eb: ElementBytes) -> dict[str, dict[str, int]]:
+    """Bytes of each kind of state per tier (the device's at full size, as the tiers hold them)."""
+    out: dict[str, dict[str, int]] = {}
+    for kind in ("params", "master", "grads", "moments"):
+        if kind == "master" and not eb.master:
+            continue
+        per = eb.kind(kind)
+        row: dict[str, int] = {}
+        for g in found.state.groups:
+            tier = g.tiers()[kind]
+            row[tier] = row.get(tier, 0) + int(round(g.numel * per))
+        out[kind] = row
+    return out
 
 
 def trace_table(ref: str, spec: ModelSpec, workload: Workload) -> dict[str, Any]:
@@ -201,6 +265,8 @@ def render(r: dict[str, Any]) -> str:
         f"throughput {th['tflops_per_device']:.1f} TFLOP/s per device, {th['tokens_per_s']:,.0f} tokens/s,"
         f" MFU {100 * r['mfu']:.1f}%, HFU {100 * r['hfu']:.1f}%"
     )
+    if "model_state" in r:
+        lines += ["", *_model_state_lines(r["model_state"])]
     if "trace" in r:
         tr = r["trace"]
         lines.append("")
@@ -214,6 +280,32 @@ def render(r: dict[str, Any]) -> str:
                 f"  {m['module']:40s} {m['kind']:26s} {fmt_count(m['params']):>10s} {fmt_bytes(m['saved_bytes']):>12s}"
             )
     return "\n".join(lines)
+
+
+def _model_state_lines(ms: dict[str, Any]) -> list[str]:
+    if not ms["fits"]:
+        return [
+            f"model state streamed per block: does not fit the {ms['where']} ({fmt_bytes(ms['need_bytes'])}"
+            f" needed, {fmt_bytes(ms['have_bytes'])} there)"
+        ]
+    lines = [
+        f"model state streamed per block ({ms['level']}, activations {ms['activations']}):",
+        f"  {'kind':10s}" + "".join(f" {t:>12s}" for t in ms["state_bytes_by_tier"]),
+    ]
+    for kind, row in ms["state_by_kind"].items():
+        lines.append(
+            f"  {kind:10s}" + "".join(f" {fmt_bytes(row.get(t, 0)):>12s}" for t in ms["state_bytes_by_tier"])
+        )
+    lines.append(
+        f"  {'total':10s}" + "".join(f" {fmt_bytes(v):>12s}" for v in ms["state_bytes_by_tier"].values())
+    )
+    lines.append(
+        f"  device peak {fmt_bytes(ms['device_peak_bytes'])}, host peak {fmt_bytes(ms['host_peak_bytes'])}"
+        f" (staging {fmt_bytes(ms['staging_bytes'])}); step {ms['step_s']:.3f} s,"
+        f" {ms['tflops_per_device']:.1f} TFLOP/s per device"
+    )
+    lines += [f"  {k:28s} {v:10.4f} s" for k, v in ms["breakdown_s"].items() if v]
+    return lines
 
 
 _MODE_COLS = ("parameters", "gradients", "optimizer_states", "activations", "buffers", "total")

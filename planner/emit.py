@@ -76,6 +76,26 @@ def runtime_offloads(plan: Plan) -> bool:
     return plan.optimizer.offload and not deepspeed_offloads(plan)
 
 
+def stream_offloads(plan: Plan) -> dict[str, Any]:
+    """A streamed plan (`Plan.model_state`) as DeepSpeed runs it: ZeRO-3 with the parameters and the optimizer
+    offloaded (ZeRO-Infinity, Rajbhandari et al. 2021), to NVMe where the plan puts any of that kind there,
+    else to pinned CPU memory. DeepSpeed places a kind in one tier, not per group: the plan's NVMe share
+    goes whole to NVMe."""
+    groups = plan.model_state.groups
+    nvme = plan.tier("nvme")
+
+    def target(kinds: tuple[str, ...]) -> dict[str, Any]:
+        if nvme is not None and any(g.tiers()[k] == "nvme" for g in groups for k in kinds):
+            return {"device": "nvme", "nvme_path": nvme.path, "pin_memory": True}
+        return {"device": "cpu", "pin_memory": True}
+
+    return {
+        "stage": 3,
+        "offload_param": target(("params",)),
+        "offload_optimizer": target(("master", "moments")),
+    }
+
+
 def ds_config(plan: Plan) -> dict[str, Any]:
     layout, workload, opt = plan.layout, plan.workload, plan.optimizer
     zero: dict[str, Any] = {
@@ -87,13 +107,15 @@ def ds_config(plan: Plan) -> dict[str, Any]:
         "reduce_bucket_size": min(BUCKET_ELEMENTS, plan.model.params),
         "allgather_bucket_size": min(BUCKET_ELEMENTS, plan.model.params),
     }
-    if deepspeed_offloads(plan):
+    if plan.model_state.stream:
+        zero.update(stream_offloads(plan))
+    elif deepspeed_offloads(plan):
         tier = plan.tier(opt.tier)
         if opt.tier == "nvme":
             zero["offload_optimizer"] = {"device": "nvme", "nvme_path": tier.path if tier else None}
         else:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if layout.zero_stage == 3:
+    if zero["stage"] == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": layout.micro_batch,
@@ -111,7 +133,9 @@ def ds_config(plan: Plan) -> dict[str, Any]:
         params: dict[str, Any] = {k: opt.settings[k] for k in ("lr", "weight_decay") if k in opt.settings}
         if opt.kind == "adamw":
             params.update({k: opt.settings[k] for k in ("betas", "eps") if k in opt.settings})
-            if plan.cluster.device.kind == "cpu" and not deepspeed_offloads(plan):
+            if plan.cluster.device.kind == "cpu" and not (
+                deepspeed_offloads(plan) or plan.model_state.stream
+            ):
                 params["torch_adam"] = True  # DeepSpeed's FusedAdam needs CUDA
         cfg["optimizer"] = {"type": "AdamW" if opt.kind == "adamw" else "SGD", "params": params}
     # other optimizers (GaLore, FRUGAL) come from memtier's optim package as a client optimizer
@@ -185,7 +209,16 @@ def launch_script(plan: Plan) -> str:
                 "#   DeepSpeed cannot express it, so ds_config.json keeps the optimizer resident; the training",
                 "#   script carries it out with offload.apply(model, optimizer, plan) from $MEMTIER_PLAN.",
             ]
-            if runtime_offloads(plan)
+            if runtime_offloads(plan) and not plan.model_state.stream
+            else []
+        ),
+        *(
+            [
+                "# model state: streamed per block from the host tiers (plan.json's model_state); the training",
+                "#   script carries it out with offload.apply(model, optimizer, plan) from $MEMTIER_PLAN;",
+                "#   ds_config.json states it as ZeRO-3 with offload_param and offload_optimizer (ZeRO-Infinity).",
+            ]
+            if plan.model_state.stream
             else []
         ),
         *(

@@ -24,6 +24,7 @@ each block measured with torch's MemTracker (see `backward_temp_bytes`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -62,6 +63,9 @@ class MemoryOptions:
     # compute: `swap_out_is_early`), so its source is released before that block's activations build up;
     # False: the copy may run to the end of the next block's forward (and past the loss for the last block)
     swap_out_early: bool = False
+    # (parameters, gradients) bytes a streamed model state holds on the device (`planner.model_state`:
+    # resident groups, the block pool, one group's gradient); None: the state is not streamed
+    stream_state_bytes: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -585,6 +589,41 @@ def _step_end_phases(
     return phases
 
 
+def _streamed(
+    model: ModelSpec, workload: Workload, layout: Layout, options: MemoryOptions
+) -> MemoryBreakdown:
+    """A streamed model state (`planner.model_state`): the rest of the step as with parameters and optimizer
+    off the device over one micro-batch (each gradient leaves as backward makes it, so accumulation holds
+    none on the device), plus the state's own device bytes (`MemoryOptions.stream_state_bytes`)."""
+    assert options.stream_state_bytes is not None
+    params, grads = options.stream_state_bytes
+    lone = dataclasses.replace(layout, grad_accum=1)
+    off = Offload(optimizer=True, params=True)
+    rest = estimate_memory(
+        model, workload, lone, dataclasses.replace(options, stream_state_bytes=None, offload=off)
+    )
+    other = rest.total - rest.parameters - rest.gradients - rest.optimizer_states
+    return MemoryBreakdown(
+        parameters=params,
+        gradients=grads,
+        optimizer_states=0,
+        activations=rest.activations,
+        buffers=other - rest.activations,
+        peak_phase=rest.peak_phase,
+        detail={**rest.detail, "stream_device_params_bytes": params, "stream_device_grads_bytes": grads},
+    )
+
+
+def _worst_stage(
+    model: ModelSpec, workload: Workload, layout: Layout, options: MemoryOptions
+) -> MemoryBreakdown:
+    """The worst pipeline stage's breakdown; a streamed model state's (one stage) by `_streamed`."""
+    if options.stream_state_bytes is not None:
+        return _streamed(model, workload, layout, options)
+    every = (estimate_memory(model, workload, layout, options, stage=s) for s in range(layout.pp))
+    return max(every, key=lambda m: m.total)
+
+
 def estimate_memory(
     model: ModelSpec,
     workload: Workload,
@@ -595,9 +634,8 @@ def estimate_memory(
 ) -> MemoryBreakdown:
     """Peak bytes per device; with `stage=None` the worst pipeline stage."""
     options = options or MemoryOptions()
-    if stage is None:
-        every = (estimate_memory(model, workload, layout, options, stage=s) for s in range(layout.pp))
-        return max(every, key=lambda m: m.total)
+    if stage is None or options.stream_state_bytes is not None:
+        return _worst_stage(model, workload, layout, options)
 
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
     params, grads, opt, host = _states_on_device(model, workload, layout, options.offload, stage)

@@ -30,11 +30,22 @@ from planner.memory import FP32, MemoryBreakdown, MemoryOptions, Offload, device
 from planner.mip.buffers import BufferSettings, offsets_by_role, solve_buffers
 from planner.mip.common import MipSettings
 from planner.model import ModelSpec
+from planner.model_state import (
+    FILL_FRACTION,
+    ElementBytes,
+    HostTiersShortError,
+    StreamedState,
+    host_shortfall_advice,
+    plan_model_state,
+    resident_state_bytes,
+    stream_refusal,
+)
 from planner.plan import (
     ActivationPolicy,
     Engine,
     Layout,
     LossPlan,
+    ModelStatePlan,
     OptimizerPlan,
     Plan,
     Predicted,
@@ -47,6 +58,7 @@ from planner.search import (
     SearchSpace,
     Shortfall,
     least_memory,
+    micro_batches,
     parallel_shapes,
     search,
 )
@@ -91,10 +103,14 @@ def make_plan(
     anneal: AnnealSettings | None = None,
     progress: Callable[[str], None] | None = None,
     engine: Engine = "torch",
+    stream: bool = True,
 ) -> PlanResult:
     """The fastest layout that fits `budget` (default: the device's memory, less the headroom).
 
-    `engine` is what will run the plan (`Layout.engine`); it is recorded, the search is the same.
+    `engine` is what will run the plan (`Layout.engine`); it is recorded, the search is the same. When no
+    layout fits, and `stream` is on, the optimizer may be offloaded (an "offload" strategy is among
+    `optimizer_strategies`) and the runtime can stream (`planner.model_state.stream_refusal`), the model
+    state is placed across the tiers and streamed per block (`streamed_result`).
     """
     space = space or SearchSpace()
     check_shapes(model, cluster, workload, space)
@@ -114,6 +130,30 @@ def make_plan(
         progress=progress,
     )
     if result.best is None:
+        offloads = any(s.name == "offload" for s in optimizer_strategies)
+        if stream and offloads and stream_refusal(cluster, workload, engine) is None:
+            # nothing keeps the model state on the device: place it across the tiers and stream it
+            buffers = buffer_settings(time_limit_s=min(BUFFER_TIME_LIMIT_S, time_limit_s), seed=seed)
+            try:
+                streamed = streamed_result(
+                    model, cluster, workload, budget=budget, space=space, engine=engine, buffers=buffers
+                )
+            except HostTiersShortError as short:
+                device = infeasible_error(
+                    model, cluster, workload, budget=budget, space=space,
+                    optimizer_strategies=optimizer_strategies, activation_strategies=activation_strategies,
+                )  # fmt: skip
+                raise HostTiersShortError(
+                    f"{short}. With the state on the device: {device}",
+                    need_bytes=device.need_bytes, have_bytes=device.have_bytes,
+                    host_need_bytes=short.host_need_bytes, host_have_bytes=short.host_have_bytes,
+                    alternatives=(*short.alternatives, *device.alternatives),
+                ) from None  # fmt: skip
+            if streamed is not None:
+                return dataclasses.replace(
+                    streamed, search=dataclasses.replace(streamed.search, shapes=result.shapes,
+                    configurations=result.configurations, pruned_by_states=result.pruned_by_states)
+                )  # fmt: skip
         raise infeasible_error(
             model,
             cluster,
@@ -231,11 +271,17 @@ def with_buffer_offsets(
 
 def memory_options(plan: Plan) -> MemoryOptions:
     """The MemoryOptions a Plan's decisions stand for (to re-cost a plan with the cost models)."""
+    chunk = plan.loss.chunk_size if plan.loss.kind == "chunked" else 0
+    if plan.model_state.stream:
+        eb = ElementBytes.of(plan.workload)
+        params, grads, _ = resident_state_bytes(plan.model_state.groups, eb, plan.model_state.prefetch_depth)
+        return MemoryOptions(
+            policies=plan.activations, loss_chunk_tokens=chunk, stream_state_bytes=(params, grads)
+        )
     offload = Offload()
     tier = plan.optimizer.tier
     if plan.optimizer.offload and tier != "device":
         offload = Offload(optimizer=True, tier=tier)
-    chunk = plan.loss.chunk_size if plan.loss.kind == "chunked" else 0
     swapped = [p for p in plan.activations if p.swap_fraction > 0]
     early = bool(swapped) and swap_out_early(
         plan.model, plan.cluster, plan.workload, plan.layout, swapped[0].swap_tier
@@ -391,8 +437,10 @@ def _assemble(
     tiers: tuple[TierPlan, ...],
     predicted: Predicted,
     notes: Sequence[str],
+    model_state: ModelStatePlan | None = None,
 ) -> Plan:
-    """The one place a Plan is put together (search mode, budget mode and fixed plans all end here)."""
+    """The one place a Plan is put together (search mode, budget mode, streamed and fixed plans all end
+    here)."""
     return Plan(
         model=model,
         cluster=cluster,
@@ -402,6 +450,7 @@ def _assemble(
         optimizer=optimizer,
         loss=loss,
         tiers=tiers,
+        model_state=model_state or ModelStatePlan(),
         predicted=predicted,
         notes=tuple(notes),
     )
@@ -605,3 +654,137 @@ def infeasible_error(
             f"a device with at least {fmt_bytes(best.need_bytes / (1 - workload.headroom) + GiB // 2)} of memory"
         )
     return InfeasibleError(message, need_bytes=best.need_bytes, have_bytes=have, alternatives=alternatives)
+
+
+# ---- model state streamed from the host tiers ----------------------------------------------------
+
+
+def streamed_result(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    *,
+    budget: int | None = None,
+    space: SearchSpace | None = None,
+    engine: Engine = "torch",
+    stream_all: bool = False,
+    buffers: BufferSettings | None = None,
+) -> PlanResult | None:
+    """The plan that streams the model state from the host tiers (`planner.model_state`), or None where
+    even streaming every group misses the device. The host tiers too small: InfeasibleError (exit 3) with
+    the bytes missing and what would fit."""
+    refusal = stream_refusal(cluster, workload, engine)
+    if refusal is not None:
+        raise LayoutError(refusal, field="model_state")
+    space = space or SearchSpace()
+    have = usable_bytes(cluster, workload, budget)
+    found = plan_model_state(
+        model,
+        cluster,
+        workload,
+        budget_bytes=have,
+        micro_batches=micro_batches(workload, 1, space),
+        loss_chunk_tokens=space.loss_chunk_tokens,
+        stream_all=stream_all,
+    )
+    if not isinstance(found, StreamedState):
+        if found.where == "device":
+            return None
+        fits_pure = workload.mixed_precision and isinstance(
+            plan_model_state(
+                model,
+                cluster,
+                workload.replace(precision="pure"),
+                budget_bytes=have,
+                micro_batches=micro_batches(workload, 1, space),
+                loss_chunk_tokens=space.loss_chunk_tokens,
+            ),
+            StreamedState,
+        )
+        message, alternatives = host_shortfall_advice(model, cluster, workload, found, fits_pure)
+        raise HostTiersShortError(
+            message, need_bytes=found.need_bytes, have_bytes=found.have_bytes, host_need_bytes=found.need_bytes,
+            host_have_bytes=found.have_bytes, alternatives=alternatives,
+        )  # fmt: skip
+    return _streamed_plan_result(
+        model, cluster, workload, found, engine=engine, budget_bytes=have, buffers=buffers
+    )
+
+
+def streamed_plan(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    *,
+    budget: int | None = None,
+    micro_batch: int | None = None,
+    engine: Engine = "torch",
+    stream_all: bool = False,
+) -> Plan:
+    """A Plan whose model state streams from the host tiers, within a device `budget` (default: the device's
+    memory less the headroom): what a benchmark or a runtime test asks for directly. `stream_all` streams
+    every group even where the model would fit. InfeasibleError where nothing fits."""
+    space = SearchSpace(micro_batch=micro_batch)
+    found = streamed_result(
+        model, cluster, workload, budget=budget, space=space, engine=engine, stream_all=stream_all,
+        buffers=buffer_settings(),
+    )  # fmt: skip
+    if found is None:
+        raise InfeasibleError(
+            "the device cannot hold one streamed block's buffers and the step's activations, even with"
+            " every block recomputed",
+            need_bytes=0,
+            have_bytes=usable_bytes(cluster, workload, budget),
+        )
+    return found.plan
+
+
+def _streamed_plan_result(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    workload: Workload,
+    s: StreamedState,
+    *,
+    engine: Engine,
+    budget_bytes: int,
+    buffers: BufferSettings | None = None,
+) -> PlanResult:
+    layout = dataclasses.replace(s.layout, engine=engine, rank_to_device=(cluster.device_name(0),))
+    tiers = tuple(
+        # capped at the tier's room: a 10% margin on a full drive would promise bytes it does not have
+        TierPlan(kind=kind, capacity_bytes=min(tier_capacity_bytes(used), max(used, int(s.tier_room[kind] / FILL_FRACTION))),  # type: ignore[arg-type]
+                 path=spec.path, numa_node=spec.numa_node)
+        for kind, used in sorted(s.host_bytes.items()) if used > 0 and (spec := cluster.tier(kind)) is not None
+    )  # fmt: skip
+    # the optimizer's state moves with the model state (`Plan.model_state`): not offloaded "the other way"
+    # (offload.state refuses a plan that does both)
+    optimizer = OptimizerPlan(
+        kind=workload.optimizer.kind,
+        settings=optimizer_settings(workload),
+        max_grad_norm=workload.max_grad_norm,
+        precision=workload.precision,
+    )
+    chosen, search_result = s.candidate(layout, budget_bytes)
+    report, state_report = search_result.report, chosen.optimizer.report
+    activations = layer_policies(model, s.options)
+    solvers: tuple[SolverReport, ...] = (report, state_report, chosen.activations.report)
+    if buffers is not None:
+        activations, buffer_report = with_buffer_offsets(
+            model, workload, layout, activations, settings=buffers
+        )
+        solvers += (buffer_report,)
+    elif all(p == ActivationPolicy(layer=p.layer) for p in activations):
+        activations = ()
+    by_tier = {"device": s.memory.total, **s.host_bytes}
+    predicted = dataclasses.replace(
+        _predicted(s.memory, s.time, by_tier, solvers),
+        time_breakdown=dict(s.time_breakdown),
+        host_peak_bytes=s.host_peak_bytes,
+    )
+    why = s.notes(budget_bytes)
+    plan = _assemble(
+        model, cluster, workload, layout, activations, optimizer, LossPlan(
+            kind="chunked", chunk_size=s.options.loss_chunk_tokens) if s.options.loss_chunk_tokens else LossPlan(),
+        tiers, predicted, why, model_state=s.state,
+    )  # fmt: skip
+    return PlanResult(plan=plan, chosen=chosen, search=search_result, why=why)
