@@ -103,6 +103,9 @@ class CpuSpec:
     cores: int = field(default=32, metadata=_POS)
     peak_flops: float = field(default=2e12, metadata={"unit": "flops", "positive": True})  # fp32 GEMM
     adam_params_per_s: float = field(default=1.0e9, metadata=_POS)  # fused CPU AdamW update rate
+    # host memory one training process holds before any model state: the interpreter, torch and the model
+    # library (and a CUDA context where there is a GPU); `memtier probe` measures it, presets leave it 0
+    process_memory: int = field(default=0, metadata={"unit": "bytes", "min": 0})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -571,7 +571,8 @@ def _candidate(
         time_breakdown=breakdown,
         host_bytes=host,
         tier_room=room,
-        host_peak_bytes=staging + used.get("dram", 0) + cpu_device,
+        # the process itself (interpreter, torch, model library: probed) holds memory before any of this
+        host_peak_bytes=staging + used.get("dram", 0) + cpu_device + cluster.cpu.process_memory,
         master=bool(eb.master),
     )
 

@@ -45,6 +45,7 @@ class ProbeResult:
     numa_nodes: tuple[dict[str, Any], ...]
     gpus: tuple[dict[str, Any], ...]
     seconds: float
+    process_memory_bytes: int = 0  # RSS of a fresh process that imported torch, transformers and memtier
     transparent_huge_pages: str = "unavailable"  # the kernel's THP mode (see transparent_huge_pages())
 
 
@@ -310,6 +311,8 @@ def probe(*, disk: str | None = None, quick: bool = False) -> ProbeResult:
     _log(f"NUMA nodes: {len(nodes)}, CPU-less (CXL): {len(cxl)}")
     gpu = gpus()
     _log(f"GPUs: {len(gpu)}" + "".join(f"\n[probe]   {g['index']}: {g['name']}" for g in gpu))
+    process = measure_process_memory()
+    _log(f"a training process before its model: {process / 2**20:.0f} MiB RSS (torch, transformers, memtier)")
     thp = transparent_huge_pages()
     _log(
         f"transparent huge pages: {thp}"
@@ -335,8 +338,29 @@ def probe(*, disk: str | None = None, quick: bool = False) -> ProbeResult:
         numa_nodes=nodes,
         gpus=gpu,
         seconds=time.perf_counter() - t_start,
+        process_memory_bytes=process,
         transparent_huge_pages=thp,
     )
+
+
+_PROCESS_PROBE = (
+    "import torch, transformers, offload, planner\n"
+    "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmRSS:')))"
+)
+
+
+def measure_process_memory() -> int:
+    """RSS of a fresh Python process once it has imported what a training process imports (0 if it fails)."""
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _PROCESS_PROBE], capture_output=True, text=True, timeout=120, check=True
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
 
 
 def to_cluster(res: ProbeResult) -> ClusterSpec:
@@ -400,7 +424,10 @@ def to_cluster(res: ProbeResult) -> ClusterSpec:
         ),
         host=tuple(host),
         cpu=CpuSpec(
-            cores=res.cores, peak_flops=res.gemm_flops["fp32"], adam_params_per_s=res.adam_params_per_s
+            cores=res.cores,
+            peak_flops=res.gemm_flops["fp32"],
+            adam_params_per_s=res.adam_params_per_s,
+            process_memory=res.process_memory_bytes,
         ),
     )
 
