@@ -1,10 +1,12 @@
 """Finding the transformer blocks of a model: the units a plan's per-layer activation policy refers to.
 
 `plan.activations[i].layer` indexes the list returned here. Known layouts are looked up by attribute path
-(HF Llama/Mistral/Qwen `model.layers`, GPT-2 `transformer.h`, their base models `layers` / `h`); any other
-model falls back to the largest `nn.ModuleList` / `nn.Sequential` whose children all have the same class,
-"largest" meaning the most parameters (so a stack of decoder layers wins over the 64 experts inside each
-of them), then the most children. An explicit `blocks=` argument overrides the search.
+(HF Llama/Mistral/Qwen/Phi-3/Gemma/OLMo 2 and the MoE families `model.layers`, GPT-2 and Falcon
+`transformer.h`, GPT-NeoX `gpt_neox.layers`, their base models `layers` / `h`); any other model falls back
+to the largest `nn.ModuleList` / `nn.Sequential` whose children all have the same class, "largest" meaning
+the most parameters (so a stack of decoder layers wins over experts held as a ModuleList inside each of them;
+transformers' own MoE blocks hold their experts as 3-D tensors), then the most children. An explicit
+`blocks=` argument overrides the search.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ __all__ = ["BlockDiscoveryError", "BlockList", "KNOWN_BLOCK_PATHS", "find_blocks
 
 # Attribute paths of the block stack in known model families, tried in order.
 KNOWN_BLOCK_PATHS: tuple[str, ...] = (
-    "model.layers",  # HF *ForCausalLM of Llama, Mistral, Qwen2, Gemma
-    "transformer.h",  # HF GPT2LMHeadModel
+    # HF *ForCausalLM of Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3, OLMo 2, Mixtral, Qwen2-MoE/Qwen3-MoE
+    "model.layers",
+    "transformer.h",  # HF GPT2LMHeadModel, FalconForCausalLM
+    "gpt_neox.layers",  # HF GPTNeoXForCausalLM
     "layers",  # HF LlamaModel (the base model)
     "h",  # HF GPT2Model (the base model)
 )

@@ -14,6 +14,10 @@ Limitations, as for GaLore's layer-wise mode: no global gradient clipping (each 
 other gradients exist), and every parameter must receive a gradient on every rank in every backward
 (as with DDP's default ``find_unused_parameters=False``), because ranks must issue the same collectives
 in the same order.
+
+A model wrapped in ``DistributedDataParallel`` or sharded by FSDP (``fully_shard``, or FSDP1) is refused when
+it is passed as ``model=``: their reductions run after the parameter hooks have already stepped, so each rank
+would update with its own local gradient.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class LayerwiseStepper:
         max_pending: how many reduced-but-not-yet-applied gradients may be in flight while backward goes on
             (0 waits for each reduction in its own hook).
         broadcast_from: when reducing, the rank whose parameters every rank starts from (None: skip).
+        model: the module the optimizer's parameters belong to; refused (OptimizerConfigError) if it is or
+            holds a ``DistributedDataParallel`` or FSDP-sharded module (see `check_not_data_parallel`).
     """
 
     def __init__(
@@ -58,7 +64,10 @@ class LayerwiseStepper:
         accumulation_steps: int = 1,
         max_pending: int = 2,
         broadcast_from: int | None = 0,
+        model: torch.nn.Module | None = None,
     ) -> None:
+        if model is not None:
+            check_not_data_parallel(model)
         if not callable(getattr(optimizer, "step_param", None)):
             raise OptimizerConfigError(
                 "optimizer", f"{type(optimizer).__name__} has no step_param(param) method"
@@ -153,6 +162,41 @@ class LayerwiseStepper:
         while self._pending:
             self._apply_oldest()
         self._flush_queued = False
+
+
+def _data_parallel_wrapper(model: torch.nn.Module) -> str | None:
+    """The name of the data-parallel wrapper `model` is or holds (DDP, FSDP2's fully_shard, FSDP1), or None."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    sharded: tuple[type, ...] = ()
+    try:  # FSDP2 (fully_shard turns each sharded module into an FSDPModule) and FSDP1
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        sharded = (FSDPModule, FullyShardedDataParallel)
+    except ImportError:  # a torch built without distributed
+        pass
+    for name, module in model.named_modules():
+        where = f" (at {name!r})" if name else ""
+        if isinstance(module, DistributedDataParallel):
+            return f"DistributedDataParallel{where}"
+        if sharded and isinstance(module, sharded):
+            return f"FSDP ({type(module).__name__}){where}"
+    return None
+
+
+def check_not_data_parallel(model: torch.nn.Module) -> None:
+    """OptimizerConfigError if `model` is wrapped in DDP or sharded by FSDP: a layer-wise step runs in each
+    parameter's post-accumulate-grad hook, before DDP's bucketed all-reduce (or FSDP's reduce-scatter) has
+    averaged the gradient, so every rank would update with its own local gradient (silently wrong)."""
+    wrapper = _data_parallel_wrapper(model)
+    if wrapper is not None:
+        raise OptimizerConfigError(
+            "model",
+            f"the model is wrapped in {wrapper}: layer-wise updates step each parameter before that wrapper "
+            "averages its gradient, so every rank would apply its own local gradient. Pass the unwrapped "
+            "module and let LayerwiseStepper average gradients itself (process_group=..., it broadcasts the "
+            "starting parameters as DDP does), or turn layer-wise updates off to keep DDP/FSDP",
+        )
 
 
 def broadcast_parameters(

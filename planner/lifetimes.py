@@ -459,7 +459,11 @@ def block_lifetimes(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TraceError(f"must be an integer >= 1, got {value!r}", field=name)
     ops = _LayerOps(model, workload, micro_batch=micro_batch, tp=tp, sp=sp, cp=cp)
-    if model.family in ("llama", "mistral", "qwen2"):
+    from planner.model import LLAMA_LIKE
+
+    # (the newer Llama-like families, experts included, replay Llama's tape: their extra norms and
+    # routed copies are not in it)
+    if model.family in LLAMA_LIKE:
         _llama_layer(ops, model)
     else:
         _gpt_layer(ops, model)

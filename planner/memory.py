@@ -29,6 +29,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from planner.activation_elems import TokenCoefficients as TokenCoefficients  # re-exported
+from planner.activation_elems import token_coefficients
 from planner.model import ModelSpec
 from planner.optimizer_state import FP32, optimizer_state_bytes_per_param
 from planner.optimizer_state import low_rank_state_elems as low_rank_state_elems  # re-exported
@@ -123,8 +125,9 @@ def stage_layer_counts(model: ModelSpec, pp: int, stage_layers: tuple[int, ...] 
 
 
 def block_device_params(model: ModelSpec, tp: int) -> float:
-    """Parameters of one transformer block on one device: matmuls sharded by tp, the two norms whole."""
-    vector = 2 * model.norm_params
+    """Parameters of one transformer block on one device: matmuls (experts included) sharded by tp, the
+    norms whole."""
+    vector = model.block_vector_params
     return (model.layer_params - vector) / tp + vector
 
 
@@ -163,60 +166,6 @@ def model_states(model: ModelSpec, workload: Workload, layout: Layout, stage: in
 # ---- activations ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TokenCoefficients:
-    """Elements saved for backward per token of one block, split by how they shard.
-
-    `replicated` stays whole under tensor parallelism (divided by tp only with sequence
-    parallelism), `sharded` divides by tp, `per_sequence` is per token times the sequence
-    length (the s x s attention matrices of an unfused kernel), `fixed` is per block
-    (not per token: rotary tables).
-    """
-
-    replicated: float
-    sharded: float
-    per_sequence: float = 0.0
-    fixed: float = 0.0
-    mask_bytes_per_token: float = 0.0  # dropout masks (1 byte per element)
-
-
-def token_coefficients(model: ModelSpec, workload: Workload, *, dropout: bool = False) -> TokenCoefficients:
-    """Saved elements per token of one block, for the implementation this family runs.
-
-    Enumerated from transformers' modules (autograd's saved tensors, unique storages):
-      llama/mistral/qwen2 (RMSNorm, rotary, SDPA flash, SwiGLU): 6h + 2 + 2q + 2kv + a + 4f,
-        rotary cos/sin 2*s*d_head per block;
-      gpt2 (LayerNorm, fused qkv, GELU-tanh): 7h + 4 + (q + 2kv) + 5f + a, or with attention
-        dropout (math kernel) 3*a*s instead of a;
-      gpt_neox (parallel residual, partial rotary): 5h + 4 + (q + 2kv) + 2f + a;
-      gpt (Megatron, Korthikanti et al. 2022 eq. 2 in 16-bit): 34 s b h -> 10h replicated
-        (LayerNorms, inputs, dropout masks) + 24h sharded, + 5 a s with unfused attention.
-    """
-    h, q, kv, f, a = model.hidden_size, model.q_size, model.kv_size, model.ffn_hidden_size, model.num_heads
-    flash = workload.flash_attention and not dropout
-    if model.family in ("llama", "mistral", "qwen2"):
-        # flash keeps the log-sum-exp (a per token); unfused attention the softmax output and scores
-        return TokenCoefficients(
-            replicated=6 * h + 2,
-            sharded=2 * q + 2 * kv + 4 * f + (a if flash else 0),
-            per_sequence=0 if flash else 2 * a,
-            fixed=2 * model.head_dim,
-        )
-    if model.family == "gpt2":
-        return TokenCoefficients(
-            replicated=7 * h + 4,
-            sharded=q + 2 * kv + 5 * f + (a if flash else 0),
-            per_sequence=0 if flash else 3 * a,
-        )
-    if model.family == "gpt_neox":
-        rot = model.head_dim // 4
-        return TokenCoefficients(replicated=5 * h + 4, sharded=q + 2 * kv + 2 * f + a, fixed=2 * rot)
-    # Megatron GPT, Korthikanti et al. 2022 eq. 2 and Sec. 4.2: 34sbh bytes (16-bit, 1-byte
-    # dropout masks included) of which 10sbh stay whole under tp and 24sbh shard; in 2-byte
-    # elements per token: 5h + 12h. The unfused attention adds 5as^2b bytes = 2.5as elements.
-    return TokenCoefficients(replicated=5 * h, sharded=12 * h, per_sequence=0 if flash else 2.5 * a)
-
-
 def block_saved_bytes(
     model: ModelSpec, workload: Workload, *, micro_batch: int, tp: int = 1, sp: bool = False, cp: int = 1
 ) -> int:
@@ -253,7 +202,7 @@ def loss_peak_bytes(
     Standard path (PyTorch cross_entropy = log_softmax + nll_loss): forward holds the logits
     and the saved log-softmax output (2 copies; with 16-bit logits one more for the upcast);
     backward through the loss holds the saved log-softmax, its incoming gradient and the
-    logits gradient (3 copies). Chunked linear cross-entropy (Wijmans et al. 2024) holds one
+    logits gradient (3 copies); final-logit soft-capping one more in each. Chunked linear cross-entropy (Wijmans et al. 2024) holds one
     chunk's logits and their gradient instead.
     """
     one = logits_bytes(model, workload, micro_batch=micro_batch, tp=tp, cp=cp)
@@ -267,7 +216,9 @@ def loss_peak_bytes(
         chunked = c * v * FP32 + (c * v * b if b != FP32 else 0) + 4 * tokens + (v + tokens) * h * b
         return int(chunked), int(chunked)
     upcast = one // 2 if workload.dtype_bytes == 2 else 0
-    return 2 * one + upcast, 3 * one
+    # final-logit soft-capping (Gemma 2: cap * tanh(logits / cap)) keeps the tanh output for backward
+    cap = one if model.final_logit_softcap else 0
+    return 2 * one + upcast + cap, 3 * one + cap
 
 
 def final_bytes(model: ModelSpec, workload: Workload, *, micro_batch: int, cp: int = 1) -> int:
@@ -291,7 +242,11 @@ def backward_temp_bytes(
     """
     tokens = micro_batch * workload.seq_len / cp
     out = model.hidden_size / (tp if sp else 1)
-    return int(tokens * (2 * model.ffn_hidden_size / tp + out) * workload.dtype_bytes)
+    # with experts: the ffn-wide gradients of each token's k routed copies and of the shared expert
+    ffn = model.ffn_hidden_size
+    if model.is_moe:
+        ffn = model.experts_per_token * ffn + model.shared_expert_ffn_size
+    return int(tokens * (2 * ffn / tp + out) * workload.dtype_bytes)
 
 
 def swap_out_is_early(swap_bytes: float, write_bps: float, block_forward_s: float) -> bool:
@@ -373,7 +328,10 @@ def gradients_during_backward(
     psi = max(1, device_params(model, layout, stage))
     layer_grad = grads * block_device_params(model, layout.tp) / psi  # one block's share of `grads`
     head_grad = grads - layer_grad * layers if stage == layout.pp - 1 else 0.0
-    down_grad = grads * model.hidden_size * model.ffn_hidden_size / layout.tp / psi
+    # (experts: transformers keeps every expert's down projection in one tensor, and one gradient)
+    down_grad = (
+        grads * model.hidden_size * model.ffn_hidden_size * max(1, model.num_experts) / layout.tp / psi
+    )
     if options.offload.optimizer or workload.layerwise:
         return [down_grad] * layers
     return [down_grad + head_grad + layer_grad * (layers - 1 - l) for l in range(layers)]
@@ -466,6 +424,15 @@ def _stage_blocks(
     )
 
 
+def _largest_mlp_tensor(model: ModelSpec) -> int:
+    """Elements of the MLP's largest weight: a projection, or with experts the 3-D tensor of every expert's
+    fused gate and up projections (transformers' MoE layout)."""
+    f, h = model.ffn_hidden_size, model.hidden_size
+    if not model.is_moe:
+        return f * h
+    return model.num_experts * (2 if model.gated_mlp else 1) * f * h
+
+
 def _step_buffers(
     model: ModelSpec, workload: Workload, layout: Layout, options: MemoryOptions, stage: int
 ) -> tuple[int, int, int]:
@@ -480,7 +447,7 @@ def _step_buffers(
     # optimizer-step temporaries (see MemoryOptions.optimizer_impl), on the device when
     # the step runs there
     tp = layout.tp
-    largest = max(model.vocab_size * model.hidden_size, model.ffn_hidden_size * model.hidden_size) / tp
+    largest = max(model.vocab_size * model.hidden_size, _largest_mlp_tensor(model)) / tp
     opt_tmp = 0
     sb = workload.state_dtype_bytes
     if not options.offload.optimizer and not workload.optimizer.state_bits:

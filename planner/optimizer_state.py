@@ -102,8 +102,8 @@ def low_rank_state_elems(model: ModelSpec, workload: Workload) -> float:
     opt = workload.optimizer
     elems = 0.0
     for _, shape in model.layer_param_shapes():
-        if len(shape) != 2:
-            elems += 2 * shape[0]
+        if len(shape) != 2:  # vectors, and experts' 3-D tensors (not nn.Linear: plain Adam moments)
+            elems += 2 * math.prod(shape)
             continue
         m, n = max(shape), min(shape)
         if opt.kind == "frugal":

@@ -55,6 +55,23 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
         # Narayanan et al. 2021 (Megatron-LM at scale), Table 1, last row: 1008B parameters
         _m("megatron-1t", _GPT, num_layers=128, hidden_size=25600, num_heads=160, ffn_hidden_size=4 * 25600,
            vocab_size=51200, max_position_embeddings=2048),
+        # families beyond Llama/GPT (HF hub config.json of each; counts checked in tests/planner/test_families.py)
+        _m("phi3-mini", {**_LLAMA, "family": "phi3", "fused_qkv": True}, num_layers=32, hidden_size=3072,
+           num_heads=32, ffn_hidden_size=8192, vocab_size=32064, max_position_embeddings=4096),
+        _m("qwen3-8b", {**_LLAMA, "family": "qwen3", "qk_norm": "head"}, num_layers=36, hidden_size=4096,
+           num_heads=32, num_kv_heads=8, head_dim=128, ffn_hidden_size=12288, vocab_size=151936,
+           max_position_embeddings=40960),
+        _m("gemma2-9b", {**_LLAMA, "family": "gemma2", "activation": "gelu_pytorch_tanh", "norms_per_block": 4,
+           "tied_embeddings": True}, num_layers=42, hidden_size=3584, num_heads=16, num_kv_heads=8,
+           head_dim=256, ffn_hidden_size=14336, vocab_size=256000, max_position_embeddings=8192,
+           sliding_window=4096, sliding_layers=21, attn_logit_softcap=50.0, final_logit_softcap=30.0),
+        # mixtures of experts: ffn_hidden_size is one expert's
+        _m("mixtral-8x7b", {**_LLAMA, "family": "mixtral"}, num_layers=32, hidden_size=4096, num_heads=32,
+           num_kv_heads=8, ffn_hidden_size=14336, vocab_size=32000, max_position_embeddings=32768,
+           num_experts=8, experts_per_token=2),
+        _m("qwen3-30b-a3b", {**_LLAMA, "family": "qwen3_moe", "qk_norm": "head"}, num_layers=48, hidden_size=2048,
+           num_heads=32, num_kv_heads=4, head_dim=128, ffn_hidden_size=768, vocab_size=151936,
+           max_position_embeddings=40960, num_experts=128, experts_per_token=8),
         # small models sized for a CPU (tests, benchmarks, the demo)
         _m("tiny-llama", _LLAMA, num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
            ffn_hidden_size=176, vocab_size=512, max_position_embeddings=256),

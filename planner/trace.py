@@ -212,7 +212,11 @@ def trace_module(
                 finally:
                     rec.stack.pop()
     except (RuntimeError, NotImplementedError, TypeError) as exc:
-        raise TraceError(f"forward on the meta device failed: {exc}", field="model") from exc
+        hint = ""
+        if "BF16" in str(exc) and any(p.dim() == 3 for p in model.parameters()):
+            # transformers' grouped experts (torch grouped_mm) have a meta kernel for bf16 only
+            hint = "; a mixture of experts traces in bf16 (--dtype bf16), its grouped matmul has no fp32 meta kernel"
+        raise TraceError(f"forward on the meta device failed: {exc}{hint}", field="model") from exc
     finally:
         for h in handles:
             h.remove()
@@ -220,8 +224,9 @@ def trace_module(
 
 
 def model_spec_of(model: nn.Module, *, name: str | None = None) -> ModelSpec:
-    """The ModelSpec of a transformers causal LM (read from its config), checked against the module's own
-    parameter count, which on the meta device costs nothing."""
+    """The ModelSpec of a transformers causal LM (read from its config: the families of
+    `planner.model.SUPPORTED_MODEL_TYPES`), checked against the module's own parameter count, which on the
+    meta device costs nothing."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise TraceError(

@@ -70,7 +70,7 @@ def apply_plan(model: torch.nn.Module, optimizer: Any, settings: Settings) -> Ap
         from optim import LayerwiseStepper
 
         stepper = LayerwiseStepper(
-            optimizer, accumulation_steps=plan.layout.grad_accum, reduce_gradients=False
+            optimizer, accumulation_steps=plan.layout.grad_accum, reduce_gradients=False, model=model
         )
     return Applied(handle=handle, optimizer=handle.optimizer, layerwise=stepper)
 

@@ -24,7 +24,7 @@ from offload.state.residency import StateResidency
 
 __all__ = ["GradientSink"]
 
-POOL_CHUNKS = 4  # host chunk buffers
+POOL_CHUNKS = 4  # host chunk buffers (planner.model_state.GRAD_POOL_CHUNKS mirrors it)
 
 
 @dataclass(eq=False)
