@@ -107,6 +107,11 @@ class LaunchResult:
 
 
 # ------------------------------------------------------------------------------------------- environment
+MMAP_THRESHOLD_BYTES = (
+    64 << 10
+)  # offload.state.MMAP_THRESHOLD_BYTES (launch does not import the runtime here)
+
+
 def threads_per_rank(nproc: int, cores: int | None = None) -> int:
     """OMP_NUM_THREADS for each of `nproc` ranks on a node: the physical cores split evenly, at least 1."""
     if cores is None:
@@ -173,6 +178,10 @@ def worker_env(
             )
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if plan is not None and plan.model_state.stream:
+        # a fixed mmap threshold from the start: freed activations and gradient copies go back to the system
+        # (see offload.state.tame_host_allocator, which can only do part of it once the process runs)
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD_BYTES))
     # torchrun shares its rendezvous TCPStore with the workers' process group by default; after a restart the
     # new group can read the previous attempt's keys and connect to dead ranks (pytorch/pytorch#135712).
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"

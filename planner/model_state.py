@@ -205,18 +205,39 @@ def staging_bytes(groups: Sequence[tuple[str, int]], eb: ElementBytes, chunk_num
 
 
 def tier_room(
-    cluster: ClusterSpec, staging: int, swapped: dict[str, int], reserve: float = HOST_RESERVE_FRACTION
+    cluster: ClusterSpec,
+    staging: int,
+    swapped: dict[str, int],
+    reserve: float = HOST_RESERVE_FRACTION,
+    *,
+    device_bytes: int = 0,
 ) -> dict[str, int]:
     """Bytes of state each host tier can take (per node, one device): DRAM less its reserve, the staging
-    pool and swapped activations; CXL and NVMe less swapped activations."""
+    pool, the process itself and swapped activations -- and, where the device is the CPU, the device's own
+    bytes (one memory serves both); CXL and NVMe less swapped activations."""
     room: dict[str, int] = {}
     for kind in HOST_TIERS:
         spec = cluster.tier(kind)
         if spec is None:
             continue
-        free = spec.capacity * (1 - reserve) - staging if kind == "dram" else spec.capacity
+        if kind == "dram":
+            free = spec.capacity * (1 - reserve) - staging - cluster.cpu.process_memory
+            if cluster.device.kind == "cpu":
+                free -= device_bytes
+        else:
+            free = spec.capacity
         room[kind] = max(0, int((free - swapped.get(kind, 0)) * FILL_FRACTION))
     return room
+
+
+def cpu_device_budget(cluster: ClusterSpec, budget_bytes: int, staging: int) -> int:
+    """The device budget where the device is the CPU: what its DRAM leaves after the reserve, the staging pool
+    and the process (device and host share one memory); elsewhere `budget_bytes`."""
+    dram = cluster.tier("dram")
+    if cluster.device.kind != "cpu" or dram is None:
+        return budget_bytes
+    shared = int(dram.capacity * (1 - HOST_RESERVE_FRACTION)) - staging - cluster.cpu.process_memory
+    return max(0, min(budget_bytes, shared))
 
 
 def place_groups(
@@ -598,6 +619,7 @@ def plan_model_state(
     eb = ElementBytes.of(workload)
     groups = state_groups(model)
     staging = staging_bytes(groups, eb)
+    budget_bytes = cpu_device_budget(cluster, budget_bytes, staging)
     levels = device_levels(model)[-1:] if stream_all else device_levels(model)
     best: StreamedState | None = None
     host_miss: StateShortfall | None = None
@@ -620,7 +642,7 @@ def plan_model_state(
                     )
                 continue
             fitted = True
-            room = tier_room(cluster, staging, {})
+            room = tier_room(cluster, staging, {}, device_bytes=costs[n][2] + sum(dev))
             for order in KIND_ORDERS:
                 placed, used, short = place_groups(groups, level, eb, room, order)
                 if short:

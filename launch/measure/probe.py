@@ -344,13 +344,14 @@ def probe(*, disk: str | None = None, quick: bool = False) -> ProbeResult:
 
 
 _PROCESS_PROBE = (
-    "import torch, transformers, offload, planner\n"
+    "import torch, transformers.modeling_utils, offload.state, planner, launch.train\n"
     "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmRSS:')))"
 )
 
 
 def measure_process_memory() -> int:
-    """RSS of a fresh Python process once it has imported what a training process imports (0 if it fails)."""
+    """RSS of a fresh Python process once it has imported what a training process imports -- torch,
+    transformers' modeling code, memtier's runtime and trainer -- (0 if it fails)."""
     import subprocess
     import sys
 
