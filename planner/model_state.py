@@ -368,8 +368,17 @@ def stream_time(
             _add(traffic, g.params, read=g.numel * pb)
         if g.grads != "device":
             d2h = g.numel * pb / link
-            _add(traffic, g.grads, read=g.numel * gb * (m - 1) / m, write=g.numel * gb)
+            _add(traffic, g.grads, write=g.numel * gb)
         return max(h2d, d2h, _tier_s(cluster, traffic))
+
+    def accumulate_read_s(g: StateGroup) -> float:
+        """From the second micro-batch on, the gradient hook reads the partial sum back before adding to it
+        (offload/state/gradients.py): in backward, on the hook's thread, so nothing hides it."""
+        if g.grads == "device":
+            return 0.0
+        traffic: dict[str, list[float]] = {}
+        _add(traffic, g.grads, read=g.numel * gb)
+        return _tier_s(cluster, traffic)
 
     blocks = [g for g in groups if g.name != "rest"]
     rest = next((g for g in groups if g.name == "rest"), None)
@@ -389,6 +398,7 @@ def stream_time(
         prev = fwd * (3 if i in recomputed else 2)
     if rest is not None and rest.grads != "device":
         backward += backward_io(dataclasses.replace(rest, params="device"))
+    accumulate = (m - 1) * sum(accumulate_read_s(g) for g in groups)
 
     # the out-of-core optimizer (DRAM-resident state is updated in place: the CPU rate covers it)
     numel = sum(g.numel for g in groups)
@@ -412,7 +422,22 @@ def stream_time(
             down += g.numel * pb / link  # resident gradients down to the CPU update
         fill = max(fill, _tier_s(cluster, one, skip_dram=True) + g.numel / cluster.cpu.adam_params_per_s)
     optimizer = max(update, up, down, _tier_s(cluster, traffic, skip_dram=True)) + fill
-    return StreamTime(forward_exposed_s=m * forward, backward_exposed_s=m * backward, optimizer_s=optimizer)
+    # where the device is the CPU, every byte through the staging pool is also copied by the cores that compute
+    # (into and out of the staging slots): the copies take compute time at the memory bandwidth
+    cpu_copies = 0.0
+    if dev.kind == "cpu":
+        moved = sum(sum(rw) for t, rw in traffic.items() if t != "dram")  # the optimizer's tier traffic
+        for g in groups:
+            if g.params not in ("device", "dram"):
+                moved += 2 * m * g.numel * pb  # read before forward and before backward
+            if g.grads not in ("device", "dram"):
+                moved += m * g.numel * gb + (m - 1) * g.numel * gb
+        cpu_copies = moved / dev.memory_bandwidth
+    return StreamTime(
+        forward_exposed_s=m * forward,
+        backward_exposed_s=m * backward + accumulate + cpu_copies,
+        optimizer_s=optimizer,
+    )
 
 
 # ---- the search ---------------------------------------------------------------------------------
