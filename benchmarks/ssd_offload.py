@@ -124,7 +124,7 @@ def memtier_plan(
     )  # fmt: skip
     try:
         return streamed_plan(
-            spec, capped_cluster(cap_bytes, nvme_dir), workload, micro_batch=config["micro_batch"]
+            spec, capped_cluster(cap_bytes, nvme_dir, efficiency), workload, micro_batch=config["micro_batch"]
         )
     except InfeasibleError as exc:
         raise NotImplementedError(

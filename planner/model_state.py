@@ -63,7 +63,7 @@ NVME_STAGING_BYTES = 8 * (4 << 20)
 # the runtime's chunking of host-side state (planner.plan.ModelStatePlan.chunk_numel) and its pool of gradient
 # chunk buffers (offload/state/gradients.py: POOL_CHUNKS)
 CHUNK_NUMEL = 1 << 22
-GRAD_POOL_CHUNKS = 4
+GRAD_POOL_CHUNKS = 8
 # DRAM kept for the OS, the framework and the page tables (MemAscend: budget the host's own needs)
 HOST_RESERVE_FRACTION = 0.10
 # a tier is filled to this share of what is left in it: room for alignment and file metadata
@@ -372,8 +372,9 @@ def stream_time(
         return max(h2d, d2h, _tier_s(cluster, traffic))
 
     def accumulate_read_s(g: StateGroup) -> float:
-        """From the second micro-batch on, the gradient hook reads the partial sum back before adding to it
-        (offload/state/gradients.py): in backward, on the hook's thread, so nothing hides it."""
+        """From the second micro-batch on, the gradient hook adds to the partial sum read back from the tier
+        (offload/state/gradients.py); the read starts when the block's backward does, so the block's backward
+        hides part of it -- counted as exposed here, as it shares the drive with the parameter reads."""
         if g.grads == "device":
             return 0.0
         traffic: dict[str, list[float]] = {}
@@ -422,17 +423,24 @@ def stream_time(
             down += g.numel * pb / link  # resident gradients down to the CPU update
         fill = max(fill, _tier_s(cluster, one, skip_dram=True) + g.numel / cluster.cpu.adam_params_per_s)
     optimizer = max(update, up, down, _tier_s(cluster, traffic, skip_dram=True)) + fill
-    # where the device is the CPU, every byte through the staging pool is also copied by the cores that compute
-    # (into and out of the staging slots): the copies take compute time at the memory bandwidth
-    cpu_copies = 0.0
+    # where the device is the CPU, the cores that compute also move the bytes: parameters from the staging slots
+    # into their buffer (read before forward and before backward), each gradient into the host accumulation
+    # with its 2-norm (and, after the first micro-batch, the partial sum read back and added), and the
+    # optimizer's operands into and out of its work sets (offload/state: every access is a copy)
+    cpu_copies = opt_copies = 0.0
     if dev.kind == "cpu":
-        moved = sum(sum(rw) for t, rw in traffic.items() if t != "dram")  # the optimizer's tier traffic
+        moved = 0.0
         for g in groups:
-            if g.params not in ("device", "dram"):
-                moved += 2 * m * g.numel * pb  # read before forward and before backward
-            if g.grads not in ("device", "dram"):
-                moved += m * g.numel * gb + (m - 1) * g.numel * gb
+            if g.params != "device":
+                moved += 2 * m * g.numel * pb
+            moved += g.numel * gb * (2 * m + 2 * (m - 1))
         cpu_copies = moved / dev.memory_bandwidth
+        weights = eb.master or pb
+        per = (
+            2 * weights + gb + 2 * 2 * (eb.moments / 2) + (pb if eb.master else 0)
+        )  # read+write, read, 2 moments r+w
+        opt_copies = numel * per / dev.memory_bandwidth
+    optimizer += opt_copies
     return StreamTime(
         forward_exposed_s=m * forward,
         backward_exposed_s=m * backward + accumulate + cpu_copies,

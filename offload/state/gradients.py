@@ -24,7 +24,7 @@ from offload.state.residency import StateResidency
 
 __all__ = ["GradientSink"]
 
-POOL_CHUNKS = 4  # host chunk buffers (planner.model_state.GRAD_POOL_CHUNKS mirrors it)
+POOL_CHUNKS = 8  # host chunk buffers (planner.model_state.GRAD_POOL_CHUNKS mirrors it)
 
 
 @dataclass(eq=False)
@@ -41,6 +41,7 @@ class _Open:
     buf: torch.Tensor  # the chunk's elements
     whole: torch.Tensor  # the pool buffer it is a view of
     filled: int = 0
+    loading: bool = False  # a read of the partial sum into `buf` was started (`prefetch`), not yet waited for
 
 
 class GradientSink:
@@ -73,6 +74,7 @@ class GradientSink:
         self.has_grad: set[int] = set()  # ParamSlot.order of parameters with a gradient this step
         self.norms: dict[int, torch.Tensor] = {}  # ParamSlot.order -> 2-norm of its accumulated gradient
         self.flushes = 0
+        self.prefetched = 0
         self.error: BaseException | None = None
 
     def hook(self, g: Group, s: ParamSlot) -> Callable[[torch.Tensor], None]:
@@ -109,10 +111,32 @@ class GradientSink:
             if ch.filled >= self._need[key]:
                 self._flush(key)
 
+    def prefetch(self, g: Group) -> None:
+        """Start reading back the partial sums of ``g``'s chunks (a micro-batch after the first), into free
+        buffers, while the block's backward computes; as many as the pool has free (never waits)."""
+        if self.fresh[g.index] or self.res.tier(g, "grads") == "device":
+            return
+        for k in range(len(self.res.chunks(g))):
+            key = (g.index, k)
+            pending = self._pending.get(key)
+            if key in self._open or key in self._written or (pending is not None and not pending.done()):
+                continue
+            with self._cv:
+                if not self._free:
+                    return
+                whole = self._free.pop()
+            a, b = self.res.chunks(g)[k]
+            ch = self._open[key] = _Open(buf=whole[: b - a], whole=whole, loading=True)
+            self.res.prefetch_chunk(g, "grads", k, ch.buf)
+            self.prefetched += 1
+
     def _chunk(self, g: Group, k: int) -> _Open:
         key = (g.index, k)
         ch = self._open.get(key)
         if ch is not None:
+            if ch.loading:
+                self.res.read_chunk(g, "grads", k, ch.buf)  # Ordering: waits for the read prefetch() started
+                ch.loading = False
             return ch
         whole = self._take_buffer()
         a, b = self.res.chunks(g)[k]
@@ -138,6 +162,13 @@ class GradientSink:
 
     def _flush(self, key: tuple[int, int]) -> None:
         ch = self._open.pop(key)
+        if ch.filled == 0:  # untouched (a prefetch not used yet, or a fresh chunk): the tier already holds it
+            if ch.loading:
+                self.res.read_chunk(self.groups[key[0]], "grads", key[1], ch.buf)  # the read lands first
+            with self._cv:
+                self._free.append(ch.whole)
+                self._cv.notify()
+            return
         self._written.add(key)
         self.flushes += 1
         fut = self._writer.submit(self._write, key, ch)

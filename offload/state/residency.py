@@ -190,6 +190,16 @@ class StateResidency:
             raise RuntimeError(f"memtier: internal error: group {g.name} has no {kind} chunk {k} stored")
         return self.stores[self.spec[(g.index, kind)].tier].get(handle, out=out)
 
+    def prefetch_chunk(self, g: Group, kind: str, k: int, out: torch.Tensor) -> None:
+        """Start reading chunk ``k`` into ``out`` (an NVMe read in the background; memory tiers do nothing):
+        `read_chunk` with the same ``out`` then waits for it."""
+        if (g.index, kind) in self._resident:
+            return
+        with self._lock:
+            handle = self._handles.get((g.index, kind, k))
+        if handle is not None:
+            self.stores[self.spec[(g.index, kind)].tier].prefetch(handle, out=out)
+
     def _write_resident(self, g: Group, kind: str, src: torch.Tensor, start: int) -> None:
         key = (g.index, kind)
         res = self._resident.get(key)

@@ -280,6 +280,7 @@ class ParamStreamer:
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
         self.ensure(g)
+        self.grads.prefetch(g)  # its gradients' partial sums, read back while its backward computes
         self._cursor = (g.index, -1)
         self._top_up()
 
