@@ -81,6 +81,17 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-flash", action="store_true", help="attention without a fused kernel (keeps the score matrix)"
     )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="LoRA adapters of this rank on --lora-targets; the base weights are frozen (0: full fine-tuning)",
+    )
+    p.add_argument(
+        "--lora-targets",
+        default="q_proj,v_proj",
+        help="comma-separated module names that carry LoRA adapters (PEFT's target_modules)",
+    )
 
 
 def _add_launch_parser(sub: Any) -> None:

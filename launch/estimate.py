@@ -39,7 +39,17 @@ def workload_from_args(args: argparse.Namespace, model: ModelSpec, dp: int, defa
         optimizer=OptimizerSpec(kind=args.optimizer, rank=args.rank, state_bits=_STATE_BITS[bits]),
         flash_attention=not args.no_flash,
         max_grad_norm=0.0 if layerwise else clip,
+        **_lora_from_args(args),
     )
+
+
+def _lora_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`--lora-rank` / `--lora-targets` as Workload fields (none when the command has no such flags)."""
+    rank = getattr(args, "lora_rank", 0) or 0
+    if rank < 0:
+        raise SpecError(f"must be >= 0 (0: full fine-tuning), got {rank}", field="--lora-rank")
+    targets = tuple(t.strip() for t in getattr(args, "lora_targets", "q_proj,v_proj").split(",") if t.strip())
+    return {"lora_rank": rank, "lora_targets": targets} if rank else {}
 
 
 def modes_from_args(args: argparse.Namespace, workload: Workload, device_kind: str) -> tuple[Workload, ...]:

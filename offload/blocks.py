@@ -2,7 +2,8 @@
 
 `plan.activations[i].layer` indexes the list returned here. Known layouts are looked up by attribute path
 (HF Llama/Mistral/Qwen/Phi-3/Gemma/OLMo 2 and the MoE families `model.layers`, GPT-2 and Falcon
-`transformer.h`, GPT-NeoX `gpt_neox.layers`, their base models `layers` / `h`); any other model falls back
+`transformer.h`, GPT-NeoX `gpt_neox.layers`, their base models `layers` / `h`, and the same inside PEFT's
+`PeftModel`: `base_model.model.model.layers`); any other model falls back
 to the largest `nn.ModuleList` / `nn.Sequential` whose children all have the same class, "largest" meaning
 the most parameters (so a stack of decoder layers wins over experts held as a ModuleList inside each of them;
 transformers' own MoE blocks hold their experts as 3-D tensors), then the most children. An explicit
@@ -28,6 +29,10 @@ KNOWN_BLOCK_PATHS: tuple[str, ...] = (
     "gpt_neox.layers",  # HF GPTNeoXForCausalLM
     "layers",  # HF LlamaModel (the base model)
     "h",  # HF GPT2Model (the base model)
+    # PEFT: PeftModelForCausalLM.base_model (LoraModel).model (the causal LM) -> its blocks
+    "base_model.model.model.layers",
+    "base_model.model.transformer.h",
+    "base_model.model.gpt_neox.layers",
 )
 
 

@@ -19,6 +19,36 @@ from offload.loss_errors import UnsupportedModelError
 CAUSAL_LM_LOSS_NAME = "ForCausalLMLoss"
 
 
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The causal LM a wrapper runs: PEFT's `PeftModel.get_base_model()` (the model under the LoRA layers,
+    whose forward computes the loss), or `model` itself. Looked up on the class: PeftModel forwards unknown
+    attributes to the model it wraps."""
+    if callable(getattr(type(model), "get_base_model", None)):
+        inner = model.get_base_model()  # type: ignore[operator]
+        if isinstance(inner, nn.Module) and inner is not model:
+            return inner
+    return model
+
+
+def is_head_passthrough(logits: Tensor, hidden: Tensor | None) -> bool:
+    """Whether the loss function got what the swapped head returned (the hidden states), not logits.
+
+    By identity, or as the same storage, shape and strides: DeepSpeed ZeRO-3's forward hook hands a module's
+    output on through an autograd function that returns `output.detach()` (a new tensor object over the same
+    storage; deepspeed/runtime/zero/parameter_offload.py, PreBackwardFunctionForModule). Anything that made
+    new values (soft-capping, scaling) makes a new storage."""
+    if hidden is None:
+        return False
+    if logits is hidden:
+        return True
+    return (
+        logits.shape == hidden.shape
+        and logits.stride() == hidden.stride()
+        and logits.data_ptr() == hidden.data_ptr()
+        and logits.dtype == hidden.dtype
+    )
+
+
 def find_lm_head(model: nn.Module) -> nn.Linear:
     """The model's output projection (an nn.Linear of weight (vocab, hidden)), tied or not."""
     getter = getattr(model, "get_output_embeddings", None)

@@ -621,13 +621,20 @@ class ChunkedLossHandle:
                 shift_labels=shift_labels,
                 **kwargs,
             )
-        if self._hidden is None or logits is not self._hidden:
+        if not hf_loss.is_head_passthrough(logits, self._hidden):
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} changes the lm_head output before its loss (e.g. logit "
                 "soft-capping or scaling); the chunked loss cannot stand in for it",
                 field="model",
             )
         weight = self.lm_head.weight
+        if weight.numel() == 0:
+            # DeepSpeed ZeRO-3 released the head's partitioned weight after its forward
+            raise UnsupportedModelError(
+                "lm_head.weight is empty when the loss runs (a ZeRO-3 partitioned parameter, gathered only "
+                "inside lm_head's forward); plan the standard loss for ZeRO-3",
+                field="model.lm_head",
+            )
         bias = getattr(self.lm_head, "bias", None)
         loss = linear_cross_entropy(
             logits,
@@ -678,6 +685,7 @@ def install_chunked_loss(
     model plus instance-level overrides of `lm_head.forward` and `model.loss_function`, all undone by
     `handle.remove()`. Calls without labels (inference, generate) return ordinary logits. A model that
     changes the logits between head and loss (soft-capping) raises UnsupportedModelError on its first call.
+    A PEFT-wrapped model (`PeftModel`) gets the loss on the causal LM it wraps (`hf_loss.causal_lm_of`).
     HF's `num_items_in_batch` (sum / items) and `shift_labels` keywords are honoured.
     """
     mode = resolve_mode(mode, vocab_block)
@@ -693,6 +701,9 @@ def install_chunked_loss(
         raise ChunkedLossError(
             "already has a chunked loss installed; remove() the first handle", field="model"
         )
+    # a PEFT model (PeftModelForCausalLM -> LoraModel -> the causal LM): the hooks go on the causal LM inside,
+    # whose forward computes the loss (PEFT calls it as a module, so its hooks run)
+    model = hf_loss.causal_lm_of(model)
     lm_head = hf_loss.find_lm_head(model)
     previous_loss = hf_loss.default_causal_lm_loss(model)
     handle = ChunkedLossHandle(

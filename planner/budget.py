@@ -34,6 +34,7 @@ from typing import Literal
 
 from planner.cluster import ClusterSpec
 from planner.errors import InfeasibleError
+from planner.lora import check_lora
 from planner.memory import MemoryOptions
 from planner.model import ModelSpec
 from planner.plan import Engine, Layout, SolverReport
@@ -144,6 +145,7 @@ def plan_for_budget(
 ) -> PlanResult:
     """The fastest plan of the module docstring's ladder whose predicted per-device peak is within
     `budget_bytes` (used as given: no headroom is taken off); InfeasibleError (exit 3) if none is."""
+    check_lora(model, workload)
     t0 = time.perf_counter()
     tally = _Tally()
     ladder = rungs(optimizer_offload=optimizer_offload)

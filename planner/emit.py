@@ -10,7 +10,8 @@
   States) keeps DeepSpeed's optimizer resident, and memtier's runtime (`offload.apply`
   reading plan.json) carries out the interleaving; launch.sh says so in its header.
 - `accelerate.yaml` for `accelerate launch --config_file` (DeepSpeed plugin pointing at
-  ds_config.json; loads with accelerate's `load_config_from_file`).
+  ds_config.json, the precision in that file only; on CPU clusters torchrun's launcher, gloo; loads with
+  accelerate's `load_config_from_file` and launches: tests/integration/test_accelerate_launch.py).
 - `launch.sh`: one torchrun per node. The plan's rank_to_device puts node-sized blocks
   of logical ranks on physical nodes (`planner.mapping`): the node that hosts block k
   starts with `--node-rank k`, and CUDA_VISIBLE_DEVICES lists its devices in local-rank
@@ -155,30 +156,40 @@ def ds_config(plan: Plan) -> dict[str, Any]:
     return cfg
 
 
-def mixed_precision(plan: Plan) -> str:
-    return {"bf16": "bf16", "fp16": "fp16"}.get(plan.workload.dtype, "no")
-
-
 def accelerate_config(plan: Plan, ds_config_path: str) -> dict[str, Any]:
+    """The accelerate config `accelerate launch --config_file` starts the planned world from.
+
+    On accelerators: DeepSpeed's plugin reading ds_config.json, which carries the precision, so no
+    `mixed_precision` beside it (accelerate 1.x refuses a config that sets both). On a CPU cluster: the
+    torchrun launcher (`distributed_type: MULTI_GPU`, `use_cpu: false`), the one accelerate path that starts
+    `num_processes` processes without mpirun; a script that makes its `Accelerator(cpu=True)` (memtier's
+    trainer does, launch/train/engines.py) then runs as one MULTI_CPU gloo group. With `use_cpu: true`
+    accelerate 1.x starts a single process unless mpirun is configured (`simple_launcher`), and DeepSpeed's
+    launcher expects GPUs, so on CPU the script reads ds_config.json itself.
+    """
     cluster = plan.cluster
-    return {
+    common = {
         "compute_environment": "LOCAL_MACHINE",
+        "machine_rank": 0,  # per node: `accelerate launch --machine_rank K` (launch.sh's node rank)
+        "main_training_function": "main",
+        "num_machines": cluster.nodes,
+        "num_processes": cluster.world_size,
+        "main_process_port": DEFAULT_PORT,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "debug": False,
+    }
+    if cluster.device.kind == "cpu":
+        return {**common, "distributed_type": "MULTI_GPU", "gpu_ids": "all", "use_cpu": False}
+    return {
+        **common,
         "distributed_type": "DEEPSPEED",
         "deepspeed_config": {
             "deepspeed_config_file": ds_config_path,
             "deepspeed_multinode_launcher": "standard",
             "zero3_init_flag": plan.layout.zero_stage == 3,
         },
-        "machine_rank": 0,  # per node: `accelerate launch --machine_rank K` (launch.sh's node rank)
-        "main_training_function": "main",
-        "mixed_precision": mixed_precision(plan),
-        "num_machines": cluster.nodes,
-        "num_processes": cluster.world_size,
-        "main_process_port": DEFAULT_PORT,
-        "rdzv_backend": "static",
-        "same_network": True,
-        "use_cpu": cluster.device.kind == "cpu",
-        "debug": False,
+        "use_cpu": False,
     }
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from planner.cluster import ClusterSpec
 from planner.errors import LayoutError
+from planner.lora import check_lora
 from planner.memory import MemoryBreakdown, MemoryOptions, estimate_memory
 from planner.model import ModelSpec
 from planner.plan import Layout
@@ -27,6 +28,7 @@ class Estimate:
 
 def validate_layout(model: ModelSpec, cluster: ClusterSpec, workload: Workload, layout: Layout) -> None:
     """Hard constraints; the error prints the arithmetic that failed."""
+    check_lora(model, workload)
     world = cluster.world_size
     if layout.world_size != world:
         raise LayoutError(

@@ -31,6 +31,7 @@ from typing import Literal
 
 from planner.activation_elems import TokenCoefficients as TokenCoefficients  # re-exported
 from planner.activation_elems import token_coefficients
+from planner.lora import lora_block_params, lora_largest_tensor, saved_elems_change
 from planner.model import ModelSpec
 from planner.optimizer_state import FP32, optimizer_state_bytes_per_param
 from planner.optimizer_state import low_rank_state_elems as low_rank_state_elems  # re-exported
@@ -152,15 +153,26 @@ def device_params(model: ModelSpec, layout: Layout, stage: int = 0) -> int:
 
 
 def model_states(model: ModelSpec, workload: Workload, layout: Layout, stage: int = 0) -> ModelStates:
-    """Per-device parameter, gradient and optimizer-state bytes under ZeRO stage 0..3."""
+    """Per-device parameter, gradient and optimizer-state bytes under ZeRO stage 0..3; with LoRA the frozen
+    base weights plus the adapters, and gradients and optimizer state of the adapters only."""
     psi = device_params(model, layout, stage)
+    trained = trainable_device_params(model, workload, layout, stage)
     d = workload.dtype_bytes
     dp, z = layout.dp * layout.cp, layout.zero_stage
     k = optimizer_state_bytes_per_param(workload, model)
-    params = psi * d / (dp if z >= 3 else 1)
-    grads = psi * d / (dp if z >= 2 else 1)
-    opt = psi * k / (dp if z >= 1 else 1)
+    params = (psi + (trained if workload.lora else 0)) * d / (dp if z >= 3 else 1)
+    grads = trained * d / (dp if z >= 2 else 1)
+    opt = trained * k / (dp if z >= 1 else 1)
     return ModelStates(parameters=int(params), gradients=int(grads), optimizer_states=int(opt))
+
+
+def trainable_device_params(model: ModelSpec, workload: Workload, layout: Layout, stage: int = 0) -> int:
+    """Parameters of pipeline `stage` that get gradients and optimizer state on one device: all of them, or
+    with LoRA the adapters of its blocks (`planner.lora`; sharded with the matmuls under tp)."""
+    if not workload.lora:
+        return device_params(model, layout, stage)
+    layers = stage_layer_counts(model, layout.pp, layout.stage_layers)[stage]
+    return math.ceil(layers * lora_block_params(model, workload) / layout.tp)
 
 
 # ---- activations ----------------------------------------------------------------------------
@@ -172,9 +184,10 @@ def block_saved_bytes(
     """Bytes one block saves for backward for one micro-batch on one device (no recompute)."""
     c = token_coefficients(model, workload)
     tokens = micro_batch * workload.seq_len / cp
-    rep = c.replicated / (tp if sp else 1)
+    lora_rep, lora_shard = saved_elems_change(model, workload)  # (frozen weights keep less; 0 without LoRA)
+    rep = (c.replicated + lora_rep) / (tp if sp else 1)
     # the s x s attention terms: per token, times the sequence each token attends over
-    shard = (c.sharded + c.per_sequence * workload.seq_len) / tp
+    shard = (c.sharded + lora_shard + c.per_sequence * workload.seq_len) / tp
     # an unfused attention's s x s terms are per token x (local) sequence length
     elems = tokens * (rep + shard) + c.fixed * workload.seq_len / cp
     return int(elems * workload.dtype_bytes + tokens * c.mask_bytes_per_token)
@@ -213,7 +226,9 @@ def loss_peak_bytes(
         tokens = micro_batch * workload.seq_len / cp
         c = min(chunk_tokens, tokens)
         v, h, b = model.vocab_size / tp, model.hidden_size, workload.dtype_bytes
-        chunked = c * v * FP32 + (c * v * b if b != FP32 else 0) + 4 * tokens + (v + tokens) * h * b
+        # (a frozen head, LoRA: no weight gradient, V*H*b less)
+        weight_grad = 0 if workload.lora else v * h * b
+        chunked = c * v * FP32 + (c * v * b if b != FP32 else 0) + 4 * tokens + weight_grad + tokens * h * b
         return int(chunked), int(chunked)
     upcast = one // 2 if workload.dtype_bytes == 2 else 0
     # final-logit soft-capping (Gemma 2: cap * tanh(logits / cap)) keeps the tanh output for backward
@@ -224,7 +239,8 @@ def loss_peak_bytes(
 def final_bytes(model: ModelSpec, workload: Workload, *, micro_batch: int, cp: int = 1) -> int:
     """Saved by the final norm (input, normalised, output) per micro-batch."""
     tokens = micro_batch * workload.seq_len / cp
-    return int(tokens * 3 * model.hidden_size * workload.dtype_bytes)
+    # (frozen under LoRA: the normalised tensor is not kept for the weight's gradient)
+    return int(tokens * (2 if workload.lora else 3) * model.hidden_size * workload.dtype_bytes)
 
 
 def backward_temp_bytes(
@@ -326,7 +342,9 @@ def gradients_during_backward(
     if layout.grad_accum > 1:
         return [float(grads)] * layers
     psi = max(1, device_params(model, layout, stage))
-    layer_grad = grads * block_device_params(model, layout.tp) / psi  # one block's share of `grads`
+    layer_grad = block_grad_bytes(model, workload, layout, grads, stage)  # one block's share of `grads`
+    if workload.lora:  # the adapters' gradients: this block's and the later blocks' (tiny)
+        return [layer_grad * (layers - l) for l in range(layers)]
     head_grad = grads - layer_grad * layers if stage == layout.pp - 1 else 0.0
     # (experts: transformers keeps every expert's down projection in one tensor, and one gradient)
     down_grad = (
@@ -335,6 +353,13 @@ def gradients_during_backward(
     if options.offload.optimizer or workload.layerwise:
         return [down_grad] * layers
     return [down_grad + head_grad + layer_grad * (layers - 1 - l) for l in range(layers)]
+
+
+def block_grad_bytes(model: ModelSpec, workload: Workload, layout: Layout, grads: float, stage: int) -> float:
+    """One block's share of the stage's gradient bytes `grads`."""
+    if workload.lora:
+        return grads / max(1, stage_layer_counts(model, layout.pp, layout.stage_layers)[stage])
+    return grads * block_device_params(model, layout.tp) / max(1, device_params(model, layout, stage))
 
 
 def gradients_consumed_in_backward(layout: Layout, offload: Offload, *, layerwise: bool = False) -> bool:
@@ -442,12 +467,14 @@ def _step_buffers(
     bucket = 0
     if layout.zero_stage >= 1 and layout.dp > 1:
         bucket = options.bucket_bytes or int(
-            min(5e8, device_params(model, layout, stage)) * workload.dtype_bytes
+            min(5e8, trainable_device_params(model, workload, layout, stage)) * workload.dtype_bytes
         )
     # optimizer-step temporaries (see MemoryOptions.optimizer_impl), on the device when
     # the step runs there
     tp = layout.tp
     largest = max(model.vocab_size * model.hidden_size, _largest_mlp_tensor(model)) / tp
+    if workload.lora:
+        largest = lora_largest_tensor(model, workload) / tp
     opt_tmp = 0
     sb = workload.state_dtype_bytes
     if not options.offload.optimizer and not workload.optimizer.state_bits:
@@ -458,12 +485,13 @@ def _step_buffers(
             # low-rank optimizers divide in place, one temporary: optim.updates.adamw_step_)
             opt_tmp = int((1 if workload.optimizer.low_rank else 2) * largest * sb)
         elif options.optimizer_impl == "foreach":
-            opt_tmp = int(device_params(model, layout, stage) * sb / (layout.dp if layout.zero_stage else 1))
+            trained = trainable_device_params(model, workload, layout, stage)
+            opt_tmp = int(trained * sb / (layout.dp if layout.zero_stage else 1))
     # the embedding's backward materialises a dense vocab x hidden gradient (and, tied to
     # the head, adds it to the head's gradient through one more buffer) while the other
     # gradients already exist: the end of backward
     emb_tmp = 0
-    if stage == 0:
+    if stage == 0 and not workload.lora:  # (a frozen embedding has no gradient)
         emb_tmp = int(
             (2 if model.tied_embeddings else 1)
             * model.vocab_size
@@ -549,7 +577,7 @@ def _step_end_phases(
         + (opt_tmp if stepped else 0),
         "optimizer": params + (0 if consumed else grads) + opt + bucket + (0 if stepped else opt_tmp),
     }
-    if stepped and stage == layout.pp - 1 and model.lm_head_params:
+    if stepped and stage == layout.pp - 1 and model.lm_head_params and not workload.lora:
         # layer-wise: the untied head is stepped first in backward, every block's activations still held
         head_grad = model.lm_head_params / layout.tp * workload.dtype_bytes
         phases["head_step"] = int(params + opt + activations + head_grad + opt_tmp)
@@ -625,7 +653,7 @@ def estimate_memory(
     bucket, opt_tmp, emb_tmp = _step_buffers(model, workload, layout, options, stage)
     grads_at = gradients_during_backward(model, workload, layout, options, stage=stage)
     consumed = gradients_consumed_in_backward(layout, options.offload, layerwise=workload.layerwise)
-    layer_grad = grads * block_device_params(model, layout.tp) / max(1, device_params(model, layout, stage))
+    layer_grad = block_grad_bytes(model, workload, layout, grads, stage)
     temp = backward_temp_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     sweep, sweep_block, prefetch = backward_sweep(
         resident, swapped, saved=saved, temp=temp, grads_at=grads_at, prefetch=blocks.prefetch

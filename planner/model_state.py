@@ -325,6 +325,30 @@ class StreamTime:
         }
 
 
+def cpu_copy_s(
+    cluster: ClusterSpec, groups: Sequence[StateGroup], eb: ElementBytes, m: int
+) -> tuple[float, float]:
+    """(forward/backward, optimizer) seconds of copies where the device is the CPU: the cores that compute also
+    move the bytes -- parameters from the staging slots into their buffer (read before forward and before
+    backward), each gradient into the host accumulation with its 2-norm (and, after the first micro-batch,
+    the partial sum read back and added), and the optimizer's operands into and out of its work sets
+    (offload/state: every access is a copy). (0, 0) on an accelerator."""
+    dev = cluster.device
+    if dev.kind != "cpu":
+        return 0.0, 0.0
+    pb, gb = eb.params, eb.grads
+    moved = 0.0
+    for g in groups:
+        if g.params != "device":
+            moved += 2 * m * g.numel * pb
+        moved += g.numel * gb * (2 * m + 2 * (m - 1))
+    weights = eb.master or pb
+    # weights read + written, gradients read, both moments read + written, the cast-down parameters written
+    per = 2 * weights + gb + 2 * eb.moments + (pb if eb.master else 0)
+    numel = sum(g.numel for g in groups)
+    return moved / dev.memory_bandwidth, numel * per / dev.memory_bandwidth
+
+
 def stream_time(
     model: ModelSpec,
     cluster: ClusterSpec,
@@ -423,23 +447,7 @@ def stream_time(
             down += g.numel * pb / link  # resident gradients down to the CPU update
         fill = max(fill, _tier_s(cluster, one, skip_dram=True) + g.numel / cluster.cpu.adam_params_per_s)
     optimizer = max(update, up, down, _tier_s(cluster, traffic, skip_dram=True)) + fill
-    # where the device is the CPU, the cores that compute also move the bytes: parameters from the staging slots
-    # into their buffer (read before forward and before backward), each gradient into the host accumulation
-    # with its 2-norm (and, after the first micro-batch, the partial sum read back and added), and the
-    # optimizer's operands into and out of its work sets (offload/state: every access is a copy)
-    cpu_copies = opt_copies = 0.0
-    if dev.kind == "cpu":
-        moved = 0.0
-        for g in groups:
-            if g.params != "device":
-                moved += 2 * m * g.numel * pb
-            moved += g.numel * gb * (2 * m + 2 * (m - 1))
-        cpu_copies = moved / dev.memory_bandwidth
-        weights = eb.master or pb
-        per = (
-            2 * weights + gb + 2 * 2 * (eb.moments / 2) + (pb if eb.master else 0)
-        )  # read+write, read, 2 moments r+w
-        opt_copies = numel * per / dev.memory_bandwidth
+    cpu_copies, opt_copies = cpu_copy_s(cluster, groups, eb, m)
     optimizer += opt_copies
     return StreamTime(
         forward_exposed_s=m * forward,

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from planner.cluster import ClusterSpec
 from planner.errors import SpecError
-from planner.memory import MemoryOptions, Offload, device_params, stage_layer_counts
+from planner.memory import MemoryOptions, Offload, device_params, stage_layer_counts, trainable_device_params
 from planner.model import ModelSpec
 from planner.plan import Layout, OptimizerPlan, Subgroup
 from planner.steptime import estimate_step_time
@@ -158,8 +158,8 @@ def _states_on_device(model: ModelSpec, workload: Workload, layout: Layout) -> t
     d = workload.dtype_bytes
     dp = layout.dp * layout.cp
     for s in range(len(stage_layer_counts(model, layout.pp, layout.stage_layers))):
-        psi = device_params(model, layout, s)
-        params = psi * d / (dp if layout.zero_stage >= 3 else 1)
+        psi = trainable_device_params(model, workload, layout, s)  # (LoRA: the adapters)
+        params = device_params(model, layout, s) * d / (dp if layout.zero_stage >= 3 else 1)
         grads = psi * d / (dp if layout.zero_stage >= 2 else 1)
         if psi > worst_params:
             worst_params, worst_bytes = psi, int(params + grads)

@@ -25,8 +25,10 @@ from planner.errors import InfeasibleError, LayoutError
 from planner.estimate import budget_bytes as usable_bytes
 from planner.estimate import estimate
 from planner.lifetimes import block_lifetimes
+from planner.lora import check_lora
 from planner.mapping import AnnealSettings
-from planner.memory import FP32, MemoryBreakdown, MemoryOptions, Offload, device_params, model_states
+from planner.memory import FP32, MemoryBreakdown, MemoryOptions, Offload, model_states
+from planner.memory import trainable_device_params as trained_params
 from planner.mip.buffers import BufferSettings, offsets_by_role, solve_buffers
 from planner.mip.common import MipSettings
 from planner.model import ModelSpec
@@ -131,7 +133,8 @@ def make_plan(
     )
     if result.best is None:
         offloads = any(s.name == "offload" for s in optimizer_strategies)
-        if stream and offloads and stream_refusal(cluster, workload, engine) is None:
+        # (LoRA: planner.model_state streams every parameter's gradient and state; not for frozen weights)
+        if stream and offloads and not workload.lora and stream_refusal(cluster, workload, engine) is None:
             # nothing keeps the model state on the device: place it across the tiers and stream it
             buffers = buffer_settings(time_limit_s=min(BUFFER_TIME_LIMIT_S, time_limit_s), seed=seed)
             try:
@@ -174,6 +177,7 @@ def make_plan(
 
 def check_shapes(model: ModelSpec, cluster: ClusterSpec, workload: Workload, space: SearchSpace) -> None:
     """Bad input (exit 2) when no parallel shape meets the hard constraints, whatever the memory."""
+    check_lora(model, workload)
     if next(iter(parallel_shapes(model, cluster, workload, space)), None) is not None:
         return
     mb = space.micro_batch or 1
@@ -319,7 +323,7 @@ def host_tier_bytes(
     used = {kind: b for kind, b in chosen.memory.host_bytes.items() if b > 0}
     offload, layout = chosen.options.offload, chosen.layout
     if offload.optimizer and not workload.mixed_precision and cluster.device.kind != "cpu":
-        psi = max(device_params(model, layout, s) for s in range(layout.pp))
+        psi = max(trained_params(model, workload, layout, s) for s in range(layout.pp))
         shard = layout.dp * layout.cp if layout.zero_stage >= 1 else 1
         used[offload.tier] = used.get(offload.tier, 0) + int(psi * FP32 / shard)
     return used
@@ -674,6 +678,7 @@ def streamed_result(
     even streaming every group misses the device. The host tiers too small: InfeasibleError (exit 3) with
     the bytes missing and what would fit."""
     refusal = stream_refusal(cluster, workload, engine)
+    refusal = refusal or ("model-state streaming trains every parameter, not LoRA" if workload.lora else None)
     if refusal is not None:
         raise LayoutError(refusal, field="model_state")
     space = space or SearchSpace()

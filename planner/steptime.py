@@ -20,6 +20,9 @@ data parallel: gradient all-reduce (ZeRO-1/2: reduce-scatter + all-gather, same 
 offload   = the CPU optimizer step (params / CPU AdamW rate) and the gradient down /
             parameter up transfers over the host link (Ren et al. 2021, ZeRO-Offload);
             NVMe-resident state is read and written once per step (Rajbhandari et al. 2021).
+LoRA      = frozen base weights skip their weight-gradient GEMMs (backward 1x forward for them instead of
+            2x: `planner.lora.frozen_weight_grad_flops`, the head's too); gradients, their reduction and the
+            optimizer step cover the adapters only (Hu et al. 2021).
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ from dataclasses import dataclass, field
 from planner.cluster import ClusterSpec
 from planner.comm import GroupLink, allgather_time, allreduce_time, p2p_time, worst_group_links
 from planner.flops import head_forward_flops, layer_forward_flops, model_flops_per_step
-from planner.memory import MemoryOptions, device_params, optimizer_state_bytes_per_param, stage_layer_counts
+from planner.lora import frozen_weight_grad_flops
+from planner.memory import (
+    MemoryOptions,
+    device_params,
+    optimizer_state_bytes_per_param,
+    stage_layer_counts,
+    trainable_device_params,
+)
 from planner.model import ModelSpec
 from planner.plan import Layout
 from planner.workload import Workload
@@ -103,6 +113,9 @@ def estimate_step_time(
     layer_f = layer_forward_flops(model, tokens, seq) / (tp * cp)
     head_f = head_forward_flops(model, tokens) / (tp * cp)
     recompute_layers = _recomputed_layers(model, options)
+    # LoRA: the weight-gradient GEMMs the frozen blocks and head skip
+    frozen_layer_f = frozen_weight_grad_flops(model, workload, tokens) / (tp * cp)
+    frozen_head_f = head_f if workload.lora else 0.0
     # the loss over the logits is memory-bound: log-softmax forward (read, write), the
     # loss and its backward (read the saved output, write the gradient) and the upcast,
     # about LOSS_PASSES passes over tokens x vocab fp32 values per micro-batch
@@ -111,7 +124,8 @@ def estimate_step_time(
     for s, n in enumerate(counts):
         f = n * layer_f + (head_f if s == pp - 1 else 0.0)
         share = n / model.num_layers
-        hw = 3 * f + recompute_layers * share * layer_f
+        hw = 3 * f + recompute_layers * share * layer_f - n * frozen_layer_f
+        hw -= frozen_head_f if s == pp - 1 else 0.0
         # the fixed cost: every block runs forward and backward once, a recomputed one
         # its forward again (a third of the block's operators, as of its FLOPs)
         overhead = (n + recompute_layers * share / 3) * dev.block_overhead
@@ -142,40 +156,28 @@ def estimate_step_time(
         bubble = (pp - 1) * (per_mb + tp_per_mb + pp_per_mb) / v
 
     # data parallel over the dp (and cp) group: gradients of this device's parameters
-    psi = max(device_params(model, layout, s) for s in range(pp))
+    psi = max(trainable_device_params(model, workload, layout, s) for s in range(pp))
     grad_bytes = psi * d
     dp_n = dp * cp
     dp_comm = allreduce_time(grad_bytes, dp_n, links["dp"])
     if layout.zero_stage >= 3:
-        dp_comm += 2 * allgather_time(grad_bytes, dp_n, links["dp"])  # parameter all-gathers, fwd + bwd
+        # parameter all-gathers, fwd + bwd: every parameter, frozen ones too (LoRA)
+        param_bytes = max(device_params(model, layout, s) for s in range(pp)) * d
+        dp_comm += 2 * allgather_time(param_bytes, dp_n, links["dp"])
     backward = (2 / 3) * per_mb  # the last micro-batch's backward is what reduction can hide behind
     dp_exposed = max(0.0, dp_comm - DP_OVERLAP * backward) if dp_n > 1 else 0.0
 
     # optimizer step
     shard = psi / (dp_n if layout.zero_stage >= 1 else 1)
-    if options.offload.optimizer:
-        # the node's CPU runs the updates of all its devices at once
-        cpu_step = shard * cluster.devices_per_node / cluster.cpu.adam_params_per_s
-        link = dev.host_link.bandwidth
-        transfer = shard * d * 2 / link  # gradients down, parameters up
-        optimizer = cpu_step + transfer
-        tier = cluster.tier(options.offload.tier)
-        if options.offload.tier == "nvme" and tier is not None:
-            state = shard * optimizer_state_bytes_per_param(workload, model)
-            optimizer += state / tier.read_bandwidth + state / tier.write_bandwidth
-    elif dev.kind == "cpu":
-        # the device is the CPU: the update runs at the measured fused-AdamW rate
-        optimizer = shard / cluster.cpu.adam_params_per_s
-    else:
-        # element-wise update on the device, memory-bound: read params, grads and state,
-        # write params and state back
-        optimizer = (
-            shard * (3 * d + 2 * optimizer_state_bytes_per_param(workload, model)) / dev.memory_bandwidth
-        )
+    optimizer = _optimizer_s(model, cluster, workload, options, shard)
 
     step = compute + tp_comm + pp_comm + bubble + dp_exposed + optimizer + swap_exposed_s
     world = layout.world_size
-    mflops = model_flops_per_step(model, workload.global_batch * seq, seq)
+    all_tokens = workload.global_batch * seq
+    mflops = model_flops_per_step(model, all_tokens, seq)
+    if workload.lora:
+        frozen = model.num_layers * frozen_weight_grad_flops(model, workload, all_tokens)
+        mflops -= frozen + head_forward_flops(model, all_tokens)
     hflops = mflops + recompute_layers * layer_forward_flops(model, workload.global_batch * seq, seq)
     achieved = mflops / step / world
     return StepTime(
@@ -196,6 +198,35 @@ def estimate_step_time(
         hfu=min(1.0, hflops / step / world / peak),
         links={k: v.bandwidth for k, v in links.items()},
     )
+
+
+def _optimizer_s(
+    model: ModelSpec, cluster: ClusterSpec, workload: Workload, options: MemoryOptions, shard: float
+) -> float:
+    """Seconds of the optimizer step over `shard` trained parameters per device: on the host's CPU with the
+    transfers (ZeRO-Offload), on a CPU device at the fused-AdamW rate, or memory-bound on an accelerator."""
+    dev = cluster.device
+    d = workload.dtype_bytes
+    if options.offload.optimizer:
+        # the node's CPU runs the updates of all its devices at once
+        cpu_step = shard * cluster.devices_per_node / cluster.cpu.adam_params_per_s
+        link = dev.host_link.bandwidth
+        transfer = shard * d * 2 / link  # gradients down, parameters up
+        optimizer = cpu_step + transfer
+        tier = cluster.tier(options.offload.tier)
+        if options.offload.tier == "nvme" and tier is not None:
+            state = shard * optimizer_state_bytes_per_param(workload, model)
+            optimizer += state / tier.read_bandwidth + state / tier.write_bandwidth
+    elif dev.kind == "cpu":
+        # the device is the CPU: the update runs at the measured fused-AdamW rate
+        optimizer = shard / cluster.cpu.adam_params_per_s
+    else:
+        # element-wise update on the device, memory-bound: read params, grads and state,
+        # write params and state back
+        optimizer = (
+            shard * (3 * d + 2 * optimizer_state_bytes_per_param(workload, model)) / dev.memory_bandwidth
+        )
+    return optimizer
 
 
 def block_forward_s(

@@ -235,7 +235,8 @@ def model_spec_of(model: nn.Module, *, name: str | None = None) -> ModelSpec:
             field="model",
         )
     spec = from_hf_config(config.to_dict(), name=name or getattr(config, "name_or_path", "") or "traced")
-    counted = sum(p.numel() for p in model.parameters())
+    # (a PEFT model: the base model's parameters; the adapters are the workload's, `lora_fields_of`)
+    counted = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     if spec.params != counted:
         raise TraceError(
             f"the spec read from {type(model).__name__}'s config counts {spec.params} parameters, the "
@@ -243,3 +244,25 @@ def model_spec_of(model: nn.Module, *, name: str | None = None) -> ModelSpec:
             field="model",
         )
     return spec
+
+
+def lora_fields_of(model: nn.Module) -> dict[str, Any]:
+    """The Workload fields of a PEFT LoRA model (`lora_rank`, `lora_targets` from its active adapter's
+    `LoraConfig`), or {} for a model without adapters; meta-device models cost nothing."""
+    # a PeftModel (looked up on the class: it hands unknown attributes on to the model it wraps)
+    if not callable(getattr(type(model), "get_base_model", None)):
+        return {}
+    configs = getattr(model, "peft_config", None)  # {adapter name: config}
+    if not isinstance(configs, dict) or not configs:
+        return {}
+    active = getattr(model, "active_adapter", None)
+    cfg = configs.get(active) if isinstance(active, str) else None
+    cfg = cfg or next(iter(configs.values()))
+    rank, targets = getattr(cfg, "r", None), getattr(cfg, "target_modules", None)
+    if not isinstance(rank, int) or not targets or isinstance(targets, str):
+        raise TraceError(
+            f"the PEFT adapter is {type(cfg).__name__} (r={rank!r}, target_modules={targets!r}); only LoRA with "
+            "a list of target module names is planned",
+            field="model.peft_config",
+        )
+    return {"lora_rank": rank, "lora_targets": tuple(sorted(targets))}

@@ -60,6 +60,11 @@ class Workload:
     headroom: float = field(default=0.05, metadata={"min": 0.0, "max": 0.9})  # device memory kept free
     # global-norm gradient clipping (Pascanu et al. 2013), 0 = off; the Plan's optimizer carries it
     max_grad_norm: float = field(default=1.0, metadata={"min": 0.0})
+    # LoRA (Hu et al. 2021): rank of the adapters on `lora_targets` (HF module names, PEFT's
+    # `target_modules`); 0 = full fine-tuning. The base weights are frozen: no gradients, no optimizer
+    # state, no weight-gradient GEMMs for them (`planner.lora`)
+    lora_rank: int = field(default=0, metadata={"min": 0})
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
     @property
     def dtype_bytes(self) -> int:
@@ -79,7 +84,13 @@ class Workload:
         """The memory mode in words: precision, state bits, layer-wise updates."""
         prec = "fp32" if self.dtype == "fp32" else f"{self.dtype} {self.precision}"
         bits = f", {self.optimizer.state_bits}-bit states" if self.optimizer.state_bits else ""
-        return f"{prec}{bits}{', layer-wise' if self.layerwise else ''}"
+        lora = f", LoRA r={self.lora_rank} on {','.join(self.lora_targets)}" if self.lora else ""
+        return f"{prec}{bits}{', layer-wise' if self.layerwise else ''}{lora}"
+
+    @property
+    def lora(self) -> bool:
+        """Only LoRA adapters train (`lora_rank` > 0)."""
+        return self.lora_rank > 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -122,7 +133,9 @@ def memory_modes(
     out: list[Workload] = []
     for prec in precision if workload.dtype != "fp32" else ("mixed",):
         for bits in state_bits:
-            if bits and (workload.optimizer.kind == "sgd" or not low_bit_runs_on(device_kind, bits)):
+            # (LoRA's few adapter states are planned unquantized: `planner.lora.check_lora`)
+            sgd_or_lora = workload.optimizer.kind == "sgd" or workload.lora
+            if bits and (sgd_or_lora or not low_bit_runs_on(device_kind, bits)):
                 continue
             for lw in layerwise:
                 w = workload.replace(

@@ -20,12 +20,36 @@ def hf_model(spec: ModelSpec, *, seed: int = 0, attn: str | None = None, dropout
     return model
 
 
+def mem_tracker():
+    """torch's MemTracker, also for models with frozen parameters (LoRA): its module hooks register a gradient
+    hook on every parameter, which torch refuses on one that does not require grad; here only the trainable
+    ones get it (the same bytes counted, the same categories)."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class FrozenAwareMemTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if install_grad_hooks:
+                for param in module.parameters():
+                    if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+
+                        def grad_hook(grad):
+                            self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+                        self._param_to_grad_hook_handles[param] = (
+                            param.register_hook(grad_hook),
+                            param.register_post_accumulate_grad_hook(lambda p, h=grad_hook: h(p.grad)),
+                        )
+            return out
+
+    return FrozenAwareMemTracker()
+
+
 def measure_step_peak(model, optimizer, ids, *, steps: int = 1) -> dict[str, int]:
     """Peak live bytes of a training step (forward, backward, optimizer step), by category.
 
     The first step runs untracked so the optimizer state exists, as in steady state.
     """
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     def step():
         loss = model(ids, labels=ids).loss
@@ -34,7 +58,7 @@ def measure_step_peak(model, optimizer, ids, *, steps: int = 1) -> dict[str, int
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    tracker = MemTracker()
+    tracker = mem_tracker()
     tracker.track_external(model, optimizer)
     with tracker:
         for _ in range(steps):

@@ -90,6 +90,11 @@ def refusals(plan: Plan) -> list[tuple[str, str]]:
     """(field, why) of every part of the plan memtier's trainer cannot carry out; empty: it runs."""
     lay, spec = plan.layout, plan.model
     out: list[tuple[str, str]] = _stream_refusals(plan)
+    if plan.workload.lora:
+        # the trainer builds and trains the full model; a LoRA plan runs in the user's loop or HF Trainer
+        # (offload.apply / offload.hf_trainer.MemtierCallback on a PEFT model)
+        out.append(("workload.lora_rank", "LoRA plans run through offload.apply or MemtierCallback on a PEFT model, "
+                    "not memtier's trainer (it trains every parameter)"))  # fmt: skip
     if lay.cp > 1:
         out.append(("layout.cp", f"cp={lay.cp}: context parallelism is not run by memtier's trainer"))
     if lay.engine != "torch":

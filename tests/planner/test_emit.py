@@ -89,7 +89,11 @@ def test_accelerate_yaml_loads_with_accelerate(hetero_plan, tmp_path):
     cfg = load_config_from_file(paths["accelerate.yaml"])
     assert cfg.distributed_type.value == "DEEPSPEED"
     assert cfg.num_processes == 32 and cfg.num_machines == 4
-    assert cfg.mixed_precision == "bf16"
+    # the precision lives in ds_config.json only: accelerate 1.x refuses `mixed_precision` beside it
+    with open(paths["accelerate.yaml"], encoding="utf-8") as fh:
+        assert "mixed_precision" not in yaml.safe_load(fh)
+    with open(paths["ds_config.json"], encoding="utf-8") as fh:
+        assert json.load(fh)["bf16"]["enabled"] is True
     assert cfg.deepspeed_config["deepspeed_config_file"] == paths["ds_config.json"]
     # accelerate's DeepSpeed plugin reads the emitted DeepSpeed config and agrees on its values
     plugin = DeepSpeedPlugin(hf_ds_config=paths["ds_config.json"])
@@ -238,3 +242,28 @@ def test_interleaved_plan_at_zero0_keeps_deepspeed_resident_and_says_so(tmp_path
     assert "interleaved offload" in script and "offload.apply" in script
     assert subprocess.run(["bash", "-n", paths["launch.sh"]], check=False).returncode == 0
     assert Plan.load(paths["plan.json"]) == plan
+
+
+def test_accelerate_yaml_passes_accelerates_deepspeed_checks(hetero_plan, tmp_path, monkeypatch):
+    """What `accelerate launch --config_file` does with the emitted file on GPUs, short of starting processes:
+    the launcher's validation, then the fields it exports (ACCELERATE_CONFIG_DS_FIELDS) checked by the
+    DeepSpeed plugin each rank builds. A `mixed_precision` beside `deepspeed_config_file` fails there."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin
+
+    def exported_fields(config_file: str) -> str:
+        args = launch_command_parser().parse_args(["--config_file", config_file, "train.py"])
+        args, defaults, mp_from_config = _validate_launch_command(args)
+        assert args.use_deepspeed
+        return ",".join([*defaults.deepspeed_config, *(["mixed_precision"] if mp_from_config else [])])
+
+    paths = write_outputs(hetero_plan, tmp_path / "out")
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", exported_fields(paths["accelerate.yaml"]))
+    DeepSpeedPlugin(hf_ds_config=paths["ds_config.json"])  # accelerate's _deepspeed_config_checks pass
+    with open(paths["accelerate.yaml"], encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh)
+    old = tmp_path / "old.yaml"  # what memtier emitted before (issue #20)
+    old.write_text(yaml.safe_dump({**cfg, "mixed_precision": "bf16"}))
+    monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", exported_fields(str(old)))
+    with pytest.raises(ValueError, match="will be ignored"):
+        DeepSpeedPlugin(hf_ds_config=paths["ds_config.json"])
