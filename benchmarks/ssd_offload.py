@@ -46,6 +46,7 @@ from typing import Any
 
 from benchmarks.cgroup import CgroupUnavailable, run_capped, sigterm_as_interrupt, unavailable_reason
 from benchmarks.ssd_offload_runner import MODELS, RESULT_PREFIX, SYSTEMS, param_count
+from launch.run import MMAP_THRESHOLD_BYTES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ GiB, MiB = 1 << 30, 1 << 20
 # what the interpreter with torch + transformers (+ deepspeed) holds before any model: 354-376 MB measured
 # what `memtier launch` sets for a streamed plan (launch.run.worker_env): a fixed glibc mmap threshold from the
 # process's start, so freed activations and gradient copies go back to the system
-MEMTIER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MEMTIER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)}
 STATE_BYTES_PER_PARAM = 16  # fp32 weights + gradients + AdamW's two moments (ZeRO paper, Sec. 3.1, K=12 + 4)
 TARGETS = {"peak_vs_deepspeed_max": 0.45, "tokens_per_s_vs_deepspeed_min": 1.5, "host_peak_rel_err": 0.10,
            "step_time_rel_err": 0.25}  # fmt: skip

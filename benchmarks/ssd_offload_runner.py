@@ -98,6 +98,16 @@ def save_weights(cfg: dict[str, Any], path: str) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
 
 
+def forward_backward(model: Any, micro: list[Any]) -> float:
+    """Forward and backward of each micro-batch (losses scaled by the accumulation); their summed loss."""
+    total = 0.0
+    for ids in micro:
+        loss = model(input_ids=ids, labels=ids).loss / len(micro)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 def token_stream(cfg: dict[str, Any]) -> Callable[[int], Any]:
     """Micro-batch k of a fixed-seed synthetic stream: a pool of 4 random sequences, cycled (so the loss falls
     as the model memorises them, and every system sees the same tokens)."""
@@ -153,11 +163,7 @@ def run_torch(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=True)
 
     def step(micro: list[Any]) -> float:
-        total = 0.0
-        for ids in micro:
-            loss = model(input_ids=ids, labels=ids).loss / len(micro)
-            loss.backward()
-            total += float(loss.detach())
+        total = forward_backward(model, micro)
         torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -267,11 +273,7 @@ def run_memtier(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     log("memtier", f"applied the plan (streamed state) rss {memory_status().get('VmRSS', 0) >> 20} MiB")
 
     def step(micro: list[Any]) -> float:
-        total = 0.0
-        for ids in micro:
-            loss = model(input_ids=ids, labels=ids).loss / len(micro)
-            loss.backward()
-            total += float(loss.detach())
+        total = forward_backward(model, micro)
         handle.optimizer.step()
         handle.optimizer.zero_grad()
         return total

@@ -166,10 +166,10 @@ def tame_host_allocator() -> bool:
     """Make glibc return freed large blocks to the system at once (MemAscend: fragmentation and peak spikes of
     the host allocator). By default glibc raises its mmap threshold after each large free (up to 32 MiB), so
     later activations and gradient copies of that size come from the heap and stay in RSS after they are freed.
-    Measured on the 374M benchmark model (benchmarks/ssd_offload.py): peak RSS 2.22 GiB by default, 1.47 GiB with
-    the threshold fixed at 64 KiB from the process's start (`MALLOC_MMAP_THRESHOLD_=65536`, which `memtier
-    launch` sets for streamed plans), 1.86 GiB when it is only fixed here, once the process runs (what a script
-    calling `offload.apply` itself gets). Returns whether it was set (False off glibc)."""
+    Measured on the 374M benchmark model (benchmarks/ssd_offload.py, VmHWM over two steps): 2219 MiB by default,
+    1470 MiB with the threshold fixed at 64 KiB from the process's start (`MALLOC_MMAP_THRESHOLD_=65536`, which
+    `memtier launch` sets for streamed plans), 1862 MiB when it is only fixed here, once the process runs (what
+    a script calling `offload.apply` itself gets). Returns whether it was set (False off glibc)."""
     import ctypes
     import ctypes.util
 

@@ -73,8 +73,6 @@ class GradientSink:
         self.fresh: dict[int, bool] = {g.index: True for g in self.groups}  # no earlier micro-batch this step
         self.has_grad: set[int] = set()  # ParamSlot.order of parameters with a gradient this step
         self.norms: dict[int, torch.Tensor] = {}  # ParamSlot.order -> 2-norm of its accumulated gradient
-        self.flushes = 0
-        self.prefetched = 0
         self.error: BaseException | None = None
 
     def hook(self, g: Group, s: ParamSlot) -> Callable[[torch.Tensor], None]:
@@ -128,7 +126,6 @@ class GradientSink:
             a, b = self.res.chunks(g)[k]
             ch = self._open[key] = _Open(buf=whole[: b - a], whole=whole, loading=True)
             self.res.prefetch_chunk(g, "grads", k, ch.buf)
-            self.prefetched += 1
 
     def _chunk(self, g: Group, k: int) -> _Open:
         key = (g.index, k)
@@ -170,7 +167,6 @@ class GradientSink:
                 self._cv.notify()
             return
         self._written.add(key)
-        self.flushes += 1
         fut = self._writer.submit(self._write, key, ch)
         self._writes.append(fut)
         self._pending[key] = fut

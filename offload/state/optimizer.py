@@ -123,9 +123,8 @@ class StreamedAdamW(torch.optim.Optimizer):
             if any(s.order in grads.has_grad for s in g.trainable)
             for k, (a, b) in enumerate(self.res.chunks(g))
         ]
-        self.streamer.release_all(rest=True)  # the loaded parameters are about to be stale
         self._pipeline(units, coef)
-        self.streamer.new_step()
+        self.streamer.new_step()  # releases the loaded parameters: they are stale now
         return loss
 
     def _clip_coefficient(self, norms: dict[int, torch.Tensor]) -> torch.Tensor | None:

@@ -207,15 +207,6 @@ class StateResidency:
             res = self._resident[key] = torch.empty(g.numel, dtype=self.dtypes[kind], device=self.device)
         res[start : start + src.numel()].copy_(src)
 
-    def bytes_by_tier(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for g in self.groups:
-            for kind in self.dtypes:
-                if self.has(g, kind):
-                    spec = self.spec[(g.index, kind)]
-                    out[spec.tier] = out.get(spec.tier, 0) + g.numel * spec.dtype.itemsize
-        return out
-
     def close(self) -> None:
         errors: list[BaseException] = []
         for store in self._own.values():
