@@ -34,6 +34,7 @@ from offload.activations import (
     SwapStats,
     install_block_hooks,
 )
+from offload.activations.layout import storage_ptr
 from offload.blocks import BlockList, find_blocks
 from planner.plan import Plan, TierPlan
 
@@ -179,7 +180,7 @@ def _param_ptrs_fn(model: nn.Module):
     def ptrs() -> frozenset[int]:
         # Recomputed at every block call (cheap: one pointer per tensor): parameters may be re-materialised
         # (model.to(), FSDP) between steps, and a stale pointer could let a weight be swapped.
-        return frozenset(t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()])
+        return frozenset(storage_ptr(t) for t in [*model.parameters(), *model.buffers()])
 
     return ptrs
 

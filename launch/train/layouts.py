@@ -126,14 +126,4 @@ def refusals(plan: Plan) -> list[tuple[str, str]]:
             out.append((f"optimizer.{name}", f"{name}={value!r} is not run on tp/pp/FSDP2 shards yet"))
     if plan.loss.kind != "standard":
         out.append(("loss.kind", "the chunked loss is not run with tp/pp/FSDP2 yet"))
-    for i, a in enumerate(plan.activations):
-        if a.swap_fraction > 0:
-            # offload.apply's swap hooks read the parameters' storages, which a DTensor does not have
-            out.append(
-                (
-                    f"activations[{i}].swap_fraction",
-                    "activation swap is not run on tp/pp/FSDP2 yet (recompute is)",
-                )
-            )
-            break
     return out

@@ -47,6 +47,8 @@ from offload.activations.layout import (
     _storage_key,
     _swappable,
     _token_dim,
+    cast_of_parameter,
+    local_tensor,
 )
 from offload.activations.policy import BlockPolicy, PolicyError, swap_tokens
 
@@ -99,6 +101,24 @@ class _Kept:
         if self.tensor._version != self.version:
             raise RuntimeError(_modified_message(self.layer, self.tensor, self.version))
         return self.tensor
+
+
+class _Sharded:
+    """A saved DTensor (tensor parallelism, FSDP2) packed by its local shard: the shard is swapped or kept
+    like any saved tensor, and unpack wraps it again with the same spec (mesh, placements, global shape)."""
+
+    __slots__ = ("inner", "spec")
+
+    def __init__(self, inner: Any, spec: Any) -> None:
+        self.inner = inner  # the local shard's _Saved or _Kept
+        self.spec = spec
+
+    def unpack(self) -> torch.Tensor:
+        inner = self.inner
+        local = inner.engine.unpack(inner) if isinstance(inner, _Saved) else inner.unpack()
+        from torch.distributed.tensor import DTensor
+
+        return DTensor(local, self.spec, requires_grad=False)  # type: ignore[call-arg]
 
 
 def _modified_message(layer: int, t: torch.Tensor | None, version: int) -> str:
@@ -207,6 +227,7 @@ class SwapStats:
     bytes_swapped: int = 0  # bytes written to tiers
     bytes_fetched: int = 0  # bytes read back
     prefetches: int = 0  # records fetched ahead of their backward
+    shards_packed: int = 0  # saved DTensors (tensor parallelism, FSDP2) packed by their local shard
 
 
 class SwapEngine:
@@ -226,6 +247,7 @@ class SwapEngine:
             "bytes_swapped": 0,
             "bytes_fetched": 0,
             "prefetches": 0,
+            "shards_packed": 0,
         }
         # Entries whose put may still be running, in submission order (main-thread only).
         self._pending: deque[_Saved] = deque()
@@ -423,6 +445,15 @@ class SwapEngine:
                 "memtier: the offload handle was removed; saved tensors can no longer be swapped"
             )
         self.reap()
+        local = local_tensor(t)
+        if local is not None:
+            # A DTensor: its local shard is what occupies memory. A parameter (or a cast or view of one,
+            # which autograd sees at the DTensor level) is kept; anything else goes by its shard.
+            if (t.is_leaf and t.requires_grad) or cast_of_parameter(t, param_ptrs):
+                self._counts["tensors_kept"] += 1
+                return _Kept(t, policy.layer)
+            self._counts["shards_packed"] += 1
+            return _Sharded(self.pack(local, record, policy, tokens, seq_dim, param_ptrs), t._spec)  # type: ignore[attr-defined]
         if not _swappable(t, param_ptrs):
             self._counts["tensors_kept"] += 1
             return _Kept(t, policy.layer)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from offload.activations.engine import SwapEngine, _Saved
-from offload.activations.layout import _block_tokens
+from offload.activations.layout import _block_tokens, storage_ptr
 from offload.activations.policy import BlockPolicy, PolicyError
 
 __all__ = ["BlockHooks", "install_block_hooks"]
@@ -118,7 +118,7 @@ def _back_pressure_hooks(block: nn.Module, engine: SwapEngine) -> list[Any]:
 
 def _own_ptrs(block: nn.Module) -> frozenset[int]:
     """Storage pointers of the block's own parameters and buffers (the default never-swap set)."""
-    return frozenset(p.untyped_storage().data_ptr() for p in [*block.parameters(), *block.buffers()])
+    return frozenset(storage_ptr(p) for p in [*block.parameters(), *block.buffers()])
 
 
 _Call = tuple[tuple[Any, ...], dict[str, Any]]  # a forward call's (args, kwargs)

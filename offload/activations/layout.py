@@ -87,6 +87,23 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor | None:
+    """A DTensor's local shard (tensor parallelism, FSDP2), or None for any other tensor.
+
+    Duck-typed on DTensor's `_local_tensor` and `_spec` so this module does not import torch.distributed.
+    """
+    if type(t) in (torch.Tensor, nn.Parameter):
+        return None
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) and hasattr(t, "_spec") else None
+
+
+def storage_ptr(t: torch.Tensor) -> int:
+    """The data pointer of the storage behind `t`, of its local shard for a DTensor (which has no storage)."""
+    local = local_tensor(t)
+    return (local if local is not None else t).untyped_storage().data_ptr()
+
+
 def _swappable(t: torch.Tensor, param_ptrs: frozenset[int]) -> bool:
     if type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
         return False  # tensor subclasses (DTensor, fake tensors): left to their own machinery
@@ -98,7 +115,7 @@ def _swappable(t: torch.Tensor, param_ptrs: frozenset[int]) -> bool:
         return False  # a user leaf (held by the caller anyway: swapping would free nothing)
     if t.untyped_storage().data_ptr() in param_ptrs:
         return False
-    return not _cast_of_parameter(t, param_ptrs)
+    return not cast_of_parameter(t, param_ptrs)
 
 
 # Autograd nodes of casts and views: a tensor reached from a parameter through these only is that
@@ -117,7 +134,7 @@ _CAST_OR_VIEW_NODES = frozenset(
 )
 
 
-def _cast_of_parameter(t: torch.Tensor, param_ptrs: frozenset[int], max_hops: int = 4) -> bool:
+def cast_of_parameter(t: torch.Tensor, param_ptrs: frozenset[int], max_hops: int = 4) -> bool:
     """True for a cast/view of a parameter: treated as the parameter (never swapped; the planner's
     activation formulas do not count it, and swapping it would move weight bytes every step)."""
     node = t.grad_fn
@@ -127,7 +144,7 @@ def _cast_of_parameter(t: torch.Tensor, param_ptrs: frozenset[int], max_hops: in
         name = type(node).__name__
         if name == "AccumulateGrad":
             variable = getattr(node, "variable", None)  # AccumulateGrad holds the leaf it accumulates into
-            return variable is not None and variable.untyped_storage().data_ptr() in param_ptrs
+            return variable is not None and storage_ptr(variable) in param_ptrs
         if name not in _CAST_OR_VIEW_NODES or not node.next_functions:
             return False
         node = node.next_functions[0][0]

@@ -181,7 +181,7 @@ def test_train_lm_optimizers_in_process(tmp_path, optimizer):
         ({}, {"dp": 1, "cp": 2}, "layout.cp"),
         ({}, {"dp": 1, "pp": 2, "stage_layers": (1, 1)}, "layout.grad_accum"),  # 1F1B: >= pp micro-batches
         ({"engine": "deepspeed"}, {"dp": 1, "tp": 2}, "layout.tp"),
-        ({"activations": POLICIES}, {"dp": 1, "tp": 2}, "activations[0].swap_fraction"),
+        ({"chunked_loss": True}, {"dp": 1, "pp": 2, "grad_accum": 2, "stage_layers": (1, 1)}, "loss.kind"),
         ({"optimizer_offload": True}, {"dp": 2, "zero_stage": 3}, "optimizer.offload"),
         ({"ranks": 4}, {"dp": 2, "pp": 2, "grad_accum": 2, "zero_stage": 3}, "layout.zero_stage"),
     ],

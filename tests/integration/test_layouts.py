@@ -3,8 +3,9 @@
 pp2 with 2 virtual stages (interleaved 1F1B) and tp2 x pp2; the loss of every step and the parameters after
 the run (gathered) equal one process training the same global batch, up to fp32 reduction order.
 
-Activation recompute runs inside some of them (it is bit-exact, so the reference is the same); swap is
-refused on these layouts (`test_launch.py::test_launch_refuses_a_layout_the_trainer_cannot_run`).
+Each layout runs twice: with activation swap off (recompute inside some of them), and with swap on (block 0
+swaps half its tokens, block 3 all of them, to the DRAM tier; saved DTensors go by their local shards).
+Recompute and swap are copies of the same values, so the reference is the same one-process run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from tests.integration.helpers import ROOT, TRAIN, memtier, small_plan
 
 STEPS = "10"
 RECOMPUTE = (ActivationPolicy(layer=1, keep_fraction=0.0, recompute_fraction=1.0),)
+SWAP = (
+    ActivationPolicy(layer=0, keep_fraction=0.5, swap_fraction=0.5),
+    ActivationPolicy(layer=3, keep_fraction=0.0, swap_fraction=1.0),
+)
 # name -> small_plan arguments (4 ranks, tiny-llama with 4 blocks: 2 per pipeline stage, 1 per interleaved
 # chunk; global batch 8 sequences)
 LAYERS = 4
@@ -63,9 +68,12 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("swap", [False, True], ids=["swap_off", "swap_on"])
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_layout_trains_like_one_process(reference, tmp_path, name):
-    kw = LAYOUTS[name]
+def test_layout_trains_like_one_process(reference, tmp_path, name, swap):
+    kw = dict(LAYOUTS[name])
+    if swap:
+        kw["activations"] = tuple(kw.get("activations", ())) + SWAP
     small_plan(str(tmp_path / "plan.json"), ranks=4, num_layers=LAYERS, **kw)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = memtier(
@@ -89,7 +97,13 @@ def test_layout_trains_like_one_process(reference, tmp_path, name):
     param_diff = max(float((params[k] - ref).abs().max()) for k, ref in ref_params.items())
     print(f"{name}: max relative loss difference {loss_diff:.2e}, max parameter difference {param_diff:.2e}")
     m = json.loads((tmp_path / "m.json").read_text())
-    if "activations" in kw:  # recomputed block 1: its forward runs again in backward, where this rank has it
+    if swap:  # rank 0 holds block 0 in every layout: its half went out and came back
+        assert m["swap"]["bytes_swapped"] > 0 and m["swap"]["tensors_swapped"] > 0, m["swap"]
+        if kw.get("tp", 1) > 1:  # the projections' inputs are DTensors: packed by their local shards
+            assert m["swap"]["shards_packed"] > 0, m["swap"]
+    if any(
+        a.recompute_fraction for a in kw.get("activations", ())
+    ):  # recomputed block 1: its forward runs again in backward, where this rank has it
         assert m["attention_calls_last_step"][1] in (0, 2 * kw.get("grad_accum", 1))
 
 
