@@ -2,8 +2,9 @@
 before any rank starts, `launch.train.parallel` asks again in every rank.
 
 - torch engine: data parallelism (DDP, or gradient averaging in hooks for the offloaded optimizer); and,
-  through `launch.train.parallel`, tensor parallelism, ZeRO 1-3 as FSDP2, pipeline parallelism (1F1B, or
-  interleaved 1F1B with virtual stages) and their products, for Llama-style HF models;
+  through `launch.train.parallel`, tensor parallelism (with or without sequence parallelism), ZeRO 1-3 as
+  FSDP2, pipeline parallelism (1F1B, or interleaved 1F1B with virtual stages) and their products, for
+  Llama-style HF models, with activation recompute and swap on any of them;
 - deepspeed engine: ZeRO 0-3 data parallelism;
 - accelerate engine: plain data parallelism.
 
@@ -110,9 +111,10 @@ def refusals(plan: Plan) -> list[tuple[str, str]]:
     if lay.pp > 1 and lay.zero_stage > 0 and lay.dp > 1:
         why = f"zero_stage={lay.zero_stage}: FSDP2 inside pipeline stages is not run yet (pp with ZeRO-0 is)"
         out.append(("layout.zero_stage", why))
-    if lay.tp > 1 and lay.sequence_parallel:
-        why = "sequence parallelism is not run yet (tp is, with replicated norms): re-plan with it off"
-        out.append(("layout.sequence_parallel", why))
+    if lay.sequence_parallel and lay.tp == 1:
+        out.append(
+            ("layout.sequence_parallel", "sequence parallelism splits tokens over tp ranks: needs tp > 1")
+        )
     if plan.optimizer.offload:
         out.append(("optimizer.offload", "optimizer-state offload of tp/pp/FSDP2 shards is not run yet"))
     if plan.optimizer.kind != "adamw":

@@ -38,6 +38,7 @@ from planner.plan import Layout, Plan
 # projections of an HF Llama-style block (Llama, Mistral, Qwen2) and how tensor parallelism splits them
 COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")  # sequence-parallel with `layout.sequence_parallel`
 
 
 def chunk_layers(layout: Layout, num_layers: int) -> list[tuple[int, int]]:
@@ -56,10 +57,24 @@ def chunk_layers(layout: Layout, num_layers: int) -> list[tuple[int, int]]:
 
 class StageChunk(nn.Module):
     """A contiguous run of an HF causal LM's blocks, with the embeddings (first chunk) or the final norm and
-    head (last chunk): one pipeline stage's model chunk. Shares the modules of the original model."""
+    head (last chunk): one pipeline stage's model chunk. Shares the modules of the original model.
 
-    def __init__(self, model: nn.Module, first: int, count: int, *, is_first: bool, is_last: bool) -> None:
+    With sequence parallelism (`tokens_mesh`, the tp mesh) the residual stream is a DTensor split by tokens;
+    between stages its local shard is sent (1/tp of the bytes, Korthikanti et al. 2022, Sec. 4.2.2) and the
+    receiving chunk wraps it again."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        first: int,
+        count: int,
+        *,
+        is_first: bool,
+        is_last: bool,
+        tokens_mesh: Any = None,
+    ) -> None:
         super().__init__()
+        self.tokens_mesh = tokens_mesh
         inner = model.model  # type: ignore[union-attr]
         self.embed_tokens = inner.embed_tokens if is_first else None
         self.layers = nn.ModuleList(list(inner.layers)[first : first + count])
@@ -70,14 +85,18 @@ class StageChunk(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is not None:
             h = self.embed_tokens(h)
+        elif self.tokens_mesh is not None:
+            from torch.distributed.tensor import DTensor, Shard
+
+            h = DTensor.from_local(h, self.tokens_mesh, [Shard(1)], run_check=False)
         positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         rope = self.rotary_emb(h, positions)
         # no mask: SDPA's causal kernel, as the whole model uses for unpadded batches
         for layer in self.layers:
             h = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope)
         if self.norm is not None and self.lm_head is not None:
-            h = self.lm_head(self.norm(h))
-        return h
+            return self.lm_head(self.norm(h))
+        return h.to_local() if self.tokens_mesh is not None else h  # type: ignore[attr-defined]
 
 
 def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -111,13 +130,49 @@ class Parallel:
         return self.layout.zero_stage > 0 and self.layout.dp > 1
 
 
-def _tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def _tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: bool) -> None:
+    """Megatron's split of every block over the tp mesh; with `sequence_parallel` (Korthikanti et al. 2022,
+    Sec. 4.2.2) the norms and the residual stream between the sub-layers hold 1/tp of the tokens: an all-gather
+    of the tokens before q/k/v and gate/up, a reduce-scatter after o and down (the same bytes as tp's
+    all-reduce), and the embeddings' output split by tokens, the final norm sequence-parallel, the head's
+    input gathered again (the head stays replicated)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     plan: dict[str, Any] = {name: ColwiseParallel() for name in COLWISE}
-    plan.update({name: RowwiseParallel() for name in ROWWISE})
+    if not sequence_parallel:
+        plan.update({name: RowwiseParallel() for name in ROWWISE})
+    else:
+        tokens, whole = Shard(1), Replicate()
+        plan.update(
+            {name: RowwiseParallel(output_layouts=tokens, use_local_output=False) for name in ROWWISE}
+        )
+        plan.update({name: SequenceParallel() for name in NORMS})
+        # HF passes the attention's input as a keyword, the MLP's as the first argument
+        plan["self_attn"] = PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": tokens},
+            desired_input_kwarg_layouts={"hidden_states": whole},
+        )
+        plan["mlp"] = PrepareModuleInput(input_layouts=(tokens,), desired_input_layouts=(whole,))
     for block in model.model.layers:  # type: ignore[union-attr]
         parallelize_module(block, tp_mesh, plan)
+    if sequence_parallel:
+        parallelize_module(model, tp_mesh, {
+            "model.embed_tokens": PrepareModuleOutput(
+                output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=False
+            ),
+            "model.norm": SequenceParallel(),
+            "lm_head": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            ),
+        })  # fmt: skip
 
 
 def _fully_shard(modules: list[nn.Module], blocks: list[nn.Module], layout: Layout, dp_mesh: Any) -> None:
@@ -141,7 +196,7 @@ def parallelize(model: nn.Module, plan: Plan, d: Dist) -> Parallel:
     assert coords is not None
     pp_rank, dp_rank = coords[0], coords[1]
     if lay.tp > 1:
-        _tensor_parallel(model, mesh["tp"])
+        _tensor_parallel(model, mesh["tp"], lay.sequence_parallel)
     if lay.pp == 1:
         modules = nn.ModuleList([model])
         if lay.zero_stage > 0 and lay.dp > 1:
@@ -149,7 +204,11 @@ def parallelize(model: nn.Module, plan: Plan, d: Dist) -> Parallel:
         return Parallel(layout=lay, mesh=mesh, dp_rank=dp_rank, pp_rank=pp_rank, modules=modules)
     chunks = chunk_layers(lay, len(model.model.layers))  # type: ignore[union-attr]
     ids = [k * lay.pp + pp_rank for k in range(lay.virtual_stages)]
-    owned = [StageChunk(model, *chunks[c], is_first=c == 0, is_last=c == len(chunks) - 1) for c in ids]
+    sp_mesh = mesh["tp"] if lay.tp > 1 and lay.sequence_parallel else None
+    owned = [
+        StageChunk(model, *chunks[c], is_first=c == 0, is_last=c == len(chunks) - 1, tokens_mesh=sp_mesh)
+        for c in ids
+    ]
     _drop_unowned(model, owned)
     if lay.zero_stage > 0 and lay.dp > 1:
         _fully_shard(owned, [b for c in owned for b in c.layers], lay, mesh["dp"])

@@ -121,6 +121,20 @@ class _Sharded:
         return DTensor(local, self.spec, requires_grad=False)  # type: ignore[call-arg]
 
 
+def _shard_tokens(
+    t: torch.Tensor, local: torch.Tensor, tokens: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The (seq_len, flat_tokens) of a DTensor's local shard: split by tokens under sequence parallelism
+    (a dim of the global seq_len that the shard holds fewer of), else the block's."""
+    if tokens is None or local.dim() != t.dim():
+        return tokens
+    seq_len, flat = tokens
+    for whole, part in zip(t.shape, local.shape):
+        if whole == seq_len and part != seq_len:
+            return part, flat * part // seq_len
+    return tokens
+
+
 def _modified_message(layer: int, t: torch.Tensor | None, version: int) -> str:
     shape = f" of shape {tuple(t.shape)}" if t is not None else ""
     return (
@@ -453,7 +467,8 @@ class SwapEngine:
                 self._counts["tensors_kept"] += 1
                 return _Kept(t, policy.layer)
             self._counts["shards_packed"] += 1
-            return _Sharded(self.pack(local, record, policy, tokens, seq_dim, param_ptrs), t._spec)  # type: ignore[attr-defined]
+            shard_tokens = _shard_tokens(t, local, tokens)
+            return _Sharded(self.pack(local, record, policy, shard_tokens, seq_dim, param_ptrs), t._spec)  # type: ignore[attr-defined]
         if not _swappable(t, param_ptrs):
             self._counts["tensors_kept"] += 1
             return _Kept(t, policy.layer)

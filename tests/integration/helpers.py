@@ -52,6 +52,7 @@ def small_plan(
     grad_accum: int = 1,
     virtual_stages: int = 1,
     num_layers: int = 2,
+    sequence_parallel: bool = False,
 ) -> Plan:
     """tiny-llama (2 blocks, or `num_layers`) on a CPU 'cluster' of `ranks` devices, data parallel over the
     ranks that `tp` and `pp` leave (even pipeline split); written to `path`."""
@@ -81,6 +82,7 @@ def small_plan(
             pp=pp,
             grad_accum=grad_accum,
             virtual_stages=virtual_stages,
+            sequence_parallel=sequence_parallel,
             stage_layers=(num_layers // pp,) * pp if pp > 1 else (),
             zero_stage=zero_stage,
             engine=engine,
