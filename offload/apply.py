@@ -59,6 +59,11 @@ class OffloadHandle:
         self.removed = False
 
     @property
+    def loss(self) -> Any:
+        """The chunked loss's handle (`offload.loss.ChunkedLossHandle`: `.calls` counts its forwards), or None."""
+        return self._loss_handle
+
+    @property
     def stats(self) -> SwapStats:
         return self.engine.stats if self.engine is not None else SwapStats()
 

@@ -126,6 +126,4 @@ def refusals(plan: Plan) -> list[tuple[str, str]]:
         value = getattr(opt, name, default)  # the memory modes (planner.workload), where the plan has them
         if value != default:
             out.append((f"optimizer.{name}", f"{name}={value!r} is not run on tp/pp/FSDP2 shards yet"))
-    if plan.loss.kind != "standard":
-        out.append(("loss.kind", "the chunked loss is not run with tp/pp/FSDP2 yet"))
     return out

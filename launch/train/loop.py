@@ -30,6 +30,7 @@ from launch.train.metrics import (
     Progress,
     StepObserver,
     StepRates,
+    chunked_loss_calls,
     fmt_bytes,
     optimizer_tier_bytes,
     peak_flops_per_device,
@@ -247,6 +248,7 @@ class Loop:
             "tier_peak_bytes": self.observer.tiers_peak,
             "optimizer_tier_bytes": optimizer_tier_bytes(self.engine.optimizer),
             "swap": swap_stats(self.handle),
+            "chunked_loss_calls": chunked_loss_calls(self.handle, self.engine),
             "losses": self.losses,
             "plan": s.plan_path,
         }

@@ -236,6 +236,14 @@ def process_memory() -> dict[str, int]:
     }
 
 
+def chunked_loss_calls(handle: Any, engine: Any) -> int:
+    """Forwards whose loss the chunked loss computed: in the model's forward (offload.apply's handle), or in
+    the last pipeline stage's loss function (launch.train.parallel.ChunkedHeadLoss)."""
+    loss = getattr(handle, "loss", None)
+    par = getattr(engine, "par", None)
+    return int(getattr(loss, "calls", 0)) + int(getattr(getattr(par, "loss_fn", None), "calls", 0))
+
+
 def swap_stats(handle: Any) -> dict[str, Any]:
     return dataclasses.asdict(handle.stats) if handle is not None and hasattr(handle, "stats") else {}
 

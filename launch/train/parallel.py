@@ -72,9 +72,13 @@ class StageChunk(nn.Module):
         is_first: bool,
         is_last: bool,
         tokens_mesh: Any = None,
+        head_in_loss: bool = False,
     ) -> None:
         super().__init__()
         self.tokens_mesh = tokens_mesh
+        self.head_in_loss = (
+            head_in_loss  # the last chunk returns the normed hidden states (`ChunkedHeadLoss`)
+        )
         inner = model.model  # type: ignore[union-attr]
         self.embed_tokens = inner.embed_tokens if is_first else None
         self.layers = nn.ModuleList(list(inner.layers)[first : first + count])
@@ -95,7 +99,10 @@ class StageChunk(nn.Module):
         for layer in self.layers:
             h = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope)
         if self.norm is not None and self.lm_head is not None:
-            return self.lm_head(self.norm(h))
+            if not self.head_in_loss:
+                return self.lm_head(self.norm(h))
+            h = self.norm(h)
+            return h.full_tensor() if self.tokens_mesh is not None else h  # type: ignore[attr-defined]
         return h.to_local() if self.tokens_mesh is not None else h  # type: ignore[attr-defined]
 
 
@@ -104,6 +111,27 @@ def causal_lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)
     )
+
+
+class ChunkedHeadLoss:
+    """The last pipeline stage's loss with the head inside it (`plan.loss.kind == "chunked"`): the head's
+    projection and the causal-LM cross-entropy in token chunks (`offload.loss.linear_cross_entropy`), so no
+    tokens x vocab logits tensor exists; the same mean over the predictions as `causal_lm_loss`. The head
+    stays replicated over tp, so no vocab-parallel reduction is needed."""
+
+    def __init__(self, head: nn.Module, chunk_size: int) -> None:
+        self.head = head
+        self.chunk_size = chunk_size
+        self.calls = 0
+
+    def __call__(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        from offload.loss import linear_cross_entropy
+
+        kw = {"chunk_size": self.chunk_size} if self.chunk_size > 0 else {}
+        self.calls += 1
+        return linear_cross_entropy(
+            hidden, self.head.weight, tokens, bias=getattr(self.head, "bias", None), shift=True, **kw
+        )
 
 
 @dataclass
@@ -117,6 +145,7 @@ class Parallel:
     modules: nn.ModuleList  # what this rank trains: the whole model, or its pipeline chunks
     chunk_ids: list[int] = field(default_factory=list)  # the model chunks this rank holds (pipelining)
     schedule: Any = None  # the pipeline schedule (pp > 1)
+    loss_fn: Any = None  # the last stage's loss function (pp > 1): causal_lm_loss or a ChunkedHeadLoss
 
     @property
     def dp(self) -> int:
@@ -205,17 +234,22 @@ def parallelize(model: nn.Module, plan: Plan, d: Dist) -> Parallel:
     chunks = chunk_layers(lay, len(model.model.layers))  # type: ignore[union-attr]
     ids = [k * lay.pp + pp_rank for k in range(lay.virtual_stages)]
     sp_mesh = mesh["tp"] if lay.tp > 1 and lay.sequence_parallel else None
+    chunked = plan.loss.kind == "chunked"
     owned = [
-        StageChunk(model, *chunks[c], is_first=c == 0, is_last=c == len(chunks) - 1, tokens_mesh=sp_mesh)
+        StageChunk(
+            model, *chunks[c], is_first=c == 0, is_last=c == len(chunks) - 1, tokens_mesh=sp_mesh,
+            head_in_loss=chunked,
+        )
         for c in ids
-    ]
+    ]  # fmt: skip
     _drop_unowned(model, owned)
     if lay.zero_stage > 0 and lay.dp > 1:
         _fully_shard(owned, [b for c in owned for b in c.layers], lay, mesh["dp"])
     par = Parallel(
         layout=lay, mesh=mesh, dp_rank=dp_rank, pp_rank=pp_rank, modules=nn.ModuleList(owned), chunk_ids=ids
     )
-    par.schedule = _schedule(par, owned, len(chunks), d.device)
+    par.loss_fn = ChunkedHeadLoss(model.lm_head, plan.loss.chunk_size) if chunked else causal_lm_loss  # type: ignore[arg-type]
+    par.schedule = _schedule(par, owned, len(chunks), d.device, par.loss_fn)
     return par
 
 
@@ -229,7 +263,9 @@ def _drop_unowned(model: nn.Module, owned: list[nn.Module]) -> None:
             m.to("meta")
 
 
-def _schedule(par: Parallel, owned: list[nn.Module], n_chunks: int, device: torch.device) -> Any:
+def _schedule(
+    par: Parallel, owned: list[nn.Module], n_chunks: int, device: torch.device, loss_fn: Any
+) -> Any:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
     lay = par.layout
@@ -238,8 +274,8 @@ def _schedule(par: Parallel, owned: list[nn.Module], n_chunks: int, device: torc
         for m, c in zip(owned, par.chunk_ids, strict=True)
     ]
     if lay.virtual_stages > 1:
-        return ScheduleInterleaved1F1B(stages, n_microbatches=lay.grad_accum, loss_fn=causal_lm_loss)
-    return Schedule1F1B(stages[0], n_microbatches=lay.grad_accum, loss_fn=causal_lm_loss)
+        return ScheduleInterleaved1F1B(stages, n_microbatches=lay.grad_accum, loss_fn=loss_fn)
+    return Schedule1F1B(stages[0], n_microbatches=lay.grad_accum, loss_fn=loss_fn)
 
 
 # ------------------------------------------------------------------------------------------- the step

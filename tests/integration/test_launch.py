@@ -181,7 +181,11 @@ def test_train_lm_optimizers_in_process(tmp_path, optimizer):
         ({}, {"dp": 1, "cp": 2}, "layout.cp"),
         ({}, {"dp": 1, "pp": 2, "stage_layers": (1, 1)}, "layout.grad_accum"),  # 1F1B: >= pp micro-batches
         ({"engine": "deepspeed"}, {"dp": 1, "tp": 2}, "layout.tp"),
-        ({"chunked_loss": True}, {"dp": 1, "pp": 2, "grad_accum": 2, "stage_layers": (1, 1)}, "loss.kind"),
+        (
+            {},
+            {"dp": 1, "pp": 2, "grad_accum": 2, "stage_layers": (1, 1), "sequence_parallel": True},
+            "layout.sequence_parallel",
+        ),  # tokens split over tp ranks, without tp
         ({"optimizer_offload": True}, {"dp": 2, "zero_stage": 3}, "optimizer.offload"),
         ({"ranks": 4}, {"dp": 2, "pp": 2, "grad_accum": 2, "zero_stage": 3}, "layout.zero_stage"),
     ],

@@ -108,6 +108,27 @@ def test_layout_trains_like_one_process(reference, tmp_path, name, swap):
         assert m["attention_calls_last_step"][1] in (0, 2 * kw.get("grad_accum", 1))
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["fsdp_dp2_tp2_sp", "tp2_pp2_sp"])
+def test_chunked_loss_on_a_layout(reference, tmp_path, name):
+    """The chunked loss (no tokens x vocab logits): inside the model's forward under tp + FSDP2, in the last
+    pipeline stage's loss function under pp (the head moves into it); the same losses and parameters."""
+    small_plan(str(tmp_path / "plan.json"), ranks=4, num_layers=LAYERS, chunked_loss=True, **LAYOUTS[name])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = memtier(
+        "launch", "--nproc", "4", "--plan", str(tmp_path / "plan.json"), TRAIN, *_run_args(tmp_path),
+        timeout=240, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses, params = _result(tmp_path)
+    ref_losses, ref_params = reference
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    for k, ref in ref_params.items():
+        torch.testing.assert_close(
+            params[k], ref, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{name} {k}: {m}"
+        )
+
+
 def test_interleaved_chunks_follow_the_stage_split(tmp_path):
     """Chunk k * pp + s is stage s's k-th: stage_layers (4, 2) with 2 virtual stages gives stage 0 blocks 0-1
     and 3-4, stage 1 blocks 2 and 5; a stage whose blocks do not divide by virtual_stages is refused."""
