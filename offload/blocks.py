@@ -66,9 +66,18 @@ def _get_path(model: nn.Module, path: str) -> object | None:
     return obj
 
 
+def _block_class(m: nn.Module) -> type:
+    """The module's own class: FSDP2's `fully_shard` swaps in a subclass (FSDP<Name>) on the modules it
+    shards, so a pipeline stage's sharded blocks and the other stages' unsharded ones are the same kind."""
+    cls = type(m)
+    if any(b.__name__ == "FSDPModule" for b in cls.__bases__):
+        return next((b for b in cls.__bases__ if b.__name__ != "FSDPModule"), cls)
+    return cls
+
+
 def _homogeneous(container: nn.Module) -> bool:
     children = list(container.children())
-    return len(children) >= 1 and all(type(c) is type(children[0]) for c in children)
+    return len(children) >= 1 and all(_block_class(c) is _block_class(children[0]) for c in children)
 
 
 def _param_count(module: nn.Module) -> int:

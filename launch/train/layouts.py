@@ -108,9 +108,6 @@ def refusals(plan: Plan) -> list[tuple[str, str]]:
     if lay.tp > 1 and (spec.num_heads % lay.tp or spec.num_kv_heads % lay.tp):
         why = f"tp({lay.tp}) must divide num_heads({spec.num_heads}) and num_kv_heads({spec.num_kv_heads})"
         out.append(("layout.tp", why))
-    if lay.pp > 1 and lay.zero_stage > 0 and lay.dp > 1:
-        why = f"zero_stage={lay.zero_stage}: FSDP2 inside pipeline stages is not run yet (pp with ZeRO-0 is)"
-        out.append(("layout.zero_stage", why))
     if lay.sequence_parallel and lay.tp == 1:
         out.append(
             ("layout.sequence_parallel", "sequence parallelism splits tokens over tp ranks: needs tp > 1")

@@ -11,7 +11,8 @@ this is memtier's own, driven by the Plan only:
   row-wise, so each block needs one all-reduce in forward and one in backward per sub-layer; embeddings,
   norms and the head stay replicated (their gradients are identical on the tp ranks because the column-wise
   layers all-reduce the gradient of their input);
-- ZeRO >= 1 (Rajbhandari et al. 2020) with FSDP2 `fully_shard` over the dp dim: ZeRO-3 reshards parameters
+- ZeRO >= 1 (Rajbhandari et al. 2020) with FSDP2 `fully_shard` over the dp dim (inside each pipeline
+  stage too: the stage's blocks and its chunk are sharded over its dp group): ZeRO-3 reshards parameters
   after forward, ZeRO-1/2 keep them gathered until backward (`reshard_after_forward=False`); ZeRO-0 averages
   gradients over the dp dim after the last micro-batch (or DDP, for pure data parallelism: engines.py);
 - pipeline parallelism with `torch.distributed.pipelining`: `layout.stage_layers` blocks per stage,

@@ -36,6 +36,7 @@ LAYOUTS = {
     "dp2_tp2_sp": {"micro_batch": 4, "tp": 2, "sequence_parallel": True},
     "fsdp_dp2_tp2_sp": {"micro_batch": 4, "tp": 2, "zero_stage": 3, "sequence_parallel": True},
     "pp2_dp2_1f1b": {"micro_batch": 2, "pp": 2, "grad_accum": 2, "activations": RECOMPUTE},
+    "pp2_dp2_zero3": {"micro_batch": 2, "pp": 2, "grad_accum": 2, "zero_stage": 3},
     "pp2_v2_interleaved": {"micro_batch": 2, "pp": 2, "grad_accum": 2, "virtual_stages": 2},
     "tp2_pp2_sp": {"micro_batch": 4, "tp": 2, "pp": 2, "grad_accum": 2, "sequence_parallel": True},
 }
