@@ -3,10 +3,12 @@
 For each layout `launch.train.parallel` runs (dp4, FSDP2 dp4 ZeRO-3, dp2 x tp2, FSDP2 dp2 x tp2, pp2 x dp2
 1F1B, pp2 interleaved 1F1B with 2 virtual stages, tp2 x pp2), one plan of the same model and global batch is
 trained with `memtier launch --nproc 4` + `examples/train_lm.py`; the measured step time is the trainer's
-median (`--metrics-out`, warm-up steps excluded), the predicted one is `planner.steptime.estimate_step_time`
-on this machine's probe (`launch.measure.probe.local_cluster`, the cached `memtier probe`) as a node of 4
-devices, the way `memtier launch --auto` plans CPU ranks. Spearman's rho (Spearman 1904: the Pearson
-correlation of the ranks) says whether the planner orders the layouts as they run.
+median (`--metrics-out`, warm-up steps excluded; min and max beside it), the predicted one is
+`planner.steptime.estimate_step_time` on this machine probed as a node of 4 CPU devices: the cached
+`memtier probe` (compute, memory) with the links between the 4 ranks measured by `memtier probe --links
+--nproc-per-node 4` (gloo, all pairs at once), the way `memtier launch --auto` plans CPU ranks. Spearman's
+rho (Spearman 1904: the Pearson correlation of the ranks) says whether the planner orders the layouts as
+they run.
 
     python benchmarks/layouts.py [--quick]       # JSON + PNG under benchmarks/results/
 """
@@ -36,12 +38,14 @@ from planner.steptime import estimate_step_time  # noqa: E402
 from planner.workload import Workload  # noqa: E402
 
 RANKS = 4
+WARMUP = 2  # steps left out of the median (the first allocates, the second still settles)
 TRAIN = os.path.join(_ROOT, "examples", "train_lm.py")
 # name -> Layout fields (4 ranks; micro_batch x grad_accum x dp = the global batch, the same for all)
 LAYOUTS: dict[str, dict[str, Any]] = {
     "dp4": {"dp": 4, "micro_batch": 2},
     "fsdp_dp4_zero3": {"dp": 4, "micro_batch": 2, "zero_stage": 3},
     "dp2_tp2": {"dp": 2, "tp": 2, "micro_batch": 4},
+    "dp2_tp2_sp": {"dp": 2, "tp": 2, "micro_batch": 4, "sequence_parallel": True},
     "fsdp_dp2_tp2": {"dp": 2, "tp": 2, "micro_batch": 4, "zero_stage": 3},
     "pp2_dp2_1f1b": {"dp": 2, "pp": 2, "micro_batch": 2, "grad_accum": 2},
     "pp2_v2_interleaved": {"dp": 2, "pp": 2, "micro_batch": 2, "grad_accum": 2, "virtual_stages": 2},
@@ -49,9 +53,21 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 }
 
 
-def four_devices(cluster: ClusterSpec) -> ClusterSpec:
-    """The probed node as 4 devices, as `memtier launch --auto` plans CPU ranks (`launch.run.auto_plan`)."""
-    return dataclasses.replace(cluster, devices_per_node=RANKS)
+def four_devices(cluster: ClusterSpec, workdir: str) -> ClusterSpec:
+    """The probed node as 4 devices, as `memtier launch --auto` plans CPU ranks (`launch.run.auto_plan`),
+    with the links between them measured (`memtier probe --links`, 4 ranks over gloo)."""
+    from planner.cluster import cluster_to_yaml, load_cluster
+
+    base = os.path.join(workdir, "local.yaml")
+    with open(base, "w") as fh:
+        fh.write(cluster_to_yaml(dataclasses.replace(cluster, devices_per_node=RANKS)))
+    out = os.path.join(workdir, "links.yaml")
+    cmd = [sys.executable, "-m", "launch.cli", "probe", "--links", "--nproc-per-node", str(RANKS),
+           "--cluster", base, "--out", out]  # fmt: skip
+    run = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        raise RuntimeError(f"memtier probe --links failed:\n{run.stderr[-2000:]}")
+    return load_cluster(out)
 
 
 def make_plan(name: str, cluster: ClusterSpec, model_name: str, seq: int) -> Plan:
@@ -72,7 +88,7 @@ def measure(plan: Plan, workdir: str, steps: int) -> dict[str, Any]:
     plan.save(path)
     metrics = os.path.join(workdir, "metrics.json")
     cmd = [sys.executable, "-m", "launch.cli", "launch", "--nproc", str(RANKS), "--plan", path, TRAIN,
-           "--steps", str(steps), "--warmup-steps", "1", "--metrics-out", metrics]  # fmt: skip
+           "--steps", str(steps), "--warmup-steps", str(WARMUP), "--metrics-out", metrics]  # fmt: skip
     out = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"{plan.layout.describe()} failed:\n{out.stderr[-2000:]}")
@@ -111,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
     p.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results", "layouts"))
     args = p.parse_args(argv)
-    steps, seq = (4, 64) if args.quick else (10, 256)
-    cluster = four_devices(local_cluster())
+    steps, seq = (4, 64) if args.quick else (WARMUP + 10, 256)
+    with tempfile.TemporaryDirectory(prefix="memtier-layouts-links-") as tmp:
+        cluster = four_devices(local_cluster(), tmp)
     rows = []
     for name in args.layouts:
         plan = make_plan(name, cluster, args.model, seq)
@@ -121,14 +138,24 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({
             "layout": name, "describe": plan.layout.describe(), "predicted_step_s": plan.predicted.step_time_s,
             "measured_step_s": m["step_time_s"], "step_times_s": m["step_times_s"], "losses": m["losses"],
+            "measured_min_s": min(m["step_times_s"]), "measured_max_s": max(m["step_times_s"]),
+            "predicted_breakdown_s": estimate_step_time(plan.model, cluster, plan.workload, plan.layout).breakdown(),
         })  # fmt: skip
-        print(f"{name:20s} predicted {rows[-1]['predicted_step_s']:.3f} s  measured {m['step_time_s']:.3f} s")
+        r = rows[-1]
+        print(f"{name:20s} predicted {r['predicted_step_s']:.3f} s  measured {m['step_time_s']:.3f} s "
+              f"({r['measured_min_s']:.3f}-{r['measured_max_s']:.3f}, {len(m['step_times_s'])} steps)")  # fmt: skip
     rho = spearman([r["predicted_step_s"] for r in rows], [r["measured_step_s"] for r in rows])
     print(f"Spearman rho (predicted vs measured ranking): {rho:.2f}")
-    config = {"model": args.model, "seq": seq, "steps": steps, "ranks": RANKS, "quick": args.quick}
-    write_json(
-        args.out + ".json", {"config": config, "cluster": cluster.name, "rows": rows, "spearman_rho": rho}
-    )
+    config = {"model": args.model, "seq": seq, "steps": steps, "warmup_steps": WARMUP, "ranks": RANKS,
+              "quick": args.quick}  # fmt: skip
+    links = {
+        "intra_node_bandwidth": cluster.links.intra_node.bandwidth,
+        "latency": cluster.links.intra_node.latency,
+    }
+    write_json(args.out + ".json", {
+        "config": config, "cluster": cluster.name, "links": links, "cores": cluster.cpu.cores, "rows": rows,
+        "spearman_rho": rho,
+    })  # fmt: skip
     plot(rows, rho, args.out + ".png")
     return 0
 

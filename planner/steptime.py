@@ -171,6 +171,16 @@ def estimate_step_time(
     shard = psi / (dp_n if layout.zero_stage >= 1 else 1)
     optimizer = _optimizer_s(model, cluster, workload, options, shard)
 
+    busy, alone = cpu_shares(cluster)
+    if busy < 1.0:
+        # CPU ranks sharing one machine's cores: everything a rank computes runs at its share of the
+        # machine; a pipeline bubble idles a rank, whose cores the busy ranks then use, so the critical
+        # path runs at a lone rank's rate and the bubble costs only what exceeds the ranks' total work
+        # (no spare core hides gradient reduction either)
+        critical = (compute + bubble) / alone
+        compute, optimizer = compute / busy, optimizer / busy
+        bubble = max(0.0, critical - compute)
+        dp_exposed = dp_comm if dp_n > 1 else 0.0
     step = compute + tp_comm + pp_comm + bubble + dp_exposed + optimizer + swap_exposed_s
     world = layout.world_size
     all_tokens = workload.global_batch * seq
@@ -198,6 +208,22 @@ def estimate_step_time(
         hfu=min(1.0, hflops / step / world / peak),
         links={k: v.bandwidth for k, v in links.items()},
     )
+
+
+def cpu_shares(cluster: ClusterSpec) -> tuple[float, float]:
+    """(while every rank computes, alone) shares of the machine's compute one rank of a CPU "device" gets.
+
+    `memtier launch` runs devices_per_node CPU ranks on one machine, each with max(1, cores // ranks)
+    threads (`launch.run.threads_per_rank`): a rank alone uses threads / cores of the machine; all busy,
+    the cores are split between the ranks (1 / ranks each when they outnumber the cores). A device's probed
+    compute is the whole machine's, so an accelerator, or a CPU node of one rank, gets (1, 1).
+    """
+    if cluster.device.kind != "cpu" or cluster.devices_per_node <= 1:
+        return 1.0, 1.0
+    cores, ranks = cluster.cpu.cores, cluster.devices_per_node
+    threads = max(1, cores // ranks)
+    alone = min(1.0, threads / cores)
+    return min(alone, 1.0 / ranks), alone
 
 
 def _optimizer_s(

@@ -131,3 +131,38 @@ def test_interleaved_schedule_holds_more_activations_on_the_first_stage():
         held = [in_flight_microbatches(layout, k) for k in range(p)]
         assert held == sorted(held, reverse=True)
         assert all(h >= p - k for k, h in enumerate(held))
+
+
+def test_cpu_ranks_sharing_cores_split_the_compute_and_absorb_the_bubble():
+    """4 CPU ranks on a 2-core machine (1 thread each): all busy, each gets a quarter of the machine's probed
+    compute; a pipeline rank idle in the bubble leaves its core to the busy ones, so a 2-stage pipeline over
+    2 micro-batches (bubble 1/2 of the compute when each rank has a device of its own) costs no bubble."""
+    from planner.cluster import CpuSpec, DeviceSpec, Link, Links
+    from planner.steptime import cpu_shares, estimate_step_time
+
+    spec = MODEL_PRESETS["llama-20m"]
+    gpu_like = resolve_cluster("dgx-a100-8x80g")
+    dev = DeviceSpec(kind="cpu", memory=24 << 30, peak_flops={"fp32": 4e11}, efficiency=0.7,
+                     host_link=Link(bandwidth=1e10, latency=1e-7), memory_bandwidth=1e10)  # fmt: skip
+    cpu = dataclasses.replace(
+        gpu_like, devices_per_node=4, device=dev, cpu=CpuSpec(cores=2, peak_flops=4e11, adam_params_per_s=3e9),
+        links=Links(intra_node=Link(bandwidth=1e9, latency=4e-5), inter_node=Link(bandwidth=1e9, latency=4e-5)),
+    )  # fmt: skip
+    assert cpu_shares(cpu) == (0.25, 0.5) and cpu_shares(gpu_like) == (1.0, 1.0)
+    one = dataclasses.replace(cpu, devices_per_node=1)
+    w = Workload(global_batch=8, micro_batch=2, seq_len=64, dtype="fp32")
+    alone = estimate_step_time(spec, one, w.replace(global_batch=2), Layout(dp=1, micro_batch=2))
+    dp4 = estimate_step_time(spec, cpu, w, Layout(dp=4, micro_batch=2))
+    assert dp4.compute_s == pytest.approx(
+        4 * alone.compute_s
+    )  # the same work per rank, a quarter of the cores
+    assert dp4.dp_exposed_s == pytest.approx(dp4.dp_comm_s)  # no spare core hides the reduction
+    pp = estimate_step_time(
+        spec, cpu, w, Layout(dp=2, pp=2, micro_batch=2, grad_accum=2, stage_layers=(4, 4))
+    )
+    assert pp.bubble_s == 0.0
+    dedicated = estimate_step_time(
+        spec, dataclasses.replace(cpu, cpu=CpuSpec(cores=8, peak_flops=4e11, adam_params_per_s=3e9)), w,
+        Layout(dp=2, pp=2, micro_batch=2, grad_accum=2, stage_layers=(4, 4)),
+    )  # fmt: skip
+    assert dedicated.bubble_s > 0.0
