@@ -18,16 +18,22 @@ class Applied:
     handle: Any = None  # offload.apply's handle (hooks, tiers, chunked loss)
     optimizer: Any = None  # the optimizer to step: the plan's offloaded one when it has one
     layerwise: Any = None  # optim.LayerwiseStepper when the plan steps each parameter in backward
+    sharded: Any = None  # the offloaded optimizer over a tp / pp / FSDP2 rank's shards (launch.train.shards)
 
     def remove(self) -> None:
         if self.layerwise is not None:
             self.layerwise.remove()
+        if self.sharded is not None:
+            self.sharded.remove()  # its hooks and tier state
         if self.handle is not None:
             self.handle.remove()  # closes the tiers: swap files deleted
 
 
-def apply_plan(model: torch.nn.Module, optimizer: Any, settings: Settings) -> Applied:
+def apply_plan(model: torch.nn.Module, optimizer: Any, settings: Settings, *, shards: Any = None) -> Applied:
     """`offload.apply(model, optimizer, plan)` (nothing without a plan); every setting comes from the plan.
+
+    `shards` (`launch.train.shards.ShardProxies`, a tp / pp / FSDP2 rank's shards, which `optimizer` was built
+    over): an offloaded optimizer state is the shards' (`sharded_offload`).
 
     Under DeepSpeed the optimizer is DeepSpeed's: only the plan's activation and loss decisions are applied
     here, and an optimizer offload DeepSpeed cannot carry out (ZeRO-0) is refused, not dropped.
@@ -46,6 +52,8 @@ def apply_plan(model: torch.nn.Module, optimizer: Any, settings: Settings) -> Ap
             )
         plan = plan.replace(optimizer=dataclasses.replace(plan.optimizer, offload=False))
         return Applied(handle=offload.apply(model, None, plan), optimizer=optimizer)
+    if shards is not None and plan.optimizer.offload:
+        return sharded_offload(model, optimizer, settings, shards)
     offload_settings = None
     if plan.optimizer.offload:
         from offload.optimizer import OffloadSettings
@@ -73,6 +81,34 @@ def apply_plan(model: torch.nn.Module, optimizer: Any, settings: Settings) -> Ap
             optimizer, accumulation_steps=plan.layout.grad_accum, reduce_gradients=False, model=model
         )
     return Applied(handle=handle, optimizer=handle.optimizer, layerwise=stepper)
+
+
+def sharded_offload(model: torch.nn.Module, optimizer: Any, settings: Settings, shards: Any) -> Applied:
+    """The plan's activations and loss on `model`, its optimizer-state offload on the rank's shards: the
+    offloaded AdamW over `shards` (plain tensors over the shards' storage), stepped after the engine averaged
+    and clipped (`launch.train.shards`)."""
+    import offload
+    from launch.train.shards import ShardedOffload
+    from offload.optimizer import offload_optimizer
+    from offload.optimizer.settings import OffloadSettings
+
+    plan = settings.plan
+    assert plan is not None
+    handle = offload.apply(
+        model, None, plan.replace(optimizer=dataclasses.replace(plan.optimizer, offload=False))
+    )
+    # no clipping inside (it would see this rank's shards only); the proxies' storage is the shards', so it
+    # must not move into a huge-page buffer of its own
+    opts = OffloadSettings(
+        cpu_kernel=plan.optimizer.cpu_kernel, schedule=plan.optimizer.schedule, huge_page_params=False
+    )
+    try:
+        inner = offload_optimizer(shards, optimizer, plan, settings=opts)
+    except BaseException:
+        handle.remove()
+        raise
+    wrapped = ShardedOffload(shards, inner)
+    return Applied(handle=handle, optimizer=wrapped, sharded=inner)
 
 
 def memory_modes(model: torch.nn.Module, optimizer: Any, settings: Settings) -> Any:

@@ -112,8 +112,8 @@ def refusals(plan: Plan) -> list[tuple[str, str]]:
         out.append(
             ("layout.sequence_parallel", "sequence parallelism splits tokens over tp ranks: needs tp > 1")
         )
-    if plan.optimizer.offload:
-        out.append(("optimizer.offload", "optimizer-state offload of tp/pp/FSDP2 shards is not run yet"))
+    if plan.optimizer.offload and plan.optimizer.kind != "adamw":
+        out.append(("optimizer.offload", "optimizer-state offload of tp/pp/FSDP2 shards runs with AdamW"))
     if plan.optimizer.kind != "adamw":
         out.append(
             ("optimizer.kind", f"{plan.optimizer.kind} is not run on tp/pp/FSDP2 shards yet (adamw is)")

@@ -267,8 +267,14 @@ def _train(
     data = make_data(settings)
     model = build_model(settings.spec, args.seed).to(d.device)
     par = parallel_layout(model, settings, d, args)
-    trained = par.modules if par is not None else model  # a pipeline rank trains its chunks only
-    applied = apply_plan(model, build_optimizer(trained, settings, args.lr), settings)
+    trained: torch.nn.Module = par.modules if par is not None else model  # a pipeline rank: its chunks
+    shards = None
+    if par is not None and settings.plan is not None and settings.plan.optimizer.offload:
+        from launch.train.shards import ShardProxies
+
+        # the offloaded optimizer updates plain tensors: the shards' storage (launch.train.shards)
+        trained = shards = ShardProxies(list(par.modules.parameters()))
+    applied = apply_plan(model, build_optimizer(trained, settings, args.lr), settings, shards=shards)
     try:
         engine = make_engine(
             model, applied.optimizer, d, settings, lr=args.lr, ds_config_path=args.ds_config, par=par

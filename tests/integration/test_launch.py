@@ -186,7 +186,6 @@ def test_train_lm_optimizers_in_process(tmp_path, optimizer):
             {"dp": 1, "pp": 2, "grad_accum": 2, "stage_layers": (1, 1), "sequence_parallel": True},
             "layout.sequence_parallel",
         ),  # tokens split over tp ranks, without tp
-        ({"optimizer_offload": True}, {"dp": 2, "zero_stage": 3}, "optimizer.offload"),
     ],
 )
 def test_launch_refuses_a_layout_the_trainer_cannot_run(tmp_path, plan_kw, layout, field):

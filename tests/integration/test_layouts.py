@@ -130,6 +130,32 @@ def test_chunked_loss_on_a_layout(reference, tmp_path, name):
         )
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["fsdp_dp2_tp2_sp", "pp2_dp2_1f1b"])
+def test_optimizer_offload_of_the_shards(reference, tmp_path, name):
+    """Optimizer state in the DRAM tier beside tp + FSDP2 (the update runs on each rank's dp/tp shards) and
+    beside pp x dp (each stage's parameters): the same losses and parameters as one process."""
+    small_plan(
+        str(tmp_path / "plan.json"), ranks=4, num_layers=LAYERS, optimizer_offload=True, **LAYOUTS[name]
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = memtier(
+        "launch", "--nproc", "4", "--plan", str(tmp_path / "plan.json"), TRAIN, *_run_args(tmp_path),
+        timeout=240, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses, params = _result(tmp_path)
+    ref_losses, ref_params = reference
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    for k, ref in ref_params.items():
+        torch.testing.assert_close(
+            params[k], ref, rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{name} {k}: {m}"
+        )
+    m = json.loads((tmp_path / "m.json").read_text())
+    # rank 0's moments (8 B per element of its shards: fp32 parameters are their own master copy) are in DRAM
+    assert m["optimizer_tier_bytes"].get("dram", 0) > 0, m["optimizer_tier_bytes"]
+
+
 def test_interleaved_chunks_follow_the_stage_split(tmp_path):
     """Chunk k * pp + s is stage s's k-th: stage_layers (4, 2) with 2 virtual stages gives stage 0 blocks 0-1
     and 3-4, stage 1 blocks 2 and 5; a stage whose blocks do not divide by virtual_stages is refused."""
