@@ -32,7 +32,9 @@ class TokenCoefficients:
     mask_bytes_per_token: float = 0.0  # dropout masks (1 byte per element)
 
 
-def token_coefficients(model: ModelSpec, workload: Workload, *, dropout: bool = False) -> TokenCoefficients:
+def token_coefficients(
+    model: ModelSpec, workload: Workload, *, cpu_kernels: bool = False
+) -> TokenCoefficients:
     """Saved elements per token of one block, for the implementation this family runs.
 
     Enumerated from transformers' modules (autograd's saved tensors, unique storages; checked against the
@@ -47,31 +49,116 @@ def token_coefficients(model: ModelSpec, workload: Workload, *, dropout: bool = 
         2q + 2kv + 2; MLP 4f (gate, up, activation, product), with experts see `_moe_mlp_elems`;
         rotary cos/sin 2*s*d_head per block;
       falcon (LayerNorm h + 2 each, fused qkv, GELU 2f, the float mask s per token);
-      gpt2 (LayerNorm, fused qkv, GELU-tanh): 7h + 4 + (q + 2kv) + 5f + a, or with attention
-        dropout (math kernel) 3*a*s instead of a;
+      gpt2 (LayerNorm, fused qkv, GELU-tanh): 7h + 4 + (q + 2kv) + 5f + a, or with the math kernel the
+        softmax a*s instead of a;
       gpt_neox (parallel residual, partial rotary): 5h + 4 + (q + 2kv) + 2f + a;
+      dropout, any HF family: see `_with_dropout` (`cpu_kernels`: the ops take torch's CPU paths);
       gpt (Megatron, Korthikanti et al. 2022 eq. 2 in 16-bit): 34 s b h -> 10h replicated
         (LayerNorms, inputs, dropout masks) + 24h sharded, + 5 a s with unfused attention.
     """
     h, q, kv, f, a = model.hidden_size, model.q_size, model.kv_size, model.ffn_hidden_size, model.num_heads
-    flash = workload.flash_attention and not dropout
+    flash = fused_attention(model, workload, cpu_kernels=cpu_kernels)
     if model.family in LLAMA_LIKE:
-        return _llama_like_coefficients(model, workload, flash=flash and not model.attn_logit_softcap)
-    if model.family == "falcon":
-        return _falcon_coefficients(model)
-    if model.family == "gpt2":
-        return TokenCoefficients(
+        c = _llama_like_coefficients(model, workload, flash=flash)
+    elif model.family == "falcon":
+        c = _falcon_coefficients(model)
+    elif model.family == "gpt2":
+        c = TokenCoefficients(
             replicated=7 * h + 4,
             sharded=q + 2 * kv + 5 * f + (a if flash else 0),
-            per_sequence=0 if flash else 3 * a,
+            per_sequence=0 if flash else a,
         )
-    if model.family == "gpt_neox":
+    elif model.family == "gpt_neox":
         rot = model.head_dim // 4
-        return TokenCoefficients(replicated=5 * h + 4, sharded=q + 2 * kv + 2 * f + a, fixed=2 * rot)
-    # Megatron GPT, Korthikanti et al. 2022 eq. 2 and Sec. 4.2: 34sbh bytes (16-bit, 1-byte
-    # dropout masks included) of which 10sbh stay whole under tp and 24sbh shard; in 2-byte
-    # elements per token: 5h + 12h. The unfused attention adds 5as^2b bytes = 2.5as elements.
-    return TokenCoefficients(replicated=5 * h, sharded=12 * h, per_sequence=0 if flash else 2.5 * a)
+        c = TokenCoefficients(
+            replicated=5 * h + 4,
+            sharded=q + 2 * kv + 2 * f + (a if flash else 0),
+            per_sequence=0 if flash else a,
+            fixed=2 * rot,
+        )
+    else:
+        # Megatron GPT, Korthikanti et al. 2022 eq. 2 and Sec. 4.2: 34sbh bytes (16-bit, 1-byte
+        # dropout masks included) of which 10sbh stay whole under tp and 24sbh shard; in 2-byte
+        # elements per token: 5h + 12h. The unfused attention adds 5as^2b bytes = 2.5as elements.
+        return TokenCoefficients(replicated=5 * h, sharded=12 * h, per_sequence=0 if flash else 2.5 * a)
+    return _with_dropout(model, workload, c, flash=flash, cpu_kernels=cpu_kernels)
+
+
+def fused_attention(model: ModelSpec, workload: Workload, *, cpu_kernels: bool = False) -> bool:
+    """Whether the attention runs a fused kernel that keeps nothing s x s. Not with Gemma 2's tanh
+    soft-capping (eager), nor SDPA with attention dropout on a CPU: CUDA's flash and memory-efficient kernels
+    draw the mask inside, torch's CPU flash kernel takes no dropout and the math kernel runs."""
+    if model.family in LLAMA_LIKE and model.attn_logit_softcap:
+        return False
+    return workload.flash_attention and not (model.attn_dropout and cpu_kernels)
+
+
+def saved_after_attention_elems(model: ModelSpec, workload: Workload) -> float:
+    """Saved elements per token of what a block runs after its attention core: released by the time the
+    core's backward runs. Llama-like: the MLP, the later norms and the MLP's input, the output projection's
+    input (q); GPT-2: the MLP (5f), its LayerNorm and input, the output projection's input; the parallel
+    blocks (GPT-NeoX, Falcon) only their MLP."""
+    h, q, f = model.hidden_size, model.q_size, model.ffn_hidden_size
+    if model.family in LLAMA_LIKE:
+        return _moe_mlp_elems(model, workload) + (model.norms_per_block - 1) * (2 * h + 1) + h + q
+    return {"gpt2": 5 * f + 2 * h + 2 + q, "gpt_neox": 2 * f, "falcon": 2 * f}.get(model.family, 0.0)
+
+
+def attention_backward_per_sequence(
+    model: ModelSpec, workload: Workload, *, cpu_kernels: bool = False
+) -> float:
+    """s x s elements per token per key an unfused attention's backward holds beside the block's saved tensors
+    (0 with a fused kernel): the softmax's incoming gradient and the one its backward makes (2a; in fp32 where
+    the softmax runs in fp32, Llama-like eager). With attention dropout one of them takes the place of the
+    dropped probabilities, released once the matmul's backward ran (a). MemTracker, CPU fp32, 2 blocks,
+    b4 s512, full recompute: Gemma 2 (eager, soft-capped) peaks 16 MiB = one (4, 4, 512, 512) fp32 tensor
+    above the MLP phase; GPT-2 with its 0.1 dropout peaks in the MLP phase."""
+    if fused_attention(model, workload, cpu_kernels=cpu_kernels):
+        return 0.0
+    a = model.num_heads * (FP32 / workload.dtype_bytes if model.family in LLAMA_LIKE else 1)
+    return a if model.attn_dropout else 2 * a
+
+
+def hidden_dropout_sites(model: ModelSpec) -> int:
+    """Dropouts on a block's sublayer outputs: attention's and the MLP's (GPT-2's resid_pdrop, GPT-NeoX's
+    hidden_dropout, Phi-3's resid_pdrop), one on the summed output of Falcon's parallel block."""
+    if not model.hidden_dropout:
+        return 0
+    return 1 if model.family == "falcon" and model.parallel_block else 2
+
+
+def dropout_mask_bytes(workload: Workload, *, cpu_kernels: bool) -> int:
+    """Bytes per element of a kept dropout mask: CUDA's fused native_dropout keeps booleans; on a CPU
+    torch's dropout multiplies by a noise tensor of the input's dtype and keeps that (aten `_dropout`)."""
+    return workload.dtype_bytes if cpu_kernels else 1
+
+
+def _with_dropout(
+    model: ModelSpec, workload: Workload, c: TokenCoefficients, *, flash: bool, cpu_kernels: bool
+) -> TokenCoefficients:
+    """`c` plus what dropout keeps: each sublayer-output dropout its mask (h per token), and with attention
+    dropout outside a fused kernel the mask and the dropped probabilities beside the softmax (a s each).
+    Traced on GPT-2 (CPU, fp32, 0.1 everywhere): 7h + 4 + 2h + (q + 2kv) + 5f + 3 a s per token."""
+    h, a, b = model.hidden_size, model.num_heads, workload.dtype_bytes
+    mask = dropout_mask_bytes(workload, cpu_kernels=cpu_kernels)
+    sites = hidden_dropout_sites(model)
+    replicated, mask_bytes = c.replicated, c.mask_bytes_per_token
+    if mask == b:  # (kept in the working dtype: counted as elements)
+        replicated += sites * h
+    else:
+        mask_bytes += sites * h * mask
+    per_sequence = c.per_sequence
+    if model.attn_dropout and not flash:
+        per_sequence += a * mask / b + a
+        if model.family == "falcon":  # (its fused SDPA keeps no softmax; the math kernel does)
+            per_sequence += a
+    return TokenCoefficients(
+        replicated=replicated,
+        sharded=c.sharded,
+        per_sequence=per_sequence,
+        fixed=c.fixed,
+        mask_bytes_per_token=mask_bytes,
+    )
 
 
 def _expanded_kv(model: ModelSpec) -> int:
@@ -136,3 +223,36 @@ def _falcon_coefficients(model: ModelSpec) -> TokenCoefficients:
     return TokenCoefficients(
         replicated=replicated, sharded=attention + 2 * f, per_sequence=1, fixed=2 * model.head_dim
     )
+
+
+def shared_block_inputs_bytes(model: ModelSpec, workload: Workload, *, micro_batch: int, cp: int = 1) -> int:
+    """What every block gets besides its hidden states, made once per micro-batch: the rotary cos/sin tables
+    (1, s, d_head) and, for eager attention, the (b, 1, s, s) additive masks (transformers' masking_utils.
+    eager_mask; SDPA gets none: is_causal), one per kind of layer (Gemma 2: full and sliding), in the working
+    dtype. Blocks do not save them; recomputed blocks keep them as forward inputs until their backward
+    (MemTracker, CPU fp32, Gemma 2 b2 s256: two masks of 0.5 MiB; Llama s512: 128 KiB of tables)."""
+    seq = workload.seq_len / cp
+    rope = 2 * seq * model.head_dim if model.position == "rope" else 0
+    masks = 0.0
+    if model.family in LLAMA_LIKE and not (workload.flash_attention and not model.attn_logit_softcap):
+        masks = (
+            (2 if 0 < model.sliding_layers < model.num_layers else 1) * micro_batch * seq * workload.seq_len
+        )
+    return int((rope + masks) * workload.dtype_bytes)
+
+
+def embedding_dropout_bytes(
+    model: ModelSpec, workload: Workload, *, micro_batch: int, cp: int = 1, cpu_kernels: bool = False
+) -> int:
+    """The embedding dropout's mask (GPT-2's embd_pdrop, GPT-NeoX's hidden_dropout), per micro-batch."""
+    if not model.embd_dropout:
+        return 0
+    mask = dropout_mask_bytes(workload, cpu_kernels=cpu_kernels)
+    return int(micro_batch * workload.seq_len / cp * model.hidden_size * mask)
+
+
+def final_bytes(model: ModelSpec, workload: Workload, *, micro_batch: int, cp: int = 1) -> int:
+    """Saved by the final norm (input, normalised, output) per micro-batch."""
+    tokens = micro_batch * workload.seq_len / cp
+    # (frozen under LoRA: the normalised tensor is not kept for the weight's gradient)
+    return int(tokens * (2 if workload.lora else 3) * model.hidden_size * workload.dtype_bytes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.cluster import ClusterSpec
 from planner.errors import LayoutError
@@ -88,6 +88,8 @@ def estimate(
     if check:
         validate_layout(model, cluster, workload, layout)
     options = options or MemoryOptions()
+    if cluster.device.kind == "cpu" and not options.cpu_kernels:
+        options = replace(options, cpu_kernels=True)  # (the kernels the ops run on this device)
     mem = estimate_memory(model, workload, layout, options)
     t = estimate_step_time(model, cluster, workload, layout, options, mapping=mapping)
     return Estimate(layout=layout, memory=mem, time=t, budget_bytes=budget_bytes(cluster, workload, budget))

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from planner.activation_elems import TokenCoefficients as TokenCoefficients  # re-exported
-from planner.activation_elems import token_coefficients
+from planner.activation_elems import (
+    attention_backward_per_sequence,
+    embedding_dropout_bytes,
+    final_bytes,
+    saved_after_attention_elems,
+    shared_block_inputs_bytes,
+    token_coefficients,
+)
 from planner.lora import lora_block_params, lora_largest_tensor, saved_elems_change
 from planner.model import ModelSpec
 from planner.optimizer_state import FP32, optimizer_state_bytes_per_param
@@ -69,6 +76,9 @@ class MemoryOptions:
     # (parameters, gradients) bytes a streamed model state holds on the device (`planner.model_state`:
     # resident groups, the block pool, one group's gradient); None: the state is not streamed
     stream_state_bytes: tuple[int, int] | None = None
+    # the ops take torch's CPU kernels (a CPU device; `planner.estimate` sets it from the cluster): dropout
+    # keeps working-dtype masks and SDPA with attention dropout keeps the s x s tensors (`_with_dropout`)
+    cpu_kernels: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,10 +189,17 @@ def trainable_device_params(model: ModelSpec, workload: Workload, layout: Layout
 
 
 def block_saved_bytes(
-    model: ModelSpec, workload: Workload, *, micro_batch: int, tp: int = 1, sp: bool = False, cp: int = 1
+    model: ModelSpec,
+    workload: Workload,
+    *,
+    micro_batch: int,
+    tp: int = 1,
+    sp: bool = False,
+    cp: int = 1,
+    cpu_kernels: bool = False,
 ) -> int:
     """Bytes one block saves for backward for one micro-batch on one device (no recompute)."""
-    c = token_coefficients(model, workload)
+    c = token_coefficients(model, workload, cpu_kernels=cpu_kernels)
     tokens = micro_batch * workload.seq_len / cp
     lora_rep, lora_shard = saved_elems_change(model, workload)  # (frozen weights keep less; 0 without LoRA)
     rep = (c.replicated + lora_rep) / (tp if sp else 1)
@@ -236,15 +253,15 @@ def loss_peak_bytes(
     return 2 * one + upcast + cap, 3 * one + cap
 
 
-def final_bytes(model: ModelSpec, workload: Workload, *, micro_batch: int, cp: int = 1) -> int:
-    """Saved by the final norm (input, normalised, output) per micro-batch."""
-    tokens = micro_batch * workload.seq_len / cp
-    # (frozen under LoRA: the normalised tensor is not kept for the weight's gradient)
-    return int(tokens * (2 if workload.lora else 3) * model.hidden_size * workload.dtype_bytes)
-
-
 def backward_temp_bytes(
-    model: ModelSpec, workload: Workload, *, micro_batch: int, tp: int = 1, sp: bool = False, cp: int = 1
+    model: ModelSpec,
+    workload: Workload,
+    *,
+    micro_batch: int,
+    tp: int = 1,
+    sp: bool = False,
+    cp: int = 1,
+    cpu_kernels: bool = False,
 ) -> int:
     """Transient bytes of one block's backward besides its saved tensors and weight gradients.
 
@@ -254,7 +271,9 @@ def backward_temp_bytes(
     MemTracker (offload.activations.profile_block: peak during a block's backward above the live bytes
     before it), fp32: llama-34m (h 512, ffn 1376, seq 512) 4128 / 3440 / 3096 elements per token at batch
     1 / 2 / 4, i.e. 2 x ffn per token + ffn x hidden (the down projection's weight gradient, counted with
-    the gradients); the same on h 64 / ffn 176 and h 128 / ffn 352 Llamas.
+    the gradients); the same on h 64 / ffn 176 and h 128 / ffn 352 Llamas. An unfused attention's backward
+    comes after the MLP's, whose saved tensors (and the later norms') are released by then, and holds its
+    s x s gradients (`attention_backward_per_sequence`): the larger of the two phases.
     """
     tokens = micro_batch * workload.seq_len / cp
     out = model.hidden_size / (tp if sp else 1)
@@ -262,7 +281,9 @@ def backward_temp_bytes(
     ffn = model.ffn_hidden_size
     if model.is_moe:
         ffn = model.experts_per_token * ffn + model.shared_expert_ffn_size
-    return int(tokens * (2 * ffn / tp + out) * workload.dtype_bytes)
+    scores = attention_backward_per_sequence(model, workload, cpu_kernels=cpu_kernels) * workload.seq_len
+    attention = out + (scores - saved_after_attention_elems(model, workload)) / tp
+    return int(tokens * max(2 * ffn / tp + out, attention) * workload.dtype_bytes)
 
 
 def swap_out_is_early(swap_bytes: float, write_bps: float, block_forward_s: float) -> bool:
@@ -397,6 +418,7 @@ class _Blocks:
         bool
     ]  # per block: its swapped share is fetched one block ahead (ActivationPolicy.prefetch)
     transient: int  # a recomputed or fetched-back block's activations during its backward
+    recomputes: bool = False  # some block recomputes: the step keeps every block's forward inputs
 
     @property
     def resident_bytes(self) -> float:
@@ -410,12 +432,14 @@ def _stage_blocks(
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
     counts = stage_layer_counts(model, layout.pp, layout.stage_layers)
     first = sum(counts[:stage])
-    saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
+    saved = block_saved_bytes(
+        model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, cpu_kernels=options.cpu_kernels
+    )
     inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     policies = {p.layer: p for p in options.policies}
     resident: list[float] = []
     swapped: list[float] = []
-    transient = 0
+    transient, recomputes = 0, False
     for i in range(first, first + counts[stage]):
         pol = policies.get(i)
         if pol is None:
@@ -426,7 +450,7 @@ def _stage_blocks(
             )
         if options.recompute == "selective" and pol.layer not in policies:
             # Korthikanti et al. 2022 selective recompute: drop the attention core (s x s terms)
-            c = token_coefficients(model, workload)
+            c = token_coefficients(model, workload, cpu_kernels=options.cpu_kernels)
             tokens = mb * workload.seq_len / cp
             resident.append(
                 saved - int(tokens * c.per_sequence * workload.seq_len / tp * workload.dtype_bytes)
@@ -434,6 +458,7 @@ def _stage_blocks(
             swapped.append(0.0)
             continue
         resident.append(pol.keep_fraction * saved + pol.recompute_fraction * inp)
+        recomputes = recomputes or pol.recompute_fraction > 0
         swapped.append(pol.swap_fraction * saved)
         if pol.recompute_fraction > 0 or pol.swap_fraction > 0:
             transient = max(transient, saved)  # recomputed or fetched back: one block at a time
@@ -446,6 +471,7 @@ def _stage_blocks(
         swapped=swapped,
         prefetch=prefetch,
         transient=transient,
+        recomputes=recomputes,
     )
 
 
@@ -500,6 +526,24 @@ def _step_buffers(
             * workload.dtype_bytes
         )
     return bucket, opt_tmp, emb_tmp
+
+
+def _outside_blocks(
+    model: ModelSpec, workload: Workload, layout: Layout, options: MemoryOptions, stage: int, recomputes: bool
+) -> tuple[int, int, int]:
+    """Bytes per micro-batch of pipeline `stage` outside its blocks: (kept from its forward to its backward:
+    the final norm's, the embedding dropout's mask and the shared block inputs that recomputed blocks
+    keep; the shared block inputs, alive through the forward (`shared_block_inputs_bytes`); the part of
+    them kept)."""
+    mb, cp = layout.micro_batch, layout.cp
+    kept = final_bytes(model, workload, micro_batch=mb, cp=cp) if stage == layout.pp - 1 else 0
+    if stage == 0:
+        kept += embedding_dropout_bytes(
+            model, workload, micro_batch=mb, cp=cp, cpu_kernels=options.cpu_kernels
+        )
+    shared = shared_block_inputs_bytes(model, workload, micro_batch=mb, cp=cp)
+    recomputed = shared if recomputes else 0
+    return kept + recomputed, shared, recomputed
 
 
 def _split_peak(
@@ -640,21 +684,19 @@ def estimate_memory(
     act_swapped = sum(swapped)
     inflight = in_flight_microbatches(layout, stage)
     last = stage == layout.pp - 1
-    final = final_bytes(model, workload, micro_batch=mb, cp=cp) if last else 0
+    final, shared, kept_shared = _outside_blocks(model, workload, layout, options, stage, blocks.recomputes)
     activations = int((act_device + final) * inflight)
     if act_swapped:
         tier = options.policies[0].swap_tier if options.policies else "dram"
         host[tier] = host.get(tier, 0) + int(act_swapped * inflight)
-    loss_fwd, loss_bwd = (
-        loss_peak_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp, chunk_tokens=options.loss_chunk_tokens)
-        if last
-        else (0, 0)
-    )
+    chunk, cpu = options.loss_chunk_tokens, options.cpu_kernels
+    loss = loss_peak_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp, chunk_tokens=chunk)
+    loss_fwd, loss_bwd = loss if last else (0, 0)
     bucket, opt_tmp, emb_tmp = _step_buffers(model, workload, layout, options, stage)
     grads_at = gradients_during_backward(model, workload, layout, options, stage=stage)
     consumed = gradients_consumed_in_backward(layout, options.offload, layerwise=workload.layerwise)
     layer_grad = block_grad_bytes(model, workload, layout, grads, stage)
-    temp = backward_temp_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
+    temp = backward_temp_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, cpu_kernels=cpu)
     sweep, sweep_block, prefetch = backward_sweep(
         resident, swapped, saved=saved, temp=temp, grads_at=grads_at, prefetch=blocks.prefetch
     )
@@ -668,9 +710,9 @@ def estimate_memory(
         "forward": int(params + opt + activations + loss_fwd + last_in_flight),
         "backward": params + opt + activations + loss_bwd,
         # the forward sweep: the worst block's forward (see `forward_sweep`)
-        "block_forward": int(params + opt + fwd_sweep + others),
+        "block_forward": int(params + opt + fwd_sweep + others + shared),
         # the backward sweep, loss buffers gone: the worst block's backward (see `backward_sweep`)
-        "block_backward": int(params + opt + sweep + others),
+        "block_backward": int(params + opt + sweep + others + kept_shared),
         **_step_end_phases(
             model,
             workload,
@@ -733,6 +775,7 @@ def estimate_memory(
             "bucket_bytes": bucket,
             "optimizer_temp_bytes": opt_tmp,
             "embedding_backward_bytes": emb_tmp,
+            "shared_inputs_kept_bytes": kept_shared,  # (rotary tables, eager masks; recompute keeps them)
             "fragmentation_bytes": frag,
             "all_gradients_bytes": grads,
             **{f"phase_{k}": v for k, v in phases.items()},

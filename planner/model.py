@@ -74,6 +74,11 @@ class ModelSpec:
     experts_per_token: int = field(default=0, metadata={"min": 0})  # top-k
     shared_expert_ffn_size: int = field(default=0, metadata={"min": 0})  # Qwen2-MoE's always-on expert
     shared_expert_gate: bool = False  # a sigmoid gate (h -> 1) on the shared expert
+    # dropout probabilities as the config sets them (what autograd keeps changes, not the parameter count):
+    # on the attention probabilities, on each sublayer's output before its residual add, on the embeddings
+    attn_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    hidden_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    embd_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
 
     def __post_init__(self) -> None:
         from planner.schema import check_bounds
@@ -410,6 +415,10 @@ def _llama_like(cfg: dict[str, Any], label: str, model_type: str, source: str | 
         sliding_layers=sliding_layers,
         attn_logit_softcap=float(cfg.get("attn_logit_softcapping") or 0.0),
         final_logit_softcap=float(cfg.get("final_logit_softcapping") or 0.0),
+        attn_dropout=float(cfg.get("attention_dropout") or 0.0),
+        # Phi-3's dropout on each sublayer's output and on the embeddings
+        hidden_dropout=float(cfg.get("resid_pdrop") or 0.0) if model_type == "phi3" else 0.0,
+        embd_dropout=float(cfg.get("embd_pdrop") or 0.0) if model_type == "phi3" else 0.0,
         **fields,
     )
 
@@ -449,6 +458,8 @@ def _falcon(cfg: dict[str, Any], label: str) -> ModelSpec:
         norms_per_block=2 if not parallel or int(ln_parallel) == 2 else 1,
         parallel_block=parallel,
         fused_qkv=True,
+        attn_dropout=float(cfg.get("attention_dropout") or 0.0),
+        hidden_dropout=float(cfg.get("hidden_dropout") or 0.0),
     )
 
 
@@ -472,6 +483,9 @@ def _gpt2(cfg: dict[str, Any], label: str) -> ModelSpec:
         attn_out_bias=True,
         mlp_bias=True,
         fused_qkv=True,
+        attn_dropout=float(cfg.get("attn_pdrop", 0.1)),  # (GPT2Config's defaults)
+        hidden_dropout=float(cfg.get("resid_pdrop", 0.1)),
+        embd_dropout=float(cfg.get("embd_pdrop", 0.1)),
     )
 
 
@@ -497,6 +511,9 @@ def _gpt_neox(cfg: dict[str, Any], label: str) -> ModelSpec:
         mlp_bias=True,
         parallel_block=bool(cfg.get("use_parallel_residual", True)),
         fused_qkv=True,
+        attn_dropout=float(cfg.get("attention_dropout") or 0.0),
+        hidden_dropout=float(cfg.get("hidden_dropout") or 0.0),  # (also on the embeddings)
+        embd_dropout=float(cfg.get("hidden_dropout") or 0.0),
     )
 
 

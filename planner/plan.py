@@ -25,8 +25,9 @@ from planner.workload import OptimizerKind, Precision, StateBits, Workload
 # 1.2: OptimizerPlan.precision, layerwise, state_bits (the memory modes; `planner.workload`).
 # 1.3: Plan.model_state (parameters, gradients and optimizer state streamed from host tiers); Predicted.host_peak_bytes.
 # 1.4: Workload.lora_rank, lora_targets (LoRA: only the adapters train; `planner.lora`).
-# A 1.0 to 1.3 file loads with the defaults (see `upgrade`).
-SCHEMA_VERSION = "1.4"
+# 1.5: ModelSpec.attn_dropout, hidden_dropout, embd_dropout (what dropout keeps; `planner.activation_elems`).
+# A 1.0 to 1.4 file loads with the defaults (see `upgrade`).
+SCHEMA_VERSION = "1.5"
 SUPPORTED_MAJOR = 1
 
 TierName = Literal["device", "dram", "cxl", "nvme"]

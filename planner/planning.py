@@ -276,11 +276,13 @@ def with_buffer_offsets(
 def memory_options(plan: Plan) -> MemoryOptions:
     """The MemoryOptions a Plan's decisions stand for (to re-cost a plan with the cost models)."""
     chunk = plan.loss.chunk_size if plan.loss.kind == "chunked" else 0
+    cpu = plan.cluster.device.kind == "cpu"  # (the kernels the ops run: `MemoryOptions.cpu_kernels`)
     if plan.model_state.stream:
         eb = ElementBytes.of(plan.workload)
         params, grads, _ = resident_state_bytes(plan.model_state.groups, eb, plan.model_state.prefetch_depth)
+        streamed = (params, grads)
         return MemoryOptions(
-            policies=plan.activations, loss_chunk_tokens=chunk, stream_state_bytes=(params, grads)
+            policies=plan.activations, loss_chunk_tokens=chunk, stream_state_bytes=streamed, cpu_kernels=cpu
         )
     offload = Offload()
     tier = plan.optimizer.tier
@@ -290,9 +292,8 @@ def memory_options(plan: Plan) -> MemoryOptions:
     early = bool(swapped) and swap_out_early(
         plan.model, plan.cluster, plan.workload, plan.layout, swapped[0].swap_tier
     )
-    return MemoryOptions(
-        offload=offload, policies=plan.activations, loss_chunk_tokens=chunk, swap_out_early=early
-    )
+    return MemoryOptions(offload=offload, policies=plan.activations, loss_chunk_tokens=chunk,
+                         swap_out_early=early, cpu_kernels=cpu)  # fmt: skip
 
 
 def optimizer_settings(workload: Workload) -> dict[str, Any]:

@@ -462,7 +462,11 @@ class _Problem:
         return cls(model=model, cluster=cluster, workload=workload, **kw)
 
     def input(self, layout: Layout, **changes: object) -> StrategyInput:
-        kw: dict[str, object] = {"options": MemoryOptions(loss_chunk_tokens=self.space.loss_chunk_tokens)}
+        kw: dict[str, object] = {
+            "options": MemoryOptions(
+                loss_chunk_tokens=self.space.loss_chunk_tokens, cpu_kernels=self.cluster.device.kind == "cpu"
+            )
+        }
         kw.update(changes)
         return StrategyInput(
             model=self.model,

@@ -171,16 +171,8 @@ def estimate_step_time(
     shard = psi / (dp_n if layout.zero_stage >= 1 else 1)
     optimizer = _optimizer_s(model, cluster, workload, options, shard)
 
-    busy, alone = cpu_shares(cluster)
-    if busy < 1.0:
-        # CPU ranks sharing one machine's cores: everything a rank computes runs at its share of the
-        # machine; a pipeline bubble idles a rank, whose cores the busy ranks then use, so the critical
-        # path runs at a lone rank's rate and the bubble costs only what exceeds the ranks' total work
-        # (no spare core hides gradient reduction either)
-        critical = (compute + bubble) / alone
-        compute, optimizer = compute / busy, optimizer / busy
-        bubble = max(0.0, critical - compute)
-        dp_exposed = dp_comm if dp_n > 1 else 0.0
+    if cpu_shares(cluster)[0] < 1.0:
+        compute, bubble, optimizer, dp_exposed = _shared_cores(cluster, compute, bubble, optimizer, dp_comm)
     step = compute + tp_comm + pp_comm + bubble + dp_exposed + optimizer + swap_exposed_s
     world = layout.world_size
     all_tokens = workload.global_batch * seq
@@ -224,6 +216,20 @@ def cpu_shares(cluster: ClusterSpec) -> tuple[float, float]:
     threads = max(1, cores // ranks)
     alone = min(1.0, threads / cores)
     return min(alone, 1.0 / ranks), alone
+
+
+def _shared_cores(
+    cluster: ClusterSpec, compute: float, bubble: float, optimizer: float, dp_comm: float
+) -> tuple[float, float, float, float]:
+    """(compute, bubble, optimizer, exposed dp reduction) of CPU ranks that share one machine's cores, from
+    the same terms costed at the whole machine's rate: everything a rank computes runs at its share of the
+    machine; a pipeline bubble idles a rank, whose cores the busy ranks then use, so the critical path runs
+    at a lone rank's rate and the bubble costs only what exceeds the ranks' total work; no spare core hides
+    the gradient reduction (dp_comm is 0 without data parallelism)."""
+    busy, alone = cpu_shares(cluster)
+    critical = (compute + bubble) / alone
+    compute, optimizer = compute / busy, optimizer / busy
+    return compute, max(0.0, critical - compute), optimizer, dp_comm
 
 
 def _optimizer_s(
@@ -276,7 +282,10 @@ def swap_out_early(
     if spec is None:
         return False
     tp, cp, sp = layout.tp, layout.cp, layout.sequence_parallel
-    saved = block_saved_bytes(model, workload, micro_batch=layout.micro_batch, tp=tp, sp=sp, cp=cp)
+    cpu = cluster.device.kind == "cpu"
+    saved = block_saved_bytes(
+        model, workload, micro_batch=layout.micro_batch, tp=tp, sp=sp, cp=cp, cpu_kernels=cpu
+    )
     write = min(cluster.device.host_link.bandwidth, spec.write_bandwidth / cluster.devices_per_node)
     fwd = block_forward_s(
         model, cluster, workload, tokens=layout.micro_batch * workload.seq_len, shard=tp * cp

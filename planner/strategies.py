@@ -289,7 +289,8 @@ def layer_costs(
     (Narayanan et al. 2021, Sec. 3.3) and a recompute one forward.
     """
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
-    saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
+    cpu = cluster.device.kind == "cpu"
+    saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, cpu_kernels=cpu)
     inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     fwd_s = block_forward_s(model, cluster, workload, tokens=mb * workload.seq_len, shard=tp * cp)
     extra = list(backward_extra_bytes) or [0.0] * len(layers)
