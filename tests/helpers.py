@@ -21,28 +21,10 @@ def hf_model(spec: ModelSpec, *, seed: int = 0, attn: str | None = None, dropout
 
 
 def mem_tracker():
-    """torch's MemTracker, also for models with frozen parameters (LoRA): its module hooks register a gradient
-    hook on every parameter, which torch refuses on one that does not require grad; here only the trainable
-    ones get it (the same bytes counted, the same categories)."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    """torch's MemTracker, also for models with frozen parameters (LoRA): the trainer's (launch.train.metrics)."""
+    from launch.train.metrics import mem_tracker as tracker
 
-    class FrozenAwareMemTracker(MemTracker):
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-            if install_grad_hooks:
-                for param in module.parameters():
-                    if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
-
-                        def grad_hook(grad):
-                            self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
-
-                        self._param_to_grad_hook_handles[param] = (
-                            param.register_hook(grad_hook),
-                            param.register_post_accumulate_grad_hook(lambda p, h=grad_hook: h(p.grad)),
-                        )
-            return out
-
-    return FrozenAwareMemTracker()
+    return tracker()
 
 
 def measure_step_peak(model, optimizer, ids, *, steps: int = 1) -> dict[str, int]:

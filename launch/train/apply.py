@@ -29,6 +29,34 @@ class Applied:
             self.handle.remove()  # closes the tiers: swap files deleted
 
 
+def lora_model(model: torch.nn.Module, settings: Settings) -> torch.nn.Module:
+    """The plan's LoRA adapters on the built model (`plan.workload.lora_rank` on `lora_targets`, PEFT's
+    LoraConfig with dropout 0, as `planner.lora` counts them): the base weights frozen; unchanged without."""
+    plan = settings.plan
+    if plan is None or not plan.workload.lora:
+        return model
+    try:
+        import peft
+    except ImportError:
+        raise TrainConfigError(
+            "the plan trains LoRA adapters, which needs peft: pip install peft",
+            field="workload.lora_rank",
+            source=settings.plan_path,
+        ) from None
+    w = plan.workload
+    config = peft.LoraConfig(r=w.lora_rank, target_modules=list(w.lora_targets), lora_dropout=0.0)
+    return peft.get_peft_model(model, config)
+
+
+class Trainable(torch.nn.Module):
+    """The parameters that train (LoRA: the adapters only), as one module for the optimizer builder: the
+    same Parameter objects, so the optimizer (offloaded or not) holds state for these alone."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.trained = torch.nn.ParameterList([p for p in model.parameters() if p.requires_grad])
+
+
 def apply_plan(model: torch.nn.Module, optimizer: Any, settings: Settings, *, shards: Any = None) -> Applied:
     """`offload.apply(model, optimizer, plan)` (nothing without a plan); every setting comes from the plan.
 

@@ -91,11 +91,11 @@ def refusals(plan: Plan) -> list[tuple[str, str]]:
     """(field, why) of every part of the plan memtier's trainer cannot carry out; empty: it runs."""
     lay, spec = plan.layout, plan.model
     out: list[tuple[str, str]] = _stream_refusals(plan)
-    if plan.workload.lora:
-        # the trainer builds and trains the full model; a LoRA plan runs in the user's loop or HF Trainer
-        # (offload.apply / offload.hf_trainer.MemtierCallback on a PEFT model)
-        out.append(("workload.lora_rank", "LoRA plans run through offload.apply or MemtierCallback on a PEFT model, "
-                    "not memtier's trainer (it trains every parameter)"))  # fmt: skip
+    if plan.workload.lora and (needs_parallel(lay) or lay.engine != "torch" or plan.model_state.stream):
+        # the trainer wraps the built model in PEFT's LoRA adapters (launch.train.apply.lora_model) for
+        # data-parallel runs on the torch engine
+        out.append(("workload.lora_rank", f"LoRA runs data-parallel on the torch engine, not {lay.describe()} "
+                    f"on {lay.engine}{' with streamed state' if plan.model_state.stream else ''}"))  # fmt: skip
     if lay.cp > 1:
         out.append(("layout.cp", f"cp={lay.cp}: context parallelism is not run by memtier's trainer"))
     if lay.engine != "torch":

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from launch import heartbeat
 from launch.train import checkpoint, signals
-from launch.train.apply import apply_plan
+from launch.train.apply import Trainable, apply_plan, lora_model
 from launch.train.config import Settings, resolve_settings
 from launch.train.distributed import Dist, init_distributed
 from launch.train.engines import Engine, make_engine
@@ -265,9 +265,11 @@ def _train(
 ) -> int:  # fmt: skip
     settings = resolve_settings(args)
     data = make_data(settings)
-    model = build_model(settings.spec, args.seed).to(d.device)
+    model = lora_model(build_model(settings.spec, args.seed).to(d.device), settings)
     par = parallel_layout(model, settings, d, args)
     trained: torch.nn.Module = par.modules if par is not None else model  # a pipeline rank: its chunks
+    if settings.plan is not None and settings.plan.workload.lora:
+        trained = Trainable(model)  # the adapters: no optimizer state for the frozen weights
     shards = None
     if par is not None and settings.plan is not None and settings.plan.optimizer.offload:
         from launch.train.shards import ShardProxies

@@ -69,6 +69,31 @@ class Progress:
         self.stream.flush()
 
 
+def mem_tracker() -> Any:
+    """torch's MemTracker, also for models with frozen parameters (LoRA): its module hooks register a gradient
+    hook on every parameter, which torch refuses on one that does not require grad; here only the trainable
+    ones get it (the same bytes counted, the same categories)."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class FrozenAwareMemTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module: Any, install_grad_hooks: bool = True) -> Any:
+            out = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+            if install_grad_hooks:
+                for param in module.parameters():
+                    if param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+
+                        def grad_hook(grad: torch.Tensor) -> None:
+                            self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+                        self._param_to_grad_hook_handles[param] = (
+                            param.register_hook(grad_hook),
+                            param.register_post_accumulate_grad_hook(lambda p, h=grad_hook: h(p.grad)),
+                        )
+            return out
+
+    return FrozenAwareMemTracker()
+
+
 class MemoryProbe:
     """Peak memory per tier of one step: device (live tensors by category via torch's MemTracker on CPU,
     the CUDA allocator's peak on GPU) and the bytes in each host tier at the end of forward."""
@@ -79,9 +104,7 @@ class MemoryProbe:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         else:
-            from torch.distributed._tools.mem_tracker import MemTracker
-
-            self.tracker = MemTracker()
+            self.tracker = mem_tracker()
             opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else []
             self.tracker.track_external(model, *opts)
 
