@@ -11,7 +11,16 @@ budgets of 25/50/75% of the no-offload activation peak, all in one process, side
   sequential file I/O)), swapping to the NVMe tier and recomputing whole blocks (on a GPU machine the swap
   target would be host DRAM; this script runs the CPU case); its plan is checked with `offload.activations.predict_activation_peak_bytes` plus the forward-time
   peaks with the runtime's pinned swap sources (`pinned_peak_bytes`), and the MIP's budget tightened by any
-  excess (up to 6 times); then `offload.apply` carries it out;
+  excess (up to 6 times); the plan's activation peak is then measured once and, while above the budget less
+  half the margin, re-planned for the budget less the excess (up to 3 times; `calibration` in the JSON); a
+  budget no plan meets is reported with its floor (`floor_bytes`); then `offload.apply` carries it out;
+- ``memtier_compile``: memtier on compiled blocks (`offload.apply(..., compile_blocks=CompileOptions(...))`,
+  `offload.activations.compiled`): the same MIP, margin and checks, fed with costs measured under compile
+  (the compiled blocks' saved tensors, forward times and no-offload step, `activations_compile.compiled_costs`)
+  at each partitioner budget the ``compile_budget`` strategy uses and at 1.0; the plan with the lowest predicted
+  step wins, so the partitioner's cheap-op recompute inside each block and memtier's swap/recompute across
+  blocks add up. Its gradients are compared with the compiled model's without memtier (`grad_check`:
+  `torch.allclose` at atol = rtol = 1e-4, `torch._dynamo.utils.same`'s default);
 - ``recompute_all``: every block under a non-reentrant `torch.utils.checkpoint` (budget-independent: measured
   once, and checked against every budget);
 - ``sac_milp``: torch's selective-activation-checkpointing MILP (`torch.distributed._tools.sac_ilp.sac_milp`)

@@ -71,6 +71,24 @@ def pinned_peak_bytes(profiles: Sequence[Any], policies: Sequence[Any], *, head_
     return max(peak, below + head_bytes + last_pinned)
 
 
+def floor_bytes(profiles: Sequence[Any], cfg: Config, head: int) -> int:
+    """The lowest activation peak memtier's runtime can reach (runtime-predicted, as the plans are checked):
+    every block recomputed, or every block's saved tensors swapped whole, whichever is lower. A budget under
+    it has no plan."""
+    from offload.activations import BlockPolicy, predict_activation_peak_bytes
+
+    peaks = []
+    for mode in ("recompute", "swap"):
+        pols = [
+            BlockPolicy(layer=i, mode=mode, swap_fraction=1.0, swap_tier="nvme") for i in range(len(profiles))
+        ]
+        peak = predict_activation_peak_bytes(profiles, pols, head_bytes=head)
+        if cfg.check == "runtime":
+            peak = max(peak, pinned_peak_bytes(profiles, pols, head_bytes=head))
+        peaks.append(peak)
+    return min(peaks)
+
+
 def memtier_plan(
     *,
     cfg: Config,
@@ -135,7 +153,9 @@ def memtier_plan(
     out: dict[str, Any] = {"tighten": tries, "solution": sol, "fits": best_fit is not None}
     if best_fit is None:
         out["shortfall_bytes"] = sol.shortfall_bytes
+        out["floor_bytes"] = floor_bytes(profiles, cfg, head)
         return out
+    out["floor_bytes"] = floor_bytes(profiles, cfg, head)
     tiers = (TierPlan(kind="nvme", capacity_bytes=tier_cap, path=cfg.swap_dir),)
     out["plan"] = bench_plan(spec, cfg, sol.policies, tiers)
     out["predicted_peak"] = peak

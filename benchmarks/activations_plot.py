@@ -11,6 +11,7 @@ from launch.measure.record import savefig
 COLORS = {
     "no_offload": "tab:gray",
     "memtier": "tab:orange",
+    "memtier_compile": "tab:olive",
     "recompute_all": "tab:green",
     "sac_milp": "tab:blue",
     "compile_budget": "tab:purple",
@@ -45,13 +46,13 @@ def plot(result: dict[str, Any], path: str) -> None:
                 else:  # open marker in the strategy's colour, crossed in red
                     a.plot([x], [y], "o", mfc="none", mec=color, ms=9)
                     a.plot([x], [y], "x", color="red", ms=6)
-        if name == "memtier":
+        if name in ("memtier", "memtier_compile"):
             ax.plot(
                 xs,
                 [r["predicted_step_ratio"] for r in ok],
                 ":",
                 color=color,
-                label="memtier (planner's prediction)",
+                label=f"{name} (planner's prediction)",
             )
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("activation budget (% of the no-offload activation peak)")

@@ -8,7 +8,7 @@ import functools
 import os
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +51,8 @@ class Bench:
     param_bytes: int
     tier_bps: tuple[float, float]  # (write, read) the MIP plans with
     sac: tuple[Any, dict[str, Any]] | None = None  # (SACStats of one block, ModuleInfo), built on first use
+    # partitioner budget -> (block profiles, no-offload Baseline) measured under compile, on first use
+    compiled_costs: dict[float, tuple[list[Any], Baseline]] = dataclasses.field(default_factory=dict)
 
     @property
     def base_s(self) -> float:
@@ -73,14 +75,16 @@ class Bench:
         t0 = time.perf_counter()
         # no-offload steps right before: the ratio is taken against them, so that load from other processes
         # drifting during the run (a shared machine) moves both sides of it
-        adjacent = self.tr.timed(self.cfg.steps, 0)["median_s"]
+        adjacent_steps = self.tr.timed(self.cfg.steps, 0)
+        adjacent = adjacent_steps["median_s"]
         with install() as extra:
             timing = self.tr.timed(self.cfg.steps, self.cfg.warmup)
             peak = self.tr.activation_peak()
-            installed = dict(extra) if isinstance(extra, dict) else {}
+            installed = dict(extra) if isinstance(extra, Mapping) else {}
         return {
             "step": timing,
             "adjacent_base_s": adjacent,
+            "adjacent_base_min_s": min(adjacent_steps["times_s"]),
             "act_peak_bytes": peak,
             "wall_s": time.perf_counter() - t0,
             "installed": installed,
@@ -99,6 +103,10 @@ class Bench:
                 step_s=med,
                 base_step_s=base_s,
                 step_ratio=med / base_s,
+                # fastest step / fastest adjacent no-offload step: less moved by bursts of load from other
+                # processes than the medians (both sides' fastest steps are the least disturbed ones)
+                step_ratio_min=min(measured["step"]["times_s"])
+                / measured.get("adjacent_base_min_s", min(self.base.step["times_s"])),
                 step_ratio_to_first_baseline=med / self.base_s,
                 times_s=measured["step"]["times_s"],
                 warmup_s=measured["step"]["warmup_s"],
@@ -133,33 +141,97 @@ class Bench:
         return [self.row("recompute_all", f, m) for f in self.cfg.budgets]
 
     def memtier(self, frac: float) -> list[dict[str, Any]]:
-        import offload
+        return self._memtier("memtier", frac, [(None, self.profiles, self.base)])
 
-        mp = memtier_plan(
-            cfg=self.cfg,
-            spec=self.spec,
-            profiles=self.profiles,
-            base=self.base,
-            tier_bps=self.tier_bps,
-            budget_bytes=self.budget(frac),
-        )
-        sol = mp["solution"]
-        info = {"mip_status": sol.status, "tighten": mp["tighten"], "mip_seconds": sol.seconds}
-        if not mp["fits"]:
-            return [
-                self.row(
-                    "memtier", frac, None, status="infeasible", shortfall_bytes=sol.shortfall_bytes, **info
+    def memtier_compile(self, frac: float) -> list[dict[str, Any]]:
+        """memtier's plan on compiled blocks: per block keep / swap a token share / recompute, on top of the
+        partitioner's own budget inside every block, chosen among the compile_budget strategy's shares and 1.0
+        (each measured: saved tensors, forward times, step), by the MIP's predicted step time."""
+        from benchmarks.activations_compile import compiled_costs
+        from offload.activations import CompileOptions
+
+        shares = sorted({1.0, *(round(self.compile_share(f), 4) for f in self.cfg.budgets)}, reverse=True)
+        candidates = []
+        for share in shares:
+            options = CompileOptions(backend=self.cfg.compile_backend, activation_memory_budget=share)
+            if share not in self.compiled_costs:
+                costs = compiled_costs(self.tr, self.spec, self.cfg, self.base, self.profiles, options)
+                self.compiled_costs[share] = costs
+                progress(
+                    f"under compile (partitioner budget {share:.2f}): blocks save "
+                    f"{sum(p.saved_bytes for p in costs[0]) / 2**20:.1f} MiB (eager {self.saved_total / 2**20:.1f}), "
+                    f"no-offload peak {costs[1].act_peak_bytes / 2**20:.1f} MiB, {costs[1].step['median_s']:.3f} s/step"
                 )
-            ]
-        m = self.measure(lambda: offload.apply(self.tr.model, None, mp["plan"]))
+            candidates.append((options, *self.compiled_costs[share]))
+        return self._memtier("memtier_compile", frac, candidates)
+
+    def _best_plan(self, budget_bytes: int, candidates: Sequence[tuple[Any, Any, Baseline]]):
+        """The fastest (by the MIP's predicted step) fitting plan over the candidates, or the last infeasible
+        answer; with the candidate's (options, profiles, base)."""
+        best = None
+        for cand in candidates:
+            _options, profiles, base = cand
+            mp = memtier_plan(
+                cfg=self.cfg, spec=self.spec, profiles=profiles, base=base, tier_bps=self.tier_bps,
+                budget_bytes=budget_bytes,
+            )  # fmt: skip
+            if best is None or (
+                mp["fits"] and (not best[0]["fits"] or mp["predicted_step_s"] < best[0]["predicted_step_s"])
+            ):
+                best = (mp, cand)
+        assert best is not None  # candidates is never empty
+        return best
+
+    def _memtier(self, name: str, frac: float, candidates: Sequence[tuple[Any, Any, Baseline]]):
+        """memtier's budget search: plan, measure the plan's activation peak once, and while it is above the
+        line (the budget less half the planning margin) re-plan for the budget less the excess (up to 3 times)."""
+        from benchmarks.activations_compile import applied, grad_check, swap_recompute_summary
+
+        budget = self.budget(frac)
+        line = int(budget * (1 - PLAN_MARGIN / 2))
+        shrink, calibration = 0, []
+        for _ in range(3):
+            mp, (options, profiles, base) = self._best_plan(budget - shrink, candidates)
+            if not mp["fits"]:
+                break
+            with applied(self.tr, mp["plan"], compile=options):
+                self.tr.step()  # warm-up (compiles)
+                peak = self.tr.activation_peak()
+            calibration.append(
+                {"shrink_bytes": shrink, "predicted_peak": mp["predicted_peak"], "measured_peak": peak}
+            )
+            if peak <= line:
+                break
+            shrink += peak - line
+        sol = mp["solution"]
+        info: dict[str, Any] = {
+            "mip_status": sol.status, "tighten": mp["tighten"], "mip_seconds": sol.seconds, "calibration": calibration,
+        }  # fmt: skip
+        if options is not None:
+            info.update(compile_backend=options.backend, partitioner_budget=options.activation_memory_budget)
+        if not mp["fits"] or calibration[-1]["measured_peak"] > line:
+            info.update(shortfall_bytes=sol.shortfall_bytes, floor_bytes=mp.get("floor_bytes"))
+            if calibration:  # the MIP found plans, but none measured under the line
+                info["lowest_measured_peak_bytes"] = min(c["measured_peak"] for c in calibration)
+            return [self.row(name, frac, None, status="infeasible", **info)]
+        plan = mp["plan"]
+        if options is not None:
+            info.update(grad_check(self.tr, plan, options))
+        m = self.measure(lambda: applied(self.tr, plan, compile=options))
+        steps_run = self.cfg.warmup + self.cfg.steps + 1  # the timed steps and the profiled one
+        info.update(swap_recompute_summary(profiles, plan.activations, m["installed"], steps_run))
+        if "compiled" in m["installed"]:  # per block: compiled, or eager and why (never silently)
+            info["compiled_blocks"] = m["installed"]["compiled"]
         return [
             self.row(
-                "memtier",
+                name,
                 frac,
                 m,
                 predicted_step_s=mp["predicted_step_s"],
-                # the MIP's added seconds on top of the adjacent no-offload step
-                predicted_step_ratio=1 + sol.objective_s / m["adjacent_base_s"],
+                # the MIP's added seconds on top of the adjacent no-offload step, from the step it planned on:
+                # the eager no-offload one (ratio 1), or the compiled one for memtier_compile
+                predicted_step_ratio=base.step["median_s"] / self.base_s
+                + sol.objective_s / m["adjacent_base_s"],
                 predicted_act_peak_bytes=mp["predicted_peak"],
                 modes=mp["modes"],
                 swap_fractions=mp["swap_fractions"],
@@ -217,7 +289,16 @@ DEFINITIONS = {
     "budget_bytes": "budget_fraction x the no-offload act_peak_bytes",
     "fits": "act_peak_bytes <= budget_bytes",
     "step_ratio": "median step time / median no-offload step time measured right before it (base_step_s)",
+    "step_ratio_min": "fastest step time / fastest of the no-offload steps measured right before it",
     "predicted_step_ratio": "memtier: 1 + the MIP's added seconds / base_step_s",
+    "swap_bytes_per_step_measured": "memtier: bytes the swap engine wrote to the tier over the strategy's steps / "
+    "steps (planned: the block profiles' swapped share under the plan)",
+    "recomputed_saved_bytes": "memtier: saved bytes the recomputed blocks do not hold (their saved bytes less "
+    "their inputs; under compile: the compiled blocks' saved bytes)",
+    "floor_bytes": "memtier, infeasible budgets: the lowest runtime-predicted peak (every block recomputed, or "
+    "every block swapped whole); lowest_measured_peak_bytes: the lowest peak its plans measured (calibration)",
+    "grad_max_abs_diff": "memtier_compile: largest |gradient difference| against the compiled model without memtier, "
+    "same parameters and batch (grad_within_tol: torch.allclose at atol = rtol = grad_tol)",
     "compile_budget_fraction": "activation_memory_budget given to the partitioner: (budget x (1 - PLAN_MARGIN) - the no-offload "
     "peak's bytes outside the blocks' saved tensors) / the blocks' saved bytes, clamped to [0, 1]",
 }
@@ -274,7 +355,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if "recompute_all" in cfg.strategies:
             rows += bench.attempt("recompute_all", fracs, bench.recompute_all)
         for f in fracs:
-            for name in ("memtier", "sac_milp"):
+            for name in ("memtier", "memtier_compile", "sac_milp"):
                 if name in cfg.strategies:
                     rows += bench.attempt(name, [f], functools.partial(getattr(bench, name), f))
             if "compile_budget" in cfg.strategies:

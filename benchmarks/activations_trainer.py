@@ -17,7 +17,7 @@ from torch import nn
 from planner.model import ModelSpec, to_hf_config_dict
 from planner.presets import MODEL_PRESETS
 
-STRATEGIES = ("memtier", "recompute_all", "sac_milp", "compile_budget", "compile_nobudget")
+STRATEGIES = ("memtier", "memtier_compile", "recompute_all", "sac_milp", "compile_budget", "compile_nobudget")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

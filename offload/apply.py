@@ -7,6 +7,8 @@ What it installs, all undone by the returned handle's `remove()`:
   are left alone;
 - the tier stores the swap policies need, built from `plan.tiers` by `offload.tiers.factory.stores_for_plan`
   (closed, and swap files deleted, on `remove()`);
+- with `compile_blocks`, every block compiled (`torch.compile`) with its policy in a form the compiler keeps
+  (`offload.activations.compiled`); `handle.compiled` says per block how, or why it runs eagerly;
 - the chunked loss when `plan.loss.kind == "chunked"` (`offload.loss.install_chunked_loss`);
 - optimizer-state offload when `plan.optimizer.offload`: `offload.optimizer.offload_optimizer` wraps the
   AdamW; the training loop steps `handle.optimizer`;
@@ -27,8 +29,11 @@ import torch
 from torch import nn
 
 from offload.activations import (
+    BlockCompiler,
     BlockHooks,
     BlockPolicy,
+    CompiledBlock,
+    CompileOptions,
     PolicyError,
     SwapEngine,
     SwapStats,
@@ -50,6 +55,7 @@ class OffloadHandle:
         self.policies = policies  # one per block, in block order
         self.tiers: dict[str, Any] = {}  # plan tier name -> TierStore
         self.engine: SwapEngine | None = None
+        self.compiler: BlockCompiler | None = None  # set with apply(compile_blocks=...)
         self._block_hooks: list[BlockHooks] = []
         self._loss_handle: Any = None
         self._optimizer_handle: Any = None
@@ -57,6 +63,11 @@ class OffloadHandle:
         self.optimizer: Any = None  # the optimizer to step: the offloaded one when the plan offloads
         self._model_hook: Any = None
         self.removed = False
+
+    @property
+    def compiled(self) -> tuple[CompiledBlock, ...]:
+        """Per installed block: compiled (and how its decision is carried out) or eager (and why)."""
+        return self.compiler.report() if self.compiler is not None else ()
 
     @property
     def loss(self) -> Any:
@@ -152,12 +163,18 @@ def _install_blocks(
     model = handle.model
     ptrs = _param_ptrs_fn(model)
     for block, policy in zip(handle.blocks, handle.policies):
-        if policy.mode == "keep" and handle.engine is None:
+        if policy.mode == "keep" and handle.engine is None and handle.compiler is None:
             continue
         # With swapping, kept blocks get the engine's back-pressure hooks too (see install_block_hooks).
         handle._block_hooks.append(
             install_block_hooks(
-                block, policy, engine=handle.engine, seq_dim=seq_dim, param_ptrs=ptrs, param_pack=param_pack
+                block,
+                policy,
+                engine=handle.engine,
+                seq_dim=seq_dim,
+                param_ptrs=ptrs,
+                param_pack=param_pack,
+                compiler=handle.compiler,
             )
         )
     if handle.engine is not None:
@@ -199,6 +216,7 @@ def apply(
     seq_dim: int = 1,
     optimizer_settings: Any = None,
     weights: Any = None,
+    compile_blocks: bool | str | CompileOptions = False,
 ) -> OffloadHandle:
     """Install the plan's activation policies, tiers, loss and optimizer offload on `model`.
 
@@ -209,7 +227,9 @@ def apply(
     `weights` (streamed model state only): a safetensors file the parameters are read from group by group; the
     model may then be built on the meta device (`offload.state.weights`).
     `blocks` overrides the block discovery; `seq_dim` is the sequence dimension of the blocks' hidden-state
-    input (1 for batch-first models). Call `remove()` on the result (or use it as a context manager) after
+    input (1 for batch-first models). `compile_blocks` (True: inductor, a `torch.compile` backend name, or
+    `offload.activations.CompileOptions` with the partitioner's activation budget) compiles every block with its policy (`offload.activations.compiled`; `handle.compiled` reports per
+    block, and a block that cannot run compiled runs eagerly with a warning). Call `remove()` on the result (or use it as a context manager) after
     the last backward.
     """
     if not isinstance(plan, Plan):
@@ -217,6 +237,8 @@ def apply(
     found = find_blocks(model, blocks=blocks)
     policies = _block_policies(plan, len(found))
     handle = OffloadHandle(model=model, blocks=found, policies=policies)
+    if compile_blocks:
+        handle.compiler = BlockCompiler(CompileOptions.of(compile_blocks))
 
     # Validate before installing anything.
     tier_plans = _swap_tiers(plan, policies)

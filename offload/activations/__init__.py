@@ -33,11 +33,14 @@ The package, one module per concept:
 - `engine`: `SwapEngine`, which packs saved tensors, puts them to tier stores and fetches them back
   (its docstring states the asynchrony and ordering guarantees);
 - `hooks`: `install_block_hooks`, the per-block forward wrapping (recompute, swap, KV-cache dropping);
+- `compiled`: `BlockCompiler`, the same decisions on `torch.compile`d blocks (`offload.apply(compile_blocks=...)`),
+  and `profile_compiled_blocks` (the saved tensors the compiled blocks keep, for the planner);
 - `profile`: `profile_block(s)` and `predict_activation_peak_bytes`, for checking the planner's costs.
 """
 
 from __future__ import annotations
 
+from offload.activations.compiled import BlockCompiler, CompiledBlock, CompileOptions, profile_compiled_blocks
 from offload.activations.engine import SwapEngine, SwapStats
 from offload.activations.hooks import BlockHooks, install_block_hooks
 from offload.activations.layout import ALIGN_BYTES
@@ -51,9 +54,12 @@ from offload.activations.profile import (
 
 __all__ = [
     "ALIGN_BYTES",
+    "BlockCompiler",
     "BlockHooks",
     "BlockPolicy",
     "BlockProfile",
+    "CompileOptions",
+    "CompiledBlock",
     "PolicyError",
     "SwapEngine",
     "SwapStats",
@@ -61,5 +67,6 @@ __all__ = [
     "predict_activation_peak_bytes",
     "profile_block",
     "profile_blocks",
+    "profile_compiled_blocks",
     "swap_tokens",
 ]

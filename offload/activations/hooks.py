@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from offload.activations.compiled import BlockCompiler
 from offload.activations.engine import SwapEngine, _Saved
 from offload.activations.layout import _block_tokens, storage_ptr
 from offload.activations.policy import BlockPolicy, PolicyError
@@ -77,6 +78,7 @@ def install_block_hooks(
     seq_dim: int = 1,
     param_ptrs: Callable[[], frozenset[int]] | None = None,
     param_pack: Callable[[torch.Tensor], Any] | None = None,
+    compiler: BlockCompiler | None = None,
 ) -> BlockHooks:
     """Carry out `policy` on `block`; `remove()` on the result undoes it.
 
@@ -86,22 +88,32 @@ def install_block_hooks(
     `param_ptrs` returns the storage pointers never to swap (the model's parameters and buffers); by
     default the block's own. `param_pack` (streamed model state, `offload.state`) is asked first for every saved
     tensor of a swapped block: a non-None answer (an object with `unpack()`) is saved instead.
+    `compiler` (`offload.activations.compiled.BlockCompiler`): the block runs compiled, its decision in a form
+    the compiler keeps (see that module); a block with `param_pack` runs eagerly (warned and reported).
     """
     if policy.mode == "swap" and engine is None:
         raise PolicyError(f"layer {policy.layer}: swapping needs a SwapEngine", field="engine")
     handles = _back_pressure_hooks(block, engine) if engine is not None else []
-    if policy.mode == "keep":
+    if compiler is not None and param_pack is not None:
+        compiler.eager(policy, "its parameters are streamed from the tiers (model_state.stream)")
+        compiler = None
+    if policy.mode == "keep" and compiler is None:
         return BlockHooks(block, handles=handles)
     original = block.__dict__.get("forward", BlockHooks._MISSING)
     forward = block.forward  # the bound method (or an earlier instance-level wrapper)
     without_cache = _cache_dropper(forward, policy)
-    if policy.mode == "recompute":
-        wrapped = _recompute_forward(forward, without_cache)
+    if policy.mode == "keep":
+        wrapped = compiler.compile(
+            forward, policy
+        )  # compiler is set: a keep block without one returned above
+    elif policy.mode == "recompute":
+        wrapped = _recompute_forward(forward, without_cache, compiler, policy)
     else:
         if engine is None:  # narrowed above
             raise PolicyError("engine", field="engine")
         ptrs_fn = param_ptrs or functools.partial(_own_ptrs, block)
-        wrapped = _swap_forward(forward, without_cache, policy, engine, seq_dim, ptrs_fn, param_pack)
+        inner = compiler.compile(forward, policy) if compiler is not None else forward
+        wrapped = _swap_forward(inner, without_cache, policy, engine, seq_dim, ptrs_fn, param_pack)
     block.__dict__["forward"] = wrapped
     return BlockHooks(block, wrapped=wrapped, original=original, handles=handles)
 
@@ -169,19 +181,35 @@ def _cache_dropper(forward: Callable[..., Any], policy: BlockPolicy) -> _CacheDr
     return without_cache
 
 
-def _recompute_forward(forward: Callable[..., Any], without_cache: _CacheDropper) -> Callable[..., Any]:
-    """`forward` under a non-reentrant checkpoint when grad is enabled."""
+def _recompute_forward(
+    forward: Callable[..., Any],
+    without_cache: _CacheDropper,
+    compiler: BlockCompiler | None = None,
+    policy: BlockPolicy | None = None,
+) -> Callable[..., Any]:
+    """`forward` under a non-reentrant checkpoint when grad is enabled (compiled as one with `compiler`)."""
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        # Non-reentrant checkpoint: the block's graph is kept with placeholders for its saved tensors,
+        # which are recomputed (with the forward's RNG state restored) when backward first needs one.
+        # Under torch.compile the checkpoint is traced as a higher-order op: its nodes are recomputed in the
+        # compiled backward graph.
+        return torch.utils.checkpoint.checkpoint(
+            forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs
+        )
+
+    run = (
+        compiler.compile(checkpointed, policy)
+        if compiler is not None and policy is not None
+        else checkpointed
+    )
 
     @functools.wraps(forward)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         args, kwargs = without_cache(args, kwargs)
-        # Non-reentrant checkpoint: the block's graph is kept with placeholders for its saved tensors,
-        # which are recomputed (with the forward's RNG state restored) when backward first needs one.
-        return torch.utils.checkpoint.checkpoint(
-            forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs
-        )
+        return run(*args, **kwargs)
 
     return wrapped
 
