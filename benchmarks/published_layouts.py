@@ -147,10 +147,11 @@ def cost_row(row: dict[str, Any]) -> dict[str, Any]:
     per_stage = split or (model.num_layers // pp,)
     # the interleaved schedule these runs could use (Megatron-LM): chunks dividing every stage's blocks
     chunks = [v for v in INTERLEAVE if v == 1 or (pp > 1 and all(n % v == 0 for n in per_stage))]
+    # Megatron-LM's layers: the embeddings and the head vocab-parallel over tp
     for mb, v in itertools.product(micro_batches(w, dp, SearchSpace()), chunks):
         layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=mb, grad_accum=row["batch"] // (dp * mb),
                         zero_stage=row["zero"], sequence_parallel=tp > 1, stage_layers=split,
-                        virtual_stages=v)  # fmt: skip
+                        virtual_stages=v, vocab_parallel=True)  # fmt: skip
         if v > 1 and layout.grad_accum % pp:
             continue  # Megatron's interleaving needs the micro-batches to be a multiple of the stages
         validate_layout(model, cluster, w, layout)
@@ -183,7 +184,8 @@ def cost_row(row: dict[str, Any]) -> dict[str, Any]:
     if best is None:
         # report the leanest micro-batch's memory so a miss is visible
         layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=1, grad_accum=row["batch"] // dp,
-                        zero_stage=row["zero"], sequence_parallel=tp > 1, stage_layers=split)  # fmt: skip
+                        zero_stage=row["zero"], sequence_parallel=tp > 1, stage_layers=split,
+                        vocab_parallel=True)  # fmt: skip
         mem = estimate_memory(model, w, layout, MemoryOptions(recompute="full")).total
         out.update(predicted=None, ratio=None, peak_bytes=mem, budget_bytes=budget)
         return out

@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model chunks per device to try for the interleaved 1F1B schedule (e.g. 1 2 4; Megatron-LM runs "
         "it, DeepSpeed does not): default 1, plain 1F1B",
     )
+    p.add_argument(
+        "--vocab-parallel",
+        action="store_true",
+        help="cost the embeddings and the LM head split by vocabulary over tp (Megatron-LM's layers); memtier's "
+        "trainer keeps them whole on every tp rank and refuses such a plan",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["torch", "deepspeed", "accelerate"], default="torch")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (0: off)")

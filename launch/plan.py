@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     space = SearchSpace(
         micro_batch=args.micro_batch,
         virtual_stages=tuple(args.interleave),
+        vocab_parallel=getattr(args, "vocab_parallel", False),
         data_parallel_only=dp_only,
         # ZeRO partitioning runs on the DeepSpeed engine only
         zero_stages=(0, 1, 2, 3) if not dp_only or args.engine == "deepspeed" else (0,),

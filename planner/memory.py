@@ -145,20 +145,21 @@ def block_device_params(model: ModelSpec, tp: int) -> float:
 def device_params(model: ModelSpec, layout: Layout, stage: int = 0) -> int:
     """Parameters held by one device of pipeline `stage` (before ZeRO-3 partitioning).
 
-    Tensor parallelism shards the block matmuls and the embedding/head (vocab-parallel);
-    norms are replicated. The first stage holds the embedding, the last the head and final
+    Tensor parallelism shards the block matmuls, and the embedding/head when vocab-parallel
+    (`Layout.vocab_parallel`: Megatron; memtier's trainer keeps them whole); norms are
+    replicated. The first stage holds the embedding, the last the head and final
     norm (with pp == 1 one device holds both).
     """
-    tp, pp = layout.tp, layout.pp
+    tp, pp, vocab = layout.tp, layout.pp, layout.vocab_shards
     layers = stage_layer_counts(model, pp, layout.stage_layers)[stage]
     total = layers * block_device_params(model, tp)
     if stage == 0:
-        total += model.embedding_params / tp
+        total += model.embedding_params / vocab
     if stage == pp - 1:
         total += model.norm_params
         if model.lm_head_params or pp > 1:
             # an untied head, or a tied one that the last stage keeps a copy of
-            total += model.vocab_size * model.hidden_size / tp
+            total += model.vocab_size * model.hidden_size / vocab
     return int(math.ceil(total))
 
 
@@ -498,7 +499,7 @@ def _step_buffers(
     # optimizer-step temporaries (see MemoryOptions.optimizer_impl), on the device when
     # the step runs there
     tp = layout.tp
-    largest = max(model.vocab_size * model.hidden_size, _largest_mlp_tensor(model)) / tp
+    largest = max(model.vocab_size * model.hidden_size / layout.vocab_shards, _largest_mlp_tensor(model) / tp)
     if workload.lora:
         largest = lora_largest_tensor(model, workload) / tp
     opt_tmp = 0
@@ -623,7 +624,7 @@ def _step_end_phases(
     }
     if stepped and stage == layout.pp - 1 and model.lm_head_params and not workload.lora:
         # layer-wise: the untied head is stepped first in backward, every block's activations still held
-        head_grad = model.lm_head_params / layout.tp * workload.dtype_bytes
+        head_grad = model.lm_head_params / layout.vocab_shards * workload.dtype_bytes
         phases["head_step"] = int(params + opt + activations + head_grad + opt_tmp)
     return phases
 
@@ -690,7 +691,7 @@ def estimate_memory(
         tier = options.policies[0].swap_tier if options.policies else "dram"
         host[tier] = host.get(tier, 0) + int(act_swapped * inflight)
     chunk, cpu = options.loss_chunk_tokens, options.cpu_kernels
-    loss = loss_peak_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp, chunk_tokens=chunk)
+    loss = loss_peak_bytes(model, workload, micro_batch=mb, tp=layout.vocab_shards, cp=cp, chunk_tokens=chunk)
     loss_fwd, loss_bwd = loss if last else (0, 0)
     bucket, opt_tmp, emb_tmp = _step_buffers(model, workload, layout, options, stage)
     grads_at = gradients_during_backward(model, workload, layout, options, stage=stage)
@@ -761,7 +762,9 @@ def estimate_memory(
             "block_input_bytes": blocks.inp,
             "in_flight_microbatches": math.ceil(inflight),
             "in_flight_block_bytes": int(saved * inflight),  # one block's saved bytes over those in flight
-            "logits_bytes": logits_bytes(model, workload, micro_batch=mb, tp=tp, cp=cp) if last else 0,
+            "logits_bytes": logits_bytes(model, workload, micro_batch=mb, tp=layout.vocab_shards, cp=cp)
+            if last
+            else 0,
             "loss_forward_bytes": loss_fwd,
             "loss_backward_bytes": loss_bwd,
             "recompute_transient_bytes": blocks.transient,

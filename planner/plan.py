@@ -59,6 +59,9 @@ class Layout:
     grad_accum: int = field(default=1, metadata={"positive": True})
     zero_stage: int = field(default=0, metadata={"min": 0, "max": 3})
     sequence_parallel: bool = False
+    # the embeddings and the LM head split by vocabulary over tp (Megatron's vocab-parallel layers); memtier's
+    # trainer keeps them whole on every tp rank (False), as the planner then costs them
+    vocab_parallel: bool = False
     stage_layers: tuple[int, ...] = ()  # transformer blocks per pipeline stage
     # interleaved 1F1B: each device holds this many model chunks (Narayanan et al. 2021, Sec. 2.2.2;
     # Megatron's --num-layers-per-virtual-pipeline-stage); 1 is plain 1F1B
@@ -69,6 +72,11 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def vocab_shards(self) -> int:
+        """How many ways the embeddings, the head and the logits are split: tp when vocab-parallel, else 1."""
+        return self.tp if self.vocab_parallel else 1
 
     def describe(self) -> str:
         s = f"dp{self.dp} tp{self.tp} pp{self.pp}"

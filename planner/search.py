@@ -68,6 +68,9 @@ class SearchSpace:
     cp_min_chunk: int = field(default=2048, metadata={"positive": True})  # tokens per cp rank, at least
     uneven_splits: bool = True
     sequence_parallel: bool = True  # with tp > 1 (Korthikanti et al. 2022: same comm volume, less memory)
+    # the embeddings and head split by vocabulary over tp (Megatron's layers: `memtier plan --vocab-parallel`
+    # for a Megatron launch); memtier's trainer keeps them whole on every tp rank, so off by default
+    vocab_parallel: bool = False
     # chunked linear cross-entropy (offload.loss) with this many tokens per chunk; 0 keeps the
     # standard loss. Its time equals the standard loss's (same FLOPs), so it is on by default
     # and the memory model decides whether it lowers the peak (it never raises it)
@@ -337,6 +340,7 @@ def full_layout(
         grad_accum=workload.global_batch // (dp * micro_batch),
         zero_stage=zero,
         sequence_parallel=space.sequence_parallel and tp > 1,
+        vocab_parallel=space.vocab_parallel and tp > 1,
         stage_layers=split,
         virtual_stages=virtual,
     )

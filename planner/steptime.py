@@ -111,7 +111,8 @@ def estimate_step_time(
     counts = stage_layer_counts(model, pp, layout.stage_layers)
     tokens = mb * seq
     layer_f = layer_forward_flops(model, tokens, seq) / (tp * cp)
-    head_f = head_forward_flops(model, tokens) / (tp * cp)
+    # the head is whole on every tp rank unless vocab-parallel (memtier's trainer keeps it whole)
+    head_f = head_forward_flops(model, tokens) / (layout.vocab_shards * cp)
     recompute_layers = _recomputed_layers(model, options)
     # LoRA: the weight-gradient GEMMs the frozen blocks and head skip
     frozen_layer_f = frozen_weight_grad_flops(model, workload, tokens) / (tp * cp)
@@ -119,7 +120,7 @@ def estimate_step_time(
     # the loss over the logits is memory-bound: log-softmax forward (read, write), the
     # loss and its backward (read the saved output, write the gradient) and the upcast,
     # about LOSS_PASSES passes over tokens x vocab fp32 values per micro-batch
-    loss_s = LOSS_PASSES * tokens / cp * model.vocab_size / tp * 4 / dev.memory_bandwidth
+    loss_s = LOSS_PASSES * tokens / cp * model.vocab_size / layout.vocab_shards * 4 / dev.memory_bandwidth
     stage_times = []
     for s, n in enumerate(counts):
         f = n * layer_f + (head_f if s == pp - 1 else 0.0)

@@ -108,6 +108,9 @@ def refusals(plan: Plan) -> list[tuple[str, str]]:
     if lay.tp > 1 and (spec.num_heads % lay.tp or spec.num_kv_heads % lay.tp):
         why = f"tp({lay.tp}) must divide num_heads({spec.num_heads}) and num_kv_heads({spec.num_kv_heads})"
         out.append(("layout.tp", why))
+    if lay.vocab_parallel and lay.tp > 1:
+        why = "the embeddings and the head stay whole on every tp rank in memtier's trainer: re-plan without --vocab-parallel"
+        out.append(("layout.vocab_parallel", why))
     if lay.sequence_parallel and lay.tp == 1:
         out.append(
             ("layout.sequence_parallel", "sequence parallelism splits tokens over tp ranks: needs tp > 1")

@@ -183,6 +183,11 @@ def test_train_lm_optimizers_in_process(tmp_path, optimizer):
         ({"engine": "deepspeed"}, {"dp": 1, "tp": 2}, "layout.tp"),
         (
             {},
+            {"dp": 1, "tp": 2, "vocab_parallel": True},
+            "layout.vocab_parallel",
+        ),  # head whole on every tp rank
+        (
+            {},
             {"dp": 1, "pp": 2, "grad_accum": 2, "stage_layers": (1, 1), "sequence_parallel": True},
             "layout.sequence_parallel",
         ),  # tokens split over tp ranks, without tp

@@ -123,15 +123,20 @@ def test_cli_estimate_and_plan_take_lora_flags(capsys, tmp_path):
     assert main(["estimate", *argv, "--lora-rank", "16", "--lora-targets", "nope"]) == 2
 
 
-def test_memtier_trainer_refuses_a_lora_plan():
-    """memtier's own trainer trains every parameter: a LoRA plan is refused before any rank starts."""
+def test_memtier_trainer_runs_a_data_parallel_lora_plan_and_refuses_it_beside_tp():
+    """memtier's trainer wraps the model in PEFT's adapters for a data-parallel LoRA plan
+    (tests/integration/test_lora_launch.py runs one); beside tp it refuses it before any rank starts."""
     from launch.train.layouts import refusals
     from planner.plan import Plan
     from tests.integration.helpers import cpu_cluster
 
-    plan = Plan(model=SPEC, cluster=cpu_cluster(1), workload=_lora(("q_proj",)), layout=Layout())
-    assert [name for name, _ in refusals(plan)] == ["workload.lora_rank"]
-    assert refusals(plan.replace(workload=plan.workload.replace(lora_rank=0))) == []
+    plan = Plan(model=SPEC, cluster=cpu_cluster(2), workload=_lora(("q_proj",)), layout=Layout(dp=2))
+    assert refusals(plan) == []
+    tp = plan.replace(layout=Layout(tp=2))
+    assert "workload.lora_rank" in [name for name, _ in refusals(tp)]
+    assert "workload.lora_rank" not in [
+        name for name, _ in refusals(tp.replace(workload=tp.workload.replace(lora_rank=0)))
+    ]
 
 
 def test_a_peft_model_traced_on_the_meta_device_gives_spec_and_workload():

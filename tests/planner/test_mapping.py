@@ -20,7 +20,7 @@ from planner.mapping import (
 )
 from planner.plan import Layout
 from planner.presets import MODEL_PRESETS, resolve_cluster
-from planner.search import search
+from planner.search import SearchSpace, search
 from planner.workload import Workload
 
 HETERO = resolve_cluster("hetero-a100-32")
@@ -123,9 +123,12 @@ def test_mapping_recovers_rack_order_when_nodes_are_listed_out_of_order():
         HETERO, links=dataclasses.replace(HETERO.links, overrides=HETERO.links.overrides[:4])
     )
     shuffled = _scheduler_order(HETERO)
-    ref = search(model, racked, w, budget_bytes=budget_bytes(racked, w), mapping_top=4).best
-    unmapped = search(model, shuffled, w, budget_bytes=budget_bytes(shuffled, w), mapping_top=0).best
-    got = search(model, shuffled, w, budget_bytes=budget_bytes(shuffled, w), mapping_top=4).best
+    mega = SearchSpace(vocab_parallel=True)  # Megatron's costs: tp layouts whose groups the mapping places
+    ref = search(model, racked, w, budget_bytes=budget_bytes(racked, w), space=mega, mapping_top=4).best
+    unmapped = search(
+        model, shuffled, w, budget_bytes=budget_bytes(shuffled, w), space=mega, mapping_top=0
+    ).best
+    got = search(model, shuffled, w, budget_bytes=budget_bytes(shuffled, w), space=mega, mapping_top=4).best
     ratio = unmapped.step_s / got.step_s
     print(
         f"\ninterleaved node list: {got.describe()} with the searched mapping is {ratio:.3f}x faster than"

@@ -18,7 +18,7 @@ from planner.memory import (
 )
 from planner.model import ModelSpec
 from planner.plan import ActivationPolicy, Layout
-from planner.presets import MODEL_PRESETS
+from planner.presets import MODEL_PRESETS, resolve_cluster
 from planner.workload import OptimizerSpec, Workload
 from tests.helpers import hf_model, measure_step_peak
 
@@ -246,3 +246,25 @@ def test_an_offloaded_optimizer_consumes_gradients_in_backward():
     assert on_device == sorted(on_device, reverse=True) and on_device[0] > 0.8 * grads  # the later blocks'
     accumulating = Layout(micro_batch=2, grad_accum=2)
     assert gradients_during_backward(LLAMA34, W34, accumulating, offloaded) == [grads] * LLAMA34.num_layers
+
+
+def test_tp_keeps_the_embeddings_and_head_whole_unless_vocab_parallel():
+    """memtier's trainer replicates the embeddings and the LM head over tp (launch/train/parallel.py), so a
+    tp rank holds them whole, computes the whole head and holds whole logits; Megatron's vocab-parallel
+    layers (`Layout.vocab_parallel`) split all three by tp."""
+    from planner.memory import device_params
+    from planner.steptime import estimate_step_time
+
+    model = MODEL_PRESETS["llama2-7b"]
+    w = Workload(global_batch=8, micro_batch=1, seq_len=2048)
+    whole, split = Layout(tp=8), Layout(tp=8, vocab_parallel=True)
+    vocab = model.embedding_params + model.vocab_size * model.hidden_size
+    assert device_params(model, whole) - device_params(model, split) == pytest.approx(vocab * 7 / 8, abs=2)
+    m_whole = estimate_memory(model, w, whole, MemoryOptions(loss_chunk_tokens=0))
+    m_split = estimate_memory(model, w, split, MemoryOptions(loss_chunk_tokens=0))
+    assert m_whole.detail["logits_bytes"] == 8 * m_split.detail["logits_bytes"]
+    cluster = resolve_cluster("dgx-a100-8x80g")
+    assert (
+        estimate_step_time(model, cluster, w, whole).compute_s
+        > estimate_step_time(model, cluster, w, split).compute_s
+    )

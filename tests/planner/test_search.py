@@ -205,7 +205,8 @@ def test_expensive_strategy_runs_on_the_best_layouts_only():
     model, w = MODEL_PRESETS["llama3-8b"], Workload(global_batch=16, seq_len=8192)
     cluster = resolve_cluster("dgx-a100-8x80g")
     budget = 8 * GiB
-    space = SearchSpace(loss_chunk_tokens=0)  # the standard loss: its logits make the budget bind
+    # the standard loss: its logits make the budget bind (split by vocabulary over tp, as Megatron's are)
+    space = SearchSpace(loss_chunk_tokens=0, vocab_parallel=True)
     base = search(
         model,
         cluster,
@@ -423,8 +424,11 @@ def test_interleaved_schedule_is_searched_when_asked_and_wins_where_the_bubble_c
     cluster = resolve_cluster("dgx-a100-8x80g", nodes=8)
     w = Workload(global_batch=64, seq_len=2048)
     budget = budget_bytes(cluster, w)
-    plain = search(model, cluster, w, budget_bytes=budget).best
-    inter = search(model, cluster, w, budget_bytes=budget, space=SearchSpace(virtual_stages=(1, 2, 4))).best
+    # as Megatron-LM runs it (the interleaved schedule's home): embeddings and head vocab-parallel
+    mega = SearchSpace(vocab_parallel=True)
+    plain = search(model, cluster, w, budget_bytes=budget, space=mega).best
+    inter_space = SearchSpace(virtual_stages=(1, 2, 4), vocab_parallel=True)
+    inter = search(model, cluster, w, budget_bytes=budget, space=inter_space).best
     assert plain is not None and inter is not None
     assert plain.layout.virtual_stages == 1  # DeepSpeed's engine cannot interleave: not by default
     lay = inter.layout
@@ -432,7 +436,7 @@ def test_interleaved_schedule_is_searched_when_asked_and_wins_where_the_bubble_c
     # Megatron's constraints: every stage's blocks split into v chunks, micro-batches a multiple of pp
     assert all(n % lay.virtual_stages == 0 for n in lay.stage_layers) and lay.grad_accum % lay.pp == 0
     assert inter.peak_bytes <= budget
-    plan = make_plan(model, cluster, w, space=SearchSpace(virtual_stages=(1, 2, 4)), mapping_top=0).plan
+    plan = make_plan(model, cluster, w, space=inter_space, mapping_top=0).plan
     assert plan.layout.virtual_stages == lay.virtual_stages
     from planner.emit import launch_script
 
@@ -443,7 +447,7 @@ def test_interleaved_schedule_is_searched_when_asked_and_wins_where_the_bubble_c
 
 def test_cli_plan_interleave_flag(capsys, tmp_path):
     argv = ["plan", "--model", "gpt3-175b", "--cluster", "dgx-a100-8x80g", "--nodes", "8", "--global-batch", "64",
-            "--seq", "2048", "--interleave", "1", "2", "4", "--out", str(tmp_path)]  # fmt: skip
+            "--seq", "2048", "--interleave", "1", "2", "4", "--vocab-parallel", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["layout"]["virtual_stages"] > 1
