@@ -99,19 +99,17 @@ class Loop:
         s, d = self.s, self.d
         loss_sum = torch.zeros((), device=d.device)
         dp_rank, dp = self.engine.dp_rank, self.engine.dp_size
+        # micro-batch `micro` of data-parallel rank r: the sequences from (micro * dp + r) * micro_batch on; the
+        # ranks of one dp rank's tp/pp group read the same ones. Read before the memory probe starts: the batch
+        # is a copy, but reading it touches the corpus's storage, which MemTracker would count as the step's
+        firsts = [self.pos.data_position + (m * dp + dp_rank) * s.micro_batch for m in range(s.grad_accum)]
+        batches = [self.data.batch(f, s.micro_batch).to(d.device) for f in firsts]
         with probe.track() if probe is not None else contextlib.nullcontext():
-            # micro-batch `micro` of data-parallel rank r: the sequences from (micro * dp + r) * micro_batch on;
-            # the ranks of one dp rank's tp/pp group read the same ones
-            firsts = [
-                self.pos.data_position + (m * dp + dp_rank) * s.micro_batch for m in range(s.grad_accum)
-            ]
             if self.engine.whole_batch:
-                x = torch.cat([self.data.batch(f, s.micro_batch) for f in firsts]).to(d.device)
-                loss_sum += self.engine.batch_step(x) * s.grad_accum
-            for micro, first in enumerate(firsts if not self.engine.whole_batch else []):
+                loss_sum += self.engine.batch_step(torch.cat(batches)) * s.grad_accum
+            for micro, x in enumerate(batches if not self.engine.whole_batch else []):
                 if probe is not None and micro:
                     probe.next_micro_batch()
-                x = self.data.batch(first, s.micro_batch).to(d.device)
                 loss_sum += self.engine.micro_step(x, last=micro == s.grad_accum - 1)
             mean = self._mean_loss(loss_sum / s.grad_accum)
             self._check_loss(mean)

@@ -1,7 +1,7 @@
 """A LoRA plan under `memtier launch --plan`: the trainer wraps the built model in PEFT's adapters
 (`launch.train.apply.lora_model`) and carries out the plan made for the LoRA run (swap, the chunked loss).
-Its losses equal the same LoRA run with nothing of memtier's applied; its measured peak is below the keep-all
-plan's, and its predicted peak below the full fine-tuning plan's."""
+Its losses equal the same LoRA run with nothing of memtier's applied; its predicted peak is within 10% of the
+measured one (MemTracker, the trainer's last step) and below the full fine-tuning plan's."""
 
 from __future__ import annotations
 
@@ -51,11 +51,7 @@ def test_lora_plan_under_memtier_launch(tmp_path):
     assert losses == pytest.approx([loss for _, loss in ref["losses"]], rel=1e-5)
     assert got["swap"]["bytes_swapped"] > 0 and got["chunked_loss_calls"] == int(STEPS)
     measured, predicted = got["memory"]["device_peak_bytes"], plan.predicted.peak_bytes
-    # NOTE: the plan's own +-10% check is tests/offload/test_lora_runtime.py (the same model and plan stepped
-    # in one process: +4.8%); under the trainer MemTracker counts 2.3 MiB more activations (+13.9% here), a
-    # gap not yet explained. What must hold here: the plan for 60% of the keep-all peak lands below it, and
-    # the LoRA plans below full fine-tuning.
-    assert measured < keep.predicted.peak_bytes, (measured, keep.predicted.peak_bytes)
+    assert abs(measured / predicted - 1) <= 0.10, (measured, predicted)
     assert predicted < keep.predicted.peak_bytes < full.predicted.peak_bytes
     print(
         f"LoRA under memtier launch: measured peak {measured / 2**20:.2f} MiB, predicted {predicted / 2**20:.2f} MiB"
