@@ -39,7 +39,7 @@ from planner.plan import Layout  # noqa: E402
 from planner.planning import make_plan  # noqa: E402
 from planner.presets import resolve_cluster  # noqa: E402
 from planner.search import SearchSpace, micro_batches, stage_splits  # noqa: E402
-from planner.steptime import estimate_step_time  # noqa: E402
+from planner.steptime import DP_OVERLAP, estimate_step_time  # noqa: E402
 from planner.strategies import ACTIVATION_BASELINES, StrategyInput  # noqa: E402
 from planner.workload import Workload  # noqa: E402
 
@@ -47,6 +47,8 @@ _GPT: dict[str, Any] = {
     "family": "gpt", "position": "learned", "gated_mlp": False, "activation": "gelu", "norm": "layernorm",
     "tied_embeddings": True, "qkv_bias": True, "attn_out_bias": True, "mlp_bias": True,
     "vocab_size": 51200, "max_position_embeddings": 2048,
+    # Megatron-LM's defaults (--attention-dropout 0.1 --hidden-dropout 0.1), which these GPT-3 runs kept
+    "attn_dropout": 0.1, "hidden_dropout": 0.1,
 }  # fmt: skip
 
 
@@ -59,6 +61,12 @@ LLAMA3_405B = ModelSpec(
     name="llama3-405b", family="llama", num_layers=126, hidden_size=16384, num_heads=128, num_kv_heads=8,
     ffn_hidden_size=53248, vocab_size=128256, max_position_embeddings=131072,
 )  # fmt: skip
+
+# Llama 3, Sec. 3.3.2: one block fewer on the first and the last of the 16 stages (126 = 7 + 14 x 8 + 7), the
+# embedding and the output layer taking their place: 8 slots per stage, which the interleaved schedule's
+# model chunks divide. (It trained 8K sequences without activation checkpointing; the activation policy here
+# is the memory model's fewest recompute that fits, which is none where the model agrees.)
+LLAMA3_STAGES = (7,) + (8,) * 14 + (7,)
 
 # (source, model, tp, pp, cp, GPUs, global batch, seq, published metric value, metric, recompute, zero)
 # Narayanan et al. 2021 (SC'21), Table 1: vocab 51200, seq 2048, 80-GB A100s on Selene, fp16.
@@ -94,7 +102,8 @@ ROWS: list[dict[str, Any]] = [
     ],
     *[
         {"source": "llama3_2024", "model": LLAMA3_405B, "tp": 8, "pp": 16, "cp": cp, "gpus": g, "batch": b,
-         "seq": s, "published": mfu, "metric": "mfu", "recompute": "auto", "zero": 1}
+         "seq": s, "published": mfu, "metric": "mfu", "recompute": "auto", "zero": 1,
+         "stage_layers": LLAMA3_STAGES, "stage_slots": 8}
         for cp, g, b, s, mfu in [
             (1, 8192, 2048, 8192, 0.43),
             (1, 16384, 2048, 8192, 0.41),
@@ -120,15 +129,23 @@ def cluster_for(row: dict[str, Any]) -> ClusterSpec:
 
 
 def workload_for(row: dict[str, Any]) -> Workload:
-    # Megatron in 2021 ran without a fused attention kernel; Korthikanti et al.'s selective
-    # recompute drops exactly the s x s attention terms, which is what a fused kernel never
-    # keeps: the memory model's flash setting stands for it (its "selective" keeps the terms)
+    # Megatron-LM in 2021 and 2022 ran the attention unfused (QK^T, fused scale-mask-softmax, dropout,
+    # context GEMM; the s x s scores go through memory: planner.kernels); Korthikanti et al.'s selective
+    # recompute drops those s x s activations and recomputes them (the memory model's "selective").
+    # Llama 3 ran a fused (flash) attention kernel.
     return Workload(
         global_batch=row["batch"],
         seq_len=row["seq"],
         dtype="bf16" if row["source"] == "llama3_2024" else "fp16",
-        flash_attention=row["source"] != "narayanan2021",
+        flash_attention=row["source"] == "llama3_2024",
     )
+
+
+def dp_overlap_for(row: dict[str, Any]) -> float:
+    # Megatron-LM as of both papers all-reduced the gradients after the last micro-batch's backward
+    # (megatron/training.py: train_step, `allreduce_gradients` after forward_backward_func; overlapping
+    # came with --overlap-grad-reduce in 2023); Llama 3's FSDP overlaps it with backward (the default)
+    return 0.0 if row["source"] in ("narayanan2021", "korthikanti2022") else DP_OVERLAP
 
 
 def cost_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -143,15 +160,24 @@ def cost_row(row: dict[str, Any]) -> dict[str, Any]:
     budget = budget_bytes(cluster, w)
     best: tuple[float, Layout, MemoryOptions, Any] | None = None
     fits_any = False
-    split = stage_splits(model, w, pp)[-1][1] if model.num_layers % pp else ()
-    per_stage = split or (model.num_layers // pp,)
+    split = row.get("stage_layers") or (stage_splits(model, w, pp)[-1][1] if model.num_layers % pp else ())
+    per_stage = (row["stage_slots"],) if "stage_slots" in row else split or (model.num_layers // pp,)
     # the interleaved schedule these runs could use (Megatron-LM): chunks dividing every stage's blocks
     chunks = [v for v in INTERLEAVE if v == 1 or (pp > 1 and all(n % v == 0 for n in per_stage))]
-    # Megatron-LM's layers: the embeddings and the head vocab-parallel over tp
     for mb, v in itertools.product(micro_batches(w, dp, SearchSpace()), chunks):
-        layout = Layout(dp=dp, tp=tp, pp=pp, cp=cp, micro_batch=mb, grad_accum=row["batch"] // (dp * mb),
-                        zero_stage=row["zero"], sequence_parallel=tp > 1, stage_layers=split,
-                        virtual_stages=v, vocab_parallel=True)  # fmt: skip
+        layout = Layout(
+            dp=dp,
+            tp=tp,
+            pp=pp,
+            cp=cp,
+            micro_batch=mb,
+            grad_accum=row["batch"] // (dp * mb),
+            zero_stage=row["zero"],
+            sequence_parallel=tp > 1,
+            stage_layers=split,
+            virtual_stages=v,
+            vocab_parallel=True,
+        )  # fmt: skip
         if v > 1 and layout.grad_accum % pp:
             continue  # Megatron's interleaving needs the micro-batches to be a multiple of the stages
         validate_layout(model, cluster, w, layout)
@@ -171,7 +197,9 @@ def cost_row(row: dict[str, Any]) -> dict[str, Any]:
             if estimate_memory(model, w, layout, options).total > budget:
                 continue
         fits_any = True
-        t = estimate_step_time(model, cluster, w, layout, options, links=links)
+        t = estimate_step_time(
+            model, cluster, w, layout, options, links=links, dp_overlap=dp_overlap_for(row)
+        )
         if best is None or t.step_s < best[0]:
             best = (t.step_s, layout, options, t)
     out: dict[str, Any] = {
@@ -264,7 +292,11 @@ def main() -> None:
             "korthikanti2022: MFU/HFU from the Megatron-LM README table (data-parallel size one); selective "
             "recompute and sequence parallelism.",
             "llama3_2024: BF16 MFU; activation policy chosen by the planner (fewest recompute that fits), ZeRO-1.",
-            "device efficiency comes from the cluster preset (a calibration constant), which caps predicted HFU.",
+            "compute: the presets' roofline (planner.kernels): GEMMs at one GEMM efficiency per device (A100 0.65, "
+            "H100 0.6), a fused causal attention kernel at half its counted FLOPs and FlashAttention-2's published "
+            "efficiency, the memory-bound operators (norms, GeLU, dropout, residual adds, unfused s x s scores) at "
+            "HBM bandwidth; Megatron-LM's gradient all-reduce after the last backward (no overlap).",
+            "llama3_2024: stages 7 + 14 x 8 + 7 blocks (Sec. 3.3.2), interleaved chunks dividing the 8 slots.",
         ],
         "summary": summary,
         "results": results,

@@ -71,6 +71,12 @@ class DeviceSpec:
     # operator dispatch and small-kernel launches, the alpha of an alpha-beta compute model. The probe fits
     # it together with the efficiency from blocks of several sizes; negligible next to large GEMMs.
     block_overhead: float = field(default=0.0, metadata={"unit": "time", "min": 0})
+    # cost a block as its kernels (`planner.kernels`): the GEMMs at `efficiency` (then a GEMM efficiency),
+    # the attention core, and the memory-bound operators at `memory_bandwidth`. Off where `efficiency` was
+    # fitted on whole blocks (the probe), which already holds the norms, activations and attention.
+    roofline: bool = False
+    # achieved / peak of a fused (flash) attention kernel's forward + backward, with `roofline`; 0: `efficiency`
+    attention_efficiency: float = field(default=0.0, metadata={"min": 0, "max": 1.0})
 
     def flops(self, dtype: str) -> float:
         if dtype in self.peak_flops:

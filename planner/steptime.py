@@ -4,7 +4,10 @@ compute   = FLOPs / (device peak for the dtype x efficiency) + blocks x block_ov
             alpha-beta model of compute (Hockney 1994's form, used for messages below),
             whose beta (efficiency) and alpha (the per-block dispatch and launch cost) the
             probe fits from blocks of several sizes; `memtier bench --calibrate` refines
-            the efficiency.
+            the efficiency. On a device with `roofline` (the GPU presets) a block is costed as its
+            kernels instead (`planner.kernels`): GEMMs at the GEMM efficiency, the attention core
+            (half its counted FLOPs in a fused causal kernel), the memory-bound operators at the
+            memory bandwidth; selective recompute runs the attention core again.
 tensor parallel: 2 all-reduces of the block's b*s*h activations in forward and 2 in
             backward (Shoeybi et al. 2019, Sec. 3); with sequence parallelism the same
             volume as all-gather + reduce-scatter (Korthikanti et al. 2022, Sec. 4.2.2).
@@ -16,7 +19,8 @@ pipeline  = 1F1B: (m + p - 1) slots of one micro-batch's forward + backward per 
             (Sec. 2.2.2).
 data parallel: gradient all-reduce (ZeRO-1/2: reduce-scatter + all-gather, same volume;
             ZeRO-3 adds a parameter all-gather in forward and backward: 1.5x, Rajbhandari
-            et al. 2020, Sec. 7.2.2) overlapped with backward except the last bucket.
+            et al. 2020, Sec. 7.2.2) overlapped with backward except the last bucket (`dp_overlap`:
+            0 for a framework that reduces after the last backward, Megatron-LM before 2023).
 offload   = the CPU optimizer step (params / CPU AdamW rate) and the gradient down /
             parameter up transfers over the host link (Ren et al. 2021, ZeRO-Offload);
             NVMe-resident state is read and written once per step (Rajbhandari et al. 2021).
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 from planner.cluster import ClusterSpec
 from planner.comm import GroupLink, allgather_time, allreduce_time, p2p_time, worst_group_links
 from planner.flops import head_forward_flops, layer_forward_flops, model_flops_per_step
+from planner.kernels import block_forward_time
 from planner.lora import frozen_weight_grad_flops
 from planner.memory import (
     MemoryOptions,
@@ -96,6 +101,7 @@ def estimate_step_time(
     mapping: list[int] | None = None,
     links: dict[str, GroupLink] | None = None,
     swap_exposed_s: float = 0.0,
+    dp_overlap: float = DP_OVERLAP,
 ) -> StepTime:
     options = options or MemoryOptions()
     dev = cluster.device
@@ -110,10 +116,13 @@ def estimate_step_time(
     # compute of one micro-batch on the slowest stage: its blocks (sharded by tp and cp)
     counts = stage_layer_counts(model, pp, layout.stage_layers)
     tokens = mb * seq
-    layer_f = layer_forward_flops(model, tokens, seq) / (tp * cp)
+    sp = layout.sequence_parallel
+    layer_s, attn_s = block_forward_time(model, dev, workload, tokens, tp=tp, cp=cp, sp=sp)
     # the head is whole on every tp rank unless vocab-parallel (memtier's trainer keeps it whole)
     head_f = head_forward_flops(model, tokens) / (layout.vocab_shards * cp)
     recompute_layers = _recomputed_layers(model, options)
+    # selective recompute runs every block's attention core again (Korthikanti et al. 2022, Sec. 4.3)
+    again_s = attn_s if options.recompute == "selective" and not options.policies else 0.0
     # LoRA: the weight-gradient GEMMs the frozen blocks and head skip
     frozen_layer_f = frozen_weight_grad_flops(model, workload, tokens) / (tp * cp)
     frozen_head_f = head_f if workload.lora else 0.0
@@ -123,14 +132,13 @@ def estimate_step_time(
     loss_s = LOSS_PASSES * tokens / cp * model.vocab_size / layout.vocab_shards * 4 / dev.memory_bandwidth
     stage_times = []
     for s, n in enumerate(counts):
-        f = n * layer_f + (head_f if s == pp - 1 else 0.0)
         share = n / model.num_layers
-        hw = 3 * f + recompute_layers * share * layer_f - n * frozen_layer_f
-        hw -= frozen_head_f if s == pp - 1 else 0.0
+        head = (3 * head_f - frozen_head_f) / rate if s == pp - 1 else 0.0
+        work = (3 * n + recompute_layers * share) * layer_s + n * (again_s - frozen_layer_f / rate) + head
         # the fixed cost: every block runs forward and backward once, a recomputed one
         # its forward again (a third of the block's operators, as of its FLOPs)
         overhead = (n + recompute_layers * share / 3) * dev.block_overhead
-        stage_times.append(hw / rate + overhead + (loss_s if s == pp - 1 else 0.0))
+        stage_times.append(work + overhead + (loss_s if s == pp - 1 else 0.0))
     per_mb = max(stage_times)
     compute = per_mb * m
 
@@ -166,7 +174,7 @@ def estimate_step_time(
         param_bytes = max(device_params(model, layout, s) for s in range(pp)) * d
         dp_comm += 2 * allgather_time(param_bytes, dp_n, links["dp"])
     backward = (2 / 3) * per_mb  # the last micro-batch's backward is what reduction can hide behind
-    dp_exposed = max(0.0, dp_comm - DP_OVERLAP * backward) if dp_n > 1 else 0.0
+    dp_exposed = max(0.0, dp_comm - dp_overlap * backward) if dp_n > 1 else 0.0
 
     # optimizer step
     shard = psi / (dp_n if layout.zero_stage >= 1 else 1)
@@ -268,8 +276,7 @@ def block_forward_s(
     """Seconds of one block's forward over `tokens` tokens (split `shard` ways by tp x cp), with its share
     of the fixed per-block cost: the recompute cost and the overlap window the activation MIP uses."""
     dev = cluster.device
-    flops = layer_forward_flops(model, tokens, workload.seq_len) / shard
-    return flops / (dev.flops(workload.dtype) * dev.efficiency) + dev.block_overhead / 3
+    return block_forward_time(model, dev, workload, tokens, tp=shard)[0] + dev.block_overhead / 3
 
 
 def swap_out_early(

@@ -166,3 +166,61 @@ def test_cpu_ranks_sharing_cores_split_the_compute_and_absorb_the_bubble():
         Layout(dp=2, pp=2, micro_batch=2, grad_accum=2, stage_layers=(4, 4)),
     )  # fmt: skip
     assert dedicated.bubble_s > 0.0
+
+
+def test_roofline_costs_memory_bound_operators_and_the_causal_half_of_fused_attention():
+    """planner.kernels: with `roofline`, a block is its GEMMs at the GEMM efficiency plus its memory-bound bytes
+    at the HBM bandwidth (a larger share in narrow models), and a fused causal attention kernel runs half the
+    counted score/context FLOPs; without it, a block is FLOPs / (peak x efficiency) as the probe fits it."""
+    from planner.flops import layer_forward_flops
+    from planner.kernels import block_forward_time, memory_bound_bytes
+    from planner.model import ModelSpec
+
+    dev = resolve_cluster("dgx-a100-8x80g").device
+    assert dev.roofline
+    rate = dev.flops("fp16") * dev.efficiency
+    w = Workload(global_batch=8, seq_len=2048, dtype="fp16", flash_attention=False)
+
+    def gpt(h: int, a: int) -> ModelSpec:
+        return ModelSpec(name=f"gpt-{h}", family="gpt", num_layers=24, hidden_size=h, num_heads=a,
+                         ffn_hidden_size=4 * h, vocab_size=51200, gated_mlp=False, norm="layernorm",
+                         position="learned", attn_dropout=0.1, hidden_dropout=0.1)  # fmt: skip
+
+    def slowdown(m: ModelSpec, wl: Workload) -> float:
+        return block_forward_time(m, dev, wl, 2048)[0] / (layer_forward_flops(m, 2048, 2048) / rate)
+
+    narrow, wide = gpt(2304, 24), gpt(20480, 128)
+    assert slowdown(narrow, w) > slowdown(wide, w) > 1.0  # the memory-bound share falls as h grows
+    # the unfused scores dominate a narrow model's bytes; a fused kernel moves none of them
+    assert memory_bound_bytes(narrow, w, 2048) > 2 * memory_bound_bytes(
+        narrow, w.replace(flash_attention=True), 2048
+    )
+    # fused and causal: half the counted attention FLOPs (at the kernel's own efficiency)
+    flash = w.replace(flash_attention=True)
+    plain = dataclasses.replace(dev, attention_efficiency=0.0)
+    attn = 4.0 * 2048 * 2048 * wide.q_size
+    fused_s, _ = block_forward_time(wide, plain, flash, 2048)
+    unfused_s, _ = block_forward_time(wide, plain, flash.replace(flash_attention=False), 2048)
+    moved = (memory_bound_bytes(wide, w, 2048) - memory_bound_bytes(wide, flash, 2048)) / dev.memory_bandwidth
+    assert unfused_s - fused_s == pytest.approx(0.5 * attn / rate + moved, rel=1e-9)
+    # without roofline: FLOPs / (peak x efficiency), nothing else
+    off = dataclasses.replace(dev, roofline=False)
+    assert block_forward_time(narrow, off, w, 2048)[0] == pytest.approx(
+        layer_forward_flops(narrow, 2048, 2048) / rate
+    )
+
+
+def test_selective_recompute_runs_the_attention_core_again_and_dp_overlap_hides_the_reduction():
+    spec = MODEL_PRESETS["gpt3-175b"]
+    cluster = resolve_cluster("dgx-a100-8x80g", nodes=8)
+    w = Workload(global_batch=64, seq_len=2048, flash_attention=False)
+    layout = Layout(tp=8, pp=8, grad_accum=64)
+    t = {rc: estimate(spec, cluster, w, layout, MemoryOptions(recompute=rc)).time.compute_s
+         for rc in ("none", "selective", "full")}  # fmt: skip
+    assert t["none"] < t["selective"] < t["full"]
+    from planner.steptime import estimate_step_time
+
+    dp = Layout(dp=8, tp=8, micro_batch=1, grad_accum=8)
+    hidden = estimate_step_time(spec, cluster, w, dp)
+    after = estimate_step_time(spec, cluster, w, dp, dp_overlap=0.0)  # reduced after the last backward
+    assert after.dp_exposed_s == pytest.approx(after.dp_comm_s) and after.dp_exposed_s > hidden.dp_exposed_s
