@@ -13,7 +13,8 @@ Every parameter is in one of four modes at any step, decided from its shape, its
 refresh period (never stored): ``"full"`` (Adam on the whole tensor), ``"left"``/``"right"`` (Adam on
 ``P^T G`` / ``G Q^T``), ``"empty"`` (no state-full part). ``optimizer.state`` holds only tensors:
 ``step`` (0-dim float32, as in torch.optim.AdamW), ``exp_avg``/``exp_avg_sq`` and, when projected,
-``basis`` (plus ``history`` for Natural GaLore), so ``state_dict()`` round-trips and a resumed run
+``basis`` (plus ``history`` for Natural GaLore; with ``state_bits=8`` the moments are uint8 codes beside
+``absmax1``/``absmax2``/``qmap1``/``qmap2``, `optim.quantized`), so ``state_dict()`` round-trips and a resumed run
 continues bit-identically: the random sketches are seeded from ``(seed, group, index, refresh period)``.
 """
 
@@ -25,6 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from optim import quantized
 from optim import state_bytes as sb
 from optim.errors import OptimizerConfigError, ProjectionFallbackWarning
 from optim.projection import SVD_METHODS, add_projected_back_, compute_basis, project, random_basis
@@ -120,6 +122,17 @@ class SubspaceAdamW(torch.optim.Optimizer):
             raise bad("numerics", f"{group['numerics']!r} is not one of {NUMERICS}")
         if not (isinstance(group["scale"], (int, float)) and group["scale"] > 0):
             raise bad("scale", f"must be a positive float, got {group['scale']!r}")
+        bits = group["state_bits"]
+        if isinstance(bits, bool) or bits not in quantized.STATE_BITS:
+            raise bad("state_bits", f"must be one of {quantized.STATE_BITS}, got {bits!r}")
+        if bits and group["numerics"] != "torch":
+            raise bad(
+                "state_bits", "8-bit states run bitsandbytes' Adam, whose arithmetic is numerics='torch'"
+            )
+        if bits and group["state_on_refresh"] == "project":
+            raise bad("state_bits", "quantized moments cannot be rotated: state_on_refresh 'keep' or 'reset'")
+        if bits:
+            quantized.require()  # bitsandbytes loads here (OptimizerConfigError naming state_bits if not)
         self._validate_extra(group, bad)
 
     def _validate_extra(self, group: dict[str, Any], bad: Callable[[str, str], OptimizerConfigError]) -> None:
@@ -198,12 +211,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             low = project(grad.reshape(basis_rows_cols(p)), basis, mode)
             conditioned = self._precondition(low, group, state, step_before)
             moment_step = self._moment_step(group, state, mode, step_before)
-            self._ensure_moments(state, conditioned)
-            beta1, beta2 = group["betas"]
-            direction, multiplier = adam_direction_(
-                conditioned, state["exp_avg"], state["exp_avg_sq"], step=moment_step,
-                beta1=beta1, beta2=beta2, eps=group["eps"], eps_on_corrected=torch_numerics,
-            )  # fmt: skip
+            direction, multiplier = self._adam_direction(conditioned, state, group, step=moment_step)
             add_projected_back_(p, direction, basis, mode, alpha=-scaled_lr * multiplier)
         self._state_free_update(p, grad, low, basis, mode, group)
         if weight_decay != 0 and not torch_numerics:
@@ -220,10 +228,17 @@ class SubspaceAdamW(torch.optim.Optimizer):
         lr: float,
         decay: bool = True,
     ) -> None:
-        """Adam on the whole tensor: bit-identical to torch.optim.AdamW, or galore-torch's AdamW."""
-        self._ensure_moments(state, p)
+        """Adam on the whole tensor: bit-identical to torch.optim.AdamW, or galore-torch's AdamW (or
+        bitsandbytes' 8-bit Adam with ``state_bits=8``, `optim.quantized`)."""
         beta1, beta2 = group["betas"]
         weight_decay = group["weight_decay"] if decay else 0.0
+        if quantized.quantizes(p.numel(), group.get("state_bits", 0)):
+            quantized.adam_step_8bit_(
+                p, grad, state, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=weight_decay,
+            )  # fmt: skip
+            return
+        self._ensure_moments(state, p)
         if group["numerics"] == "torch":
             adamw_step_(
                 p, grad, state["exp_avg"], state["exp_avg_sq"], step=step, lr=lr,
@@ -237,6 +252,21 @@ class SubspaceAdamW(torch.optim.Optimizer):
         p.add_(direction, alpha=-lr * multiplier)
         if weight_decay != 0:
             p.add_(p, alpha=-group["lr"] * weight_decay)
+
+    def _adam_direction(
+        self, low: torch.Tensor, state: dict[str, Any], group: dict[str, Any], *, step: float
+    ) -> tuple[torch.Tensor, float]:
+        """Adam's moments updated with the projected gradient; ``(d, c)`` with the step ``-lr * c * d``."""
+        beta1, beta2 = group["betas"]
+        if quantized.quantizes(low.numel(), group.get("state_bits", 0)):
+            return quantized.adam_direction_8bit_(
+                low, state, step=step, beta1=beta1, beta2=beta2, eps=group["eps"]
+            )
+        self._ensure_moments(state, low)
+        return adam_direction_(
+            low, state["exp_avg"], state["exp_avg_sq"], step=step, beta1=beta1, beta2=beta2,
+            eps=group["eps"], eps_on_corrected=group["numerics"] == "torch",
+        )  # fmt: skip
 
     @staticmethod
     def _ensure_moments(state: dict[str, Any], like: torch.Tensor) -> None:
@@ -414,10 +444,16 @@ class SubspaceAdamW(torch.optim.Optimizer):
     def _formula_settings(
         self, p: torch.Tensor, group: dict[str, Any], gi: int, i: int, period: int
     ) -> dict[str, Any]:
-        return {"rank": group["rank"], "proj_type": group["proj_type"]}
+        return {
+            "rank": group["rank"],
+            "proj_type": group["proj_type"],
+            "state_bits": group.get("state_bits", 0),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        for state in self.state.values():
+            quantized.restore_codes_(state)  # (torch cast the 8-bit codes to the parameter's dtype)
         self._param_index.clear()
 
 
@@ -444,6 +480,7 @@ def common_defaults(
     state_on_refresh: str,
     seed: int,
     numerics: str,
+    state_bits: int = 0,
 ) -> dict[str, Any]:
     """The group defaults every variant shares (validated per group by ``SubspaceAdamW``)."""
     return {
@@ -460,4 +497,5 @@ def common_defaults(
         "state_on_refresh": state_on_refresh,
         "seed": seed,
         "numerics": numerics,
+        "state_bits": state_bits,
     }

@@ -60,6 +60,7 @@ class FRUGAL(SubspaceAdamW):
         svd, oversample, power_iters: how the ``svd`` projection is computed (as in GaLoreAdamW).
         seed: seeds random bases, randomized sketches and random block choices.
         numerics: ``"torch"`` or ``"galore_torch"`` arithmetic for the Adam part (see ``optim.base.NUMERICS``).
+        state_bits: 0 or 8: the state-full Adam moments in 8 bits (as GaLoreAdamW's ``state_bits``).
     """
 
     switch_key: ClassVar[str] = "frugal"
@@ -88,11 +89,12 @@ class FRUGAL(SubspaceAdamW):
         power_iters: int = 2,
         seed: int = 0,
         numerics: str = "torch",
+        state_bits: int = 0,
     ) -> None:
         defaults = common_defaults(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, svd=svd, oversample=oversample, power_iters=power_iters,
-            state_on_refresh=state_on_refresh, seed=seed, numerics=numerics,
+            state_on_refresh=state_on_refresh, seed=seed, numerics=numerics, state_bits=state_bits,
         )  # fmt: skip
         defaults.update(
             frugal=frugal, density=density, projection=projection, state_free=state_free,
@@ -191,4 +193,5 @@ class FRUGAL(SubspaceAdamW):
             "projection": group["projection"],
             "proj_type": group["proj_type"],
             "active": active,
+            "state_bits": group.get("state_bits", 0),  # (a checkpoint from before state_bits has none)
         }

@@ -47,6 +47,9 @@ class GaLoreAdamW(SubspaceAdamW):
         seed: seeds the randomized sketches (with the parameter's position and the refresh period).
         numerics: ``"torch"`` (torch.optim.AdamW's eps placement and weight-decay order) or
             ``"galore_torch"`` (the reference package's), see ``optim.base.NUMERICS``.
+        state_bits: 0 (moments in the parameter's dtype) or 8: moments of 4096 elements or more, the projected
+            ones and the whole-tensor ones alike, in bitsandbytes' blockwise 8-bit format (`optim.quantized`,
+            galore-torch's ``GaLoreAdamW8bit``); the basis stays in the parameter's dtype.
     """
 
     switch_key: ClassVar[str] = "galore"
@@ -76,11 +79,12 @@ class GaLoreAdamW(SubspaceAdamW):
         state_on_refresh: str = "keep",
         seed: int = 0,
         numerics: str = "torch",
+        state_bits: int = 0,
     ) -> None:
         defaults = common_defaults(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, svd=svd, oversample=oversample, power_iters=power_iters,
-            state_on_refresh=state_on_refresh, seed=seed, numerics=numerics,
+            state_on_refresh=state_on_refresh, seed=seed, numerics=numerics, state_bits=state_bits,
         )  # fmt: skip
         defaults.update(galore=galore, rank=rank)
         super().__init__(params, defaults)

@@ -27,7 +27,8 @@ from optim.updates import woodbury_natural_gradient
 class NaturalGaLoreAdamW(GaLoreAdamW):
     """GaLore AdamW with the Natural GaLore preconditioner; projection is on for groups with ``galore=True``.
 
-    Takes every keyword of :class:`GaLoreAdamW` plus:
+    Takes every keyword of :class:`GaLoreAdamW` (``state_bits=8`` quantizes the moments; the history stays in
+    the parameter's dtype) plus:
 
     Args:
         history_size: ``s``, the number of low-rank gradients kept for the empirical Fisher.
@@ -57,6 +58,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         state_on_refresh: str = "keep",
         seed: int = 0,
         numerics: str = "torch",
+        state_bits: int = 0,
         history_size: int = 10,
         # Relative to the mean squared norm of the stored low-rank gradients. Das 2024 uses an absolute
         # lambda = 1e-3, but LM low-rank gradients' squared norms run from 7e-3 to 14 (measured on a 4-layer,
@@ -69,7 +71,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         defaults = common_defaults(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
             scale=scale, proj_type=proj_type, svd=svd, oversample=oversample, power_iters=power_iters,
-            state_on_refresh=state_on_refresh, seed=seed, numerics=numerics,
+            state_on_refresh=state_on_refresh, seed=seed, numerics=numerics, state_bits=state_bits,
         )  # fmt: skip
         defaults.update(galore=galore, rank=rank, history_size=history_size, damping=damping)
         SubspaceAdamW.__init__(self, params, defaults)

@@ -102,9 +102,22 @@ def num_active_blocks(density: float, num_blocks: int) -> int:
     return min(num_blocks, max(0, round_half_up(density * num_blocks)))
 
 
-def _adamw_bytes(numel: int, dtype_bytes: int) -> int:
+# 8-bit moments (optim.quantized, bitsandbytes' blockwise format, Dettmers et al. 2022): one byte per element,
+# an fp32 absmax per 256 elements and a 256-entry fp32 code-book per moment; moments under 4096 elements
+# stay unquantized. planner.optimizer_state.LOW_BIT_FORMATS[8] holds the same numbers.
+QUANT_BLOCK, QUANT_CODES, QUANT_MIN_ELEMENTS = 256, 256, 4096
+
+
+def moment_bytes(numel: int, dtype_bytes: int, state_bits: int = 0) -> int:
+    """Bytes of one Adam moment of ``numel`` elements: the dtype's, or 8-bit blockwise-quantized."""
+    if state_bits == 8 and numel >= QUANT_MIN_ELEMENTS:
+        return numel + 4 * (-(-numel // QUANT_BLOCK)) + 4 * QUANT_CODES
+    return numel * dtype_bytes
+
+
+def _adamw_bytes(numel: int, dtype_bytes: int, state_bits: int = 0) -> int:
     # AdamW: exp_avg + exp_avg_sq, each the parameter's size (Loshchilov & Hutter 2019), plus the step.
-    return 2 * numel * dtype_bytes + STEP_BYTES
+    return 2 * moment_bytes(numel, dtype_bytes, state_bits) + STEP_BYTES
 
 
 def expected_state_bytes(
@@ -119,6 +132,7 @@ def expected_state_bytes(
     density: float = 0.25,
     projection: str = "svd",
     active: bool = True,
+    state_bits: int = 0,
 ) -> int:
     """Bytes of optimizer state that one parameter of ``shape`` holds after its first step.
 
@@ -134,6 +148,8 @@ def expected_state_bytes(
         density: FRUGAL's state-full fraction.
         projection: FRUGAL's subspace choice, ``"svd"``, ``"random"`` or ``"blockwise"``.
         active: for blockwise FRUGAL, whether this parameter is one of the state-full blocks right now.
+        state_bits: 0, or 8 for blockwise-quantized moments (:func:`moment_bytes`; bases and history keep
+            ``dtype_bytes``).
 
     Formulas (elements; times ``dtype_bytes``, plus a 4-byte step counter for every kind):
         adamw:          2 * m * n
@@ -150,32 +166,33 @@ def expected_state_bytes(
     numel = 1
     for d in shape:
         numel *= int(d)
+    bits = state_bits
     if kind == "adamw" or not projected:
-        return _adamw_bytes(numel, dtype_bytes)
+        return _adamw_bytes(numel, dtype_bytes, bits)
     if kind == "frugal" and projection == "blockwise":
         # An active block also counts its own steps since activation (a second 4-byte scalar).
-        return _adamw_bytes(numel, dtype_bytes) + STEP_BYTES if active else STEP_BYTES
+        return _adamw_bytes(numel, dtype_bytes, bits) + STEP_BYTES if active else STEP_BYTES
     if kind == "frugal" and projection not in FRUGAL_PROJECTIONS:
         raise OptimizerConfigError("projection", f"{projection!r} is not one of {FRUGAL_PROJECTIONS}")
     mat = matrix_shape(shape)
     if mat is None:
-        return _adamw_bytes(numel, dtype_bytes)
+        return _adamw_bytes(numel, dtype_bytes, bits)
     rows, cols = mat
     side = projection_side(rows, cols, proj_type)
     if kind == "frugal":
         r = frugal_rank(density, rows, cols, side)
         if r == reduced_dim(rows, cols, side):
-            return _adamw_bytes(numel, dtype_bytes)
+            return _adamw_bytes(numel, dtype_bytes, bits)
         if r == 0:
             return STEP_BYTES
     else:
         r = galore_rank(rank, rows, cols)
     lr_rows, lr_cols = low_rank_shape(rows, cols, r, side)
     b_rows, b_cols = basis_shape(rows, cols, r, side)
-    elements = 2 * lr_rows * lr_cols + b_rows * b_cols
+    elements = b_rows * b_cols
     if kind == "natural_galore":
         elements += history_size * lr_rows * lr_cols
-    return elements * dtype_bytes + STEP_BYTES
+    return 2 * moment_bytes(lr_rows * lr_cols, dtype_bytes, bits) + elements * dtype_bytes + STEP_BYTES
 
 
 def total_expected_state_bytes(

@@ -157,14 +157,23 @@ def memory_modes(model: torch.nn.Module, optimizer: Any, settings: Settings) -> 
         # module.to keeps the Parameter objects, so the optimizer's references stay valid
         model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[plan.workload.dtype])
     if opt_plan.state_bits:
-        if opt_plan.kind != "adamw":
-            raise TrainConfigError(
-                f"{opt_plan.state_bits}-bit states run for AdamW only in the trainer, not {opt_plan.kind}",
-                field="optimizer.state_bits",
-                source=where,
-            )
+        from optim.base import SubspaceAdamW
         from optim.errors import OptimizerConfigError
         from optim.per_param import PerParameterOptimizer, low_bit_adamw
+
+        if opt_plan.kind != "adamw":
+            if opt_plan.state_bits != 8 or not isinstance(optimizer, SubspaceAdamW):
+                raise TrainConfigError(
+                    f"{opt_plan.state_bits}-bit states run for AdamW (8 or 4 bits) and for optim's GaLore,"
+                    f" Natural GaLore and FRUGAL (8 bits) in the trainer, not {type(optimizer).__name__}",
+                    field="optimizer.state_bits",
+                    source=where,
+                )
+            try:  # the same optimizer and groups, its moments in bitsandbytes' 8-bit format (optim.quantized)
+                groups = [{**g, "state_bits": 8} for g in optimizer.param_groups]
+                return type(optimizer)(groups)
+            except OptimizerConfigError as e:
+                raise TrainConfigError(str(e), field="optimizer.state_bits", source=where) from None
 
         keys = ("lr", "betas", "eps", "weight_decay")
         groups = [
