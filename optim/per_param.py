@@ -97,19 +97,18 @@ class PerParameterOptimizer:
 
 
 def low_bit_adamw(params: Iterable[Any], *, bits: int, **settings: Any) -> torch.optim.Optimizer:
-    """AdamW with ``bits``-bit moments: bitsandbytes' ``AdamW8bit`` (8) or torchao's ``AdamW4bit`` (4).
+    """AdamW with ``bits``-bit moments: bitsandbytes' ``AdamW8bit`` (8; its CPU update chunked) or torchao's
+    ``AdamW4bit`` (4).
 
     Raises :class:`OptimizerConfigError` naming the library when it is not installed or does not run on
     this machine (torchao's low-bit optimizers need CUDA).
     """
     if bits == 8:
-        try:
-            import bitsandbytes as bnb
-        except Exception as e:  # an import that fails on this machine's CUDA / CPU build
-            raise OptimizerConfigError(
-                "state_bits", f"8-bit optimizer states need bitsandbytes, which does not load here: {e}"
-            ) from None
-        return bnb.optim.AdamW8bit(params, **settings)
+        from optim import quantized
+
+        # bitsandbytes' AdamW8bit, its CPU update chunked (optim.quantized.adamw_8bit: the same bits without
+        # fp32 copies of the whole tensor); raises naming state_bits when bitsandbytes does not load
+        return quantized.adamw_8bit(params, **settings)
     if bits == 4:
         if not torch.cuda.is_available():
             raise OptimizerConfigError(

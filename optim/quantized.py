@@ -123,3 +123,51 @@ def restore_codes_(state: dict[str, Any]) -> None:
     for key in ("exp_avg", "exp_avg_sq"):
         if state[key].dtype != torch.uint8:
             state[key] = state[key].to(torch.uint8)
+
+
+def adamw_8bit(params: Any, **settings: Any) -> torch.optim.Optimizer:
+    """bitsandbytes' ``AdamW8bit``, with its blockwise 8-bit update run in block-aligned chunks of
+    :data:`CPU_CHUNK_ELEMENTS` on the CPU (the same bits: the blocks are independent; see
+    :func:`adam_step_8bit_` for the fp32 copies of the whole tensor its CPU backend makes otherwise). On CUDA,
+    and for moments kept in fp32 (below bitsandbytes' ``min_8bit_size``), its own update runs."""
+    return _chunked_adamw8bit_class()(params, **settings)
+
+
+_CHUNKED_ADAMW8BIT: Any = None
+
+
+def _chunked_adamw8bit_class() -> Any:
+    global _CHUNKED_ADAMW8BIT
+    if _CHUNKED_ADAMW8BIT is not None:
+        return _CHUNKED_ADAMW8BIT
+    functional = _functional()
+    import bitsandbytes as bnb
+
+    class ChunkedAdamW8bit(bnb.optim.AdamW8bit):  # type: ignore[misc,name-defined]
+        def update_step(self, group: dict[str, Any], p: torch.Tensor, gindex: int, pindex: int) -> None:
+            state = self.state[p]
+            if p.device.type != "cpu" or state["state1"].dtype != torch.uint8:
+                return super().update_step(group, p, gindex, pindex)
+            # what bitsandbytes' Optimizer2State.update_step does for 8-bit blockwise states, chunked
+            p.data = p.data.contiguous()
+            p.grad = p.grad.contiguous()
+            config = self.get_config(gindex, pindex, group)
+            state["step"] += 1
+            betas = config["betas"]
+            flat_p, flat_g = p.data.view(-1), p.grad.view(-1)
+            m, v = state["state1"].view(-1), state["state2"].view(-1)
+            n = p.numel()
+            for start in range(0, n, CPU_CHUNK_ELEMENTS):
+                end = min(start + CPU_CHUNK_ELEMENTS, n)
+                b0, b1 = start // BLOCK, -(-end // BLOCK)
+                functional.optimizer_update_8bit_blockwise(
+                    self.optimizer_name, flat_g[start:end], flat_p[start:end], m[start:end], v[start:end],
+                    betas[0], betas[1], betas[2] if len(betas) >= 3 else 0.0, config.get("alpha", 0.0),
+                    config["eps"], state["step"], config["lr"], state["qmap1"], state["qmap2"],
+                    state["absmax1"][b0:b1], state["absmax2"][b0:b1], config["weight_decay"],
+                    gnorm_scale=1.0, skip_zeros=config["skip_zeros"],
+                )  # fmt: skip
+            return None
+
+    _CHUNKED_ADAMW8BIT = ChunkedAdamW8bit
+    return ChunkedAdamW8bit

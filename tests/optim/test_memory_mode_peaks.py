@@ -48,12 +48,12 @@ def test_8bit_states_peak_matches_the_prediction(kind: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's VmHWM reset")
-@pytest.mark.parametrize("kind", ["adamw", "galore", "natural_galore", "frugal", "galore-8bit"])
+@pytest.mark.parametrize("kind", ["adamw", "galore", "natural_galore", "frugal", "galore-8bit", "adamw-8bit"])
 def test_rss_peaks_match_the_prediction(kind: str) -> None:
     # The same steps' resident set size in a fresh process (tests/optim/peak_rss.py: after a warm-up run,
     # with a fixed glibc mmap threshold), so what MemTracker cannot see (inside an op) counts too.
-    # (bitsandbytes' own AdamW8bit is left out: its CPU backend holds fp32 copies of the whole tensor
-    # inside the op, RSS 1.7x the prediction here; optim.quantized chunks the same kernel for GaLore.)
+    # (8-bit AdamW is bitsandbytes' AdamW8bit with its CPU update chunked, optim.quantized.adamw_8bit: run
+    # whole, its CPU backend holds fp32 copies of the whole tensor inside the op, RSS 1.7x the prediction.)
     bits = 8 if kind.endswith("-8bit") else 0
     kind = kind.removesuffix("-8bit")
     for dtype in ("fp32",) if bits else ("fp32", "bf16"):
