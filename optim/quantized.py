@@ -149,12 +149,14 @@ def _chunked_adamw8bit_class() -> Any:
             if p.device.type != "cpu" or state["state1"].dtype != torch.uint8:
                 return super().update_step(group, p, gindex, pindex)
             # what bitsandbytes' Optimizer2State.update_step does for 8-bit blockwise states, chunked
+            grad = p.grad
+            assert grad is not None  # bitsandbytes steps only parameters that have a gradient
             p.data = p.data.contiguous()
-            p.grad = p.grad.contiguous()
+            p.grad = grad = grad.contiguous()
             config = self.get_config(gindex, pindex, group)
             state["step"] += 1
             betas = config["betas"]
-            flat_p, flat_g = p.data.view(-1), p.grad.view(-1)
+            flat_p, flat_g = p.data.view(-1), grad.view(-1)
             m, v = state["state1"].view(-1), state["state2"].view(-1)
             n = p.numel()
             for start in range(0, n, CPU_CHUNK_ELEMENTS):
