@@ -105,8 +105,13 @@ def apply_plan(model: torch.nn.Module, optimizer: Any, settings: Settings, *, sh
     if plan.optimizer.layerwise:
         from optim import LayerwiseStepper
 
+        # data-parallel ranks: the stepper averages each gradient over the world in its hook, before the
+        # update (the engine then wraps no DDP: `launch.train.engines.make_engine`); ranks start from rank 0's
         stepper = LayerwiseStepper(
-            optimizer, accumulation_steps=plan.layout.grad_accum, reduce_gradients=False, model=model
+            optimizer,
+            accumulation_steps=plan.layout.grad_accum,
+            reduce_gradients=plan.layout.world_size > 1,
+            model=model,
         )
     return Applied(handle=handle, optimizer=handle.optimizer, layerwise=stepper)
 
@@ -145,10 +150,10 @@ def memory_modes(model: torch.nn.Module, optimizer: Any, settings: Settings) -> 
     plan = settings.plan
     assert plan is not None
     opt_plan, where = plan.optimizer, settings.plan_path
-    if opt_plan.layerwise and plan.layout.world_size > 1:
+    if opt_plan.layerwise and plan.layout.world_size > 1 and settings.engine != "torch":
         raise TrainConfigError(
-            "layer-wise updates run on one rank in the trainer (optim.LayerwiseStepper reduces gradients"
-            " itself; the engines do not hand it the process group yet)",
+            f"layer-wise updates on several ranks run on the torch engine (optim.LayerwiseStepper averages the"
+            f" gradients in its hooks), not {settings.engine!r}",
             field="optimizer.layerwise",
             source=where,
         )

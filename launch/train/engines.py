@@ -104,10 +104,11 @@ class TorchEngine(Engine):
         *,
         max_grad_norm: float = 0.0,
         hook_allreduce: bool = False,
+        reduced_in_hooks: bool = False,
     ) -> None:
         super().__init__(model, optimizer, d, grad_accum, max_grad_norm=max_grad_norm)
         self.averager = GradientAverager(model, d.world) if d.world > 1 and hook_allreduce else None
-        if d.world > 1 and self.averager is None:
+        if d.world > 1 and self.averager is None and not reduced_in_hooks:
             from torch.nn.parallel import DistributedDataParallel
 
             # DDP broadcasts rank 0's parameters at construction and averages gradients in backward.
@@ -287,5 +288,10 @@ def make_engine(
         return AccelerateEngine(model, optimizer, d, ga, max_grad_norm=clip)
     if par is not None:
         return ParallelEngine(par, model, optimizer, d, ga, max_grad_norm=clip)
-    offloaded = settings.plan is not None and settings.plan.optimizer.offload
-    return TorchEngine(model, optimizer, d, ga, max_grad_norm=clip, hook_allreduce=offloaded)
+    plan = settings.plan
+    offloaded = plan is not None and plan.optimizer.offload
+    # layer-wise updates: optim.LayerwiseStepper averages each gradient in its own hook (no DDP around it)
+    reduced = plan is not None and plan.optimizer.layerwise and not offloaded
+    return TorchEngine(
+        model, optimizer, d, ga, max_grad_norm=clip, hook_allreduce=offloaded, reduced_in_hooks=reduced
+    )

@@ -234,3 +234,35 @@ def test_auto_plan_for_a_budget(tmp_path):
     tight = load_plan(run.auto_plan(model="llama-20m", seq=256, micro_batch=4, nproc=2, budget=budget,
                                     out_dir=str(tmp_path / "tight"), cluster_arg=str(yaml_path)))  # fmt: skip
     assert tight.predicted.peak_bytes <= budget and tight.activations
+
+
+def test_layerwise_updates_on_two_ranks_equal_one_process(tmp_path):
+    """Layer-wise AdamW (each parameter stepped in its gradient hook, `optim.LayerwiseStepper`) on 2 data-
+    parallel ranks: the stepper averages each gradient over the ranks in its hook (no DDP around the model),
+    so the losses and the parameters equal one process stepping the same global batch layer-wise."""
+    import dataclasses
+
+    def layerwise(path: str, ranks: int, micro_batch: int) -> None:
+        plan = small_plan(path, ranks=ranks, micro_batch=micro_batch)
+        opt = dataclasses.replace(plan.optimizer, layerwise=True, max_grad_norm=0.0)
+        plan.replace(optimizer=opt).save(path)
+
+    results = []
+    for name, ranks, mb in (("one", 1, 4), ("two", 2, 2)):
+        path, metrics, params = (str(tmp_path / f"{name}{x}") for x in (".json", "-m.json", "-params"))
+        layerwise(path, ranks, mb)
+        out = memtier(
+            "launch", "--nproc", str(ranks), "--plan", path, TRAIN, "--steps", "5", "--metrics-out", metrics,
+            "--save-final-params", params,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        with open(metrics) as fh:
+            losses = [loss for _, loss in json.load(fh)["losses"]]
+        state = {}
+        for f in sorted(os.listdir(params)):
+            state.update(torch.load(os.path.join(params, f)))
+        results.append((losses, state))
+    (one_losses, one_params), (two_losses, two_params) = results
+    torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), rtol=1e-5, atol=0)
+    for k, ref in one_params.items():
+        torch.testing.assert_close(two_params[k], ref, rtol=1e-5, atol=1e-5)
