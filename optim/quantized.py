@@ -17,6 +17,7 @@ shape of the moment), ``absmax1``/``absmax2`` (fp32, one per block), ``qmap1``/`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -86,17 +87,43 @@ def adam_step_8bit_(
     temporaries bounded by the chunk. CUDA's kernel updates in place, in one call.
     """
     _ensure_quantized_moments(state, param)
+    _update_8bit_blockwise(
+        "adam", param, grad.contiguous(), state["exp_avg"], state["exp_avg_sq"], state,
+        betas=(beta1, beta2, 0.0), alpha=0.0, eps=eps, step=int(step), lr=lr, weight_decay=weight_decay,
+    )  # fmt: skip
+
+
+def _update_8bit_blockwise(
+    name: str,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    state: dict[str, Any],
+    *,
+    betas: tuple[float, float, float],
+    alpha: float,
+    eps: float,
+    step: int,
+    lr: float,
+    weight_decay: float,
+    skip_zeros: bool = False,
+) -> None:
+    """bitsandbytes' blockwise 8-bit update of contiguous ``param`` (moments ``m``, ``v``; ``state`` holds
+    the code-books and per-block absmax), in block-aligned chunks of :data:`CPU_CHUNK_ELEMENTS` on the CPU,
+    whole on CUDA (see :func:`adam_step_8bit_` for why)."""
     functional = _functional()
     n = param.numel()
     chunk = CPU_CHUNK_ELEMENTS if param.device.type == "cpu" else n
-    flat_p, flat_g = param.view(-1), grad.contiguous().view(-1)
-    m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+    flat_p, flat_g, flat_m, flat_v = param.view(-1), grad.view(-1), m.view(-1), v.view(-1)
     for start in range(0, n, chunk):
-        end, b0, b1 = min(start + chunk, n), start // BLOCK, -(-min(start + chunk, n) // BLOCK)
+        end = min(start + chunk, n)
+        b0, b1 = start // BLOCK, -(-end // BLOCK)
         functional.optimizer_update_8bit_blockwise(
-            "adam", flat_g[start:end], flat_p[start:end], m[start:end], v[start:end],
-            beta1, beta2, 0.0, 0.0, eps, int(step), lr, state["qmap1"], state["qmap2"],
+            name, flat_g[start:end], flat_p[start:end], flat_m[start:end], flat_v[start:end],
+            betas[0], betas[1], betas[2], alpha, eps, step, lr, state["qmap1"], state["qmap2"],
             state["absmax1"][b0:b1], state["absmax2"][b0:b1], weight_decay,
+            gnorm_scale=1.0, skip_zeros=skip_zeros,
         )  # fmt: skip
 
 
@@ -133,14 +160,9 @@ def adamw_8bit(params: Any, **settings: Any) -> torch.optim.Optimizer:
     return _chunked_adamw8bit_class()(params, **settings)
 
 
-_CHUNKED_ADAMW8BIT: Any = None
-
-
+@functools.cache
 def _chunked_adamw8bit_class() -> Any:
-    global _CHUNKED_ADAMW8BIT
-    if _CHUNKED_ADAMW8BIT is not None:
-        return _CHUNKED_ADAMW8BIT
-    functional = _functional()
+    _functional()  # raises naming state_bits when bitsandbytes does not load
     import bitsandbytes as bnb
 
     class ChunkedAdamW8bit(bnb.optim.AdamW8bit):  # type: ignore[misc,name-defined]
@@ -156,20 +178,12 @@ def _chunked_adamw8bit_class() -> Any:
             config = self.get_config(gindex, pindex, group)
             state["step"] += 1
             betas = config["betas"]
-            flat_p, flat_g = p.data.view(-1), grad.view(-1)
-            m, v = state["state1"].view(-1), state["state2"].view(-1)
-            n = p.numel()
-            for start in range(0, n, CPU_CHUNK_ELEMENTS):
-                end = min(start + CPU_CHUNK_ELEMENTS, n)
-                b0, b1 = start // BLOCK, -(-end // BLOCK)
-                functional.optimizer_update_8bit_blockwise(
-                    self.optimizer_name, flat_g[start:end], flat_p[start:end], m[start:end], v[start:end],
-                    betas[0], betas[1], betas[2] if len(betas) >= 3 else 0.0, config.get("alpha", 0.0),
-                    config["eps"], state["step"], config["lr"], state["qmap1"], state["qmap2"],
-                    state["absmax1"][b0:b1], state["absmax2"][b0:b1], config["weight_decay"],
-                    gnorm_scale=1.0, skip_zeros=config["skip_zeros"],
-                )  # fmt: skip
+            _update_8bit_blockwise(
+                self.optimizer_name, p.data, grad, state["state1"], state["state2"], state,
+                betas=(betas[0], betas[1], betas[2] if len(betas) >= 3 else 0.0), alpha=config.get("alpha", 0.0),
+                eps=config["eps"], step=state["step"], lr=config["lr"], weight_decay=config["weight_decay"],
+                skip_zeros=config["skip_zeros"],
+            )  # fmt: skip
             return None
 
-    _CHUNKED_ADAMW8BIT = ChunkedAdamW8bit
     return ChunkedAdamW8bit

@@ -15,13 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    local = getattr(t, "_local_tensor", None)
-    return local if isinstance(local, torch.Tensor) else t
+from launch.train.parallel import _local
 
 
 class ShardProxies(nn.Module):

@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from offload.activations.layout import _block_tokens, _swappable
+from offload.activations.layout import _block_tokens
 from offload.activations.policy import BlockPolicy, Mode, PolicyError
-from offload.activations.profile import BlockProfile, _saved_summary, profile_blocks
+from offload.activations.profile import BlockProfile, SavedCollector, _saved_summary, profile_blocks
 
 __all__ = ["BlockCompiler", "CompileOptions", "CompiledBlock", "profile_compiled_blocks"]
 
@@ -243,17 +243,8 @@ def _compiled_saved(
         for a in args
     )
     tokens = _block_tokens(args, kwargs, seq_dim)
-    ptrs = frozenset(p.untyped_storage().data_ptr() for p in [*block.parameters(), *block.buffers()])
-    saved: list[torch.Tensor] = []
-    num_saved = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal num_saved
-        num_saved += 1
-        if _swappable(t, ptrs):
-            saved.append(t)
-        return t
-
+    collect = SavedCollector(block)
+    saved, pack = collect.saved, collect.pack
     compiled = torch.compile(block.forward, backend=options.backend, fullgraph=True)
     grads_before = {p: p.grad for p in block.parameters()}
     try:
@@ -267,4 +258,4 @@ def _compiled_saved(
     finally:
         for p, g in grads_before.items():
             p.grad = g
-    return replace(eager, saved_bytes=saved_bytes, saved_tensors=views, num_saved=num_saved)
+    return replace(eager, saved_bytes=saved_bytes, saved_tensors=views, num_saved=collect.num_saved)

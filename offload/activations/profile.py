@@ -21,6 +21,7 @@ from offload.activations.layout import (
     _storage_key,
     _swappable,
     _token_dim,
+    storage_ptr,
 )
 from offload.activations.policy import BlockPolicy, PolicyError, swap_tokens
 
@@ -103,6 +104,22 @@ def _total(snapshot: Mapping[Any, Mapping[str, int]]) -> int:
     return sum(dev.get("Total", 0) for dev in snapshot.values())
 
 
+class SavedCollector:
+    """A saved-tensor pack hook that counts every pack and keeps the swappable ones (what swap would move):
+    not the block's parameters or buffers, nor casts or views of them."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.ptrs = frozenset(storage_ptr(p) for p in [*block.parameters(), *block.buffers()])
+        self.saved: list[torch.Tensor] = []
+        self.num_saved = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.num_saved += 1
+        if _swappable(t, self.ptrs):
+            self.saved.append(t)
+        return t
+
+
 def _saved_summary(
     saved: Sequence[torch.Tensor], tokens: tuple[int, int], seq_dim: int
 ) -> tuple[int, tuple[tuple[int, int], ...]]:
@@ -150,17 +167,8 @@ def profile_block(
             "profile_block needs a tensor input with a sequence dimension", field="example_input"
         )
     grads_before = {p: p.grad for p in block.parameters()}
-    ptrs = frozenset(p.untyped_storage().data_ptr() for p in [*block.parameters(), *block.buffers()])
-    saved: list[torch.Tensor] = []
-    num_saved = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal num_saved
-        num_saved += 1
-        if _swappable(t, ptrs):
-            saved.append(t)
-        return t
-
+    collect = SavedCollector(block)
+    saved, pack = collect.saved, collect.pack
     try:
         fwd_tracker = MemTracker()
         fwd_tracker.track_external(block, *_tensors(args), *_tensors(kwargs))
@@ -190,7 +198,7 @@ def profile_block(
             param_bytes=sum(_tensor_bytes(p) for p in block.parameters()),
             saved_bytes=saved_bytes,
             saved_tensors=views,
-            num_saved=num_saved,
+            num_saved=collect.num_saved,
             forward_peak_bytes=forward_peak,
             backward_transient_bytes=backward_transient,
         )
