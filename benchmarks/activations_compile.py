@@ -35,7 +35,7 @@ def _keep_all_compiled(tr: Trainer, spec: ModelSpec, cfg: Config, options: Any) 
 
     acts = tuple(ActivationPolicy(layer=i) for i in range(len(tr.blocks)))
     torch._dynamo.reset()
-    handle = offload.apply(tr.model, None, bench_plan(spec, cfg, acts), compile_blocks=options)
+    handle = offload.apply(tr.model, None, compiled_plan(bench_plan(spec, cfg, acts), options))
     try:
         yield handle
     finally:
@@ -99,6 +99,15 @@ def compiled_costs(
     return cprofiles, base
 
 
+def compiled_plan(plan: Any, options: Any) -> Any:
+    """`plan` with its blocks compiled as `options` (an offload.activations.CompileOptions) say: the plan
+    carries the setting (`Workload.compile`, `compile_memory_budget`), `offload.apply` follows it."""
+    workload = plan.workload.replace(
+        compile=options.backend, compile_memory_budget=options.activation_memory_budget
+    )
+    return plan.replace(workload=workload)
+
+
 def _grads(tr: Trainer) -> list[torch.Tensor]:
     tr.opt.zero_grad(set_to_none=False)
     tr.model(tr.ids, labels=tr.ids).loss.backward()
@@ -116,7 +125,7 @@ def grad_check(tr: Trainer, plan: Any, options: Any) -> dict[str, Any]:
     with compiled_blocks(list(tr.blocks), backend=options.backend, budget=1.0):
         ref = _grads(tr)
     torch._dynamo.reset()
-    with offload.apply(tr.model, None, plan, compile_blocks=options):
+    with offload.apply(tr.model, None, compiled_plan(plan, options)):
         got = _grads(tr)
     torch._dynamo.reset()
     abs_diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
@@ -162,7 +171,9 @@ def applied(tr: Trainer, plan: Any, *, compile: Any = None) -> Iterator[Mapping[
     if compile is not None:
         torch._dynamo.reset()  # no graph compiled for another plan or partitioner budget is reused
     try:
-        with offload.apply(tr.model, None, plan, compile_blocks=compile or False) as handle:
+        with offload.apply(
+            tr.model, None, plan if compile is None else compiled_plan(plan, compile)
+        ) as handle:
             yield _Counters(handle)
     finally:
         if compile is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import traceback
@@ -12,6 +13,8 @@ from typing import Any
 from planner.errors import InfeasibleError, SpecError
 
 VERBS = ("probe", "estimate", "plan", "launch", "bench")
+# torch.compile backends a plan may name (`memtier plan --compile`, `memtier probe --compile`)
+COMPILE_BACKENDS = ("inductor", "aot_eager_decomp_partition", "aot_eager")
 
 
 def _int_at_least(low: int, what: str) -> Any:
@@ -44,6 +47,10 @@ def _add_specs(p: argparse.ArgumentParser) -> None:
         "--cluster", default="local", help="preset name (e.g. dgx-a100-8x80g), cluster YAML, or 'local'"
     )
     p.add_argument("--nodes", type=_positive_int, help="resize a multi-node preset to this many nodes")
+
+
+def _add_compile_flag(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--compile", nargs="?", const="inductor", default="", choices=COMPILE_BACKENDS, help=help)
 
 
 def _add_workload(p: argparse.ArgumentParser) -> None:
@@ -91,6 +98,16 @@ def _add_workload(p: argparse.ArgumentParser) -> None:
         "--lora-targets",
         default="q_proj,v_proj",
         help="comma-separated module names that carry LoRA adapters (PEFT's target_modules)",
+    )
+    _add_compile_flag(
+        p, "the blocks run under torch.compile with this backend (default inductor), costed with the factors "
+        "`memtier probe --compile` measured"
+    )  # fmt: skip
+    p.add_argument(
+        "--compile-memory-budget",
+        type=float,
+        default=None,
+        help="with --compile: the min-cut partitioner's activation budget in each block (0-1; torch's own if unset)",
     )
 
 
@@ -174,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the ClusterSpec YAML here (default: print it)")
     p.add_argument("--disk", help="directory whose disk bandwidth to measure (default: the temp dir)")
     p.add_argument("--quick", action="store_true", help="smaller measurements (under a minute)")
+    _add_compile_flag(
+        p, "also measure what torch.compile with this backend (default inductor) changes in a block: saved "
+        "bytes and time (seconds to a minute: the block is compiled)"
+    )  # fmt: skip
     _add_links_flags(p)
 
     p = sub.add_parser("estimate", help="memory and step-time breakdown of a model/workload/layout")
@@ -304,7 +325,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from planner.cluster import cluster_to_yaml
         from planner.schema import atomic_write_text
 
-        text = cluster_to_yaml(probe.to_cluster(probe.probe(disk=args.disk, quick=args.quick)))
+        result = probe.probe(disk=args.disk, quick=args.quick)
+        if args.compile:
+            from launch.measure.compile_probe import measure_compile
+
+            result = dataclasses.replace(
+                result, compile=measure_compile(args.compile, quick=args.quick, log=probe._log)
+            )
+        text = cluster_to_yaml(probe.to_cluster(result))
         if args.out:
             atomic_write_text(args.out, text)
             print(f"wrote {args.out}", file=sys.stderr)

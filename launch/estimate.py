@@ -40,7 +40,19 @@ def workload_from_args(args: argparse.Namespace, model: ModelSpec, dp: int, defa
         flash_attention=not args.no_flash,
         max_grad_norm=0.0 if layerwise else clip,
         **_lora_from_args(args),
+        **_compile_from_args(args),
     )
+
+
+def _compile_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`--compile` / `--compile-memory-budget` as Workload fields (none when the command has no such flags)."""
+    backend = getattr(args, "compile", "") or ""
+    budget = getattr(args, "compile_memory_budget", None)
+    if budget is not None and not backend:
+        raise SpecError("a partitioner budget needs --compile", field="--compile-memory-budget")
+    if budget is not None and not (math.isfinite(budget) and 0.0 <= budget <= 1.0):
+        raise SpecError(f"must be a share in [0, 1], got {budget}", field="--compile-memory-budget")
+    return {"compile": backend, "compile_memory_budget": budget} if backend else {}
 
 
 def _lora_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -207,6 +207,28 @@ def _param_ptrs_fn(model: nn.Module):
     return ptrs
 
 
+def _compile_options(plan: Plan, compile_blocks: bool | str | CompileOptions | None) -> CompileOptions | None:
+    """How the blocks are compiled: as the plan says (`compile_blocks` None), or as `compile_blocks` asks where
+    the plan runs them eagerly (its costs are then an upper bound); never against a compiled plan."""
+    w = plan.workload
+    planned = (
+        CompileOptions(backend=w.compile, activation_memory_budget=w.compile_memory_budget)
+        if w.compile
+        else None
+    )
+    if compile_blocks is None:
+        return planned
+    asked = CompileOptions.of(compile_blocks) if compile_blocks is not False else None
+    if planned is not None and asked != planned:
+        raise PolicyError(
+            f"the plan runs the blocks compiled ({planned.backend}, partitioner budget "
+            f"{planned.activation_memory_budget}); compile_blocks={compile_blocks!r} would run them another way "
+            "(leave it unset to follow the plan)",
+            field="compile_blocks",
+        )
+    return asked
+
+
 def apply(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -216,7 +238,7 @@ def apply(
     seq_dim: int = 1,
     optimizer_settings: Any = None,
     weights: Any = None,
-    compile_blocks: bool | str | CompileOptions = False,
+    compile_blocks: bool | str | CompileOptions | None = None,
 ) -> OffloadHandle:
     """Install the plan's activation policies, tiers, loss and optimizer offload on `model`.
 
@@ -227,18 +249,21 @@ def apply(
     `weights` (streamed model state only): a safetensors file the parameters are read from group by group; the
     model may then be built on the meta device (`offload.state.weights`).
     `blocks` overrides the block discovery; `seq_dim` is the sequence dimension of the blocks' hidden-state
-    input (1 for batch-first models). `compile_blocks` (True: inductor, a `torch.compile` backend name, or
-    `offload.activations.CompileOptions` with the partitioner's activation budget) compiles every block with its policy (`offload.activations.compiled`; `handle.compiled` reports per
-    block, and a block that cannot run compiled runs eagerly with a warning). Call `remove()` on the result (or use it as a context manager) after
-    the last backward.
+    input (1 for batch-first models). The blocks are compiled (`torch.compile`) with their policies in a form the
+    compiler keeps (`offload.activations.compiled`) when the plan says so (`plan.workload.compile`, its
+    partitioner budget `compile_memory_budget`) or `compile_blocks` asks (True: inductor, a backend name, or
+    `offload.activations.CompileOptions`); a `compile_blocks` that contradicts a compiled plan is refused.
+    `handle.compiled` reports per block, and a block that cannot run compiled runs eagerly with a warning.
+    Call `remove()` on the result (or use it as a context manager) after the last backward.
     """
     if not isinstance(plan, Plan):
         raise PolicyError(f"expected a planner.plan.Plan, got {type(plan).__name__}", field="plan")
     found = find_blocks(model, blocks=blocks)
     policies = _block_policies(plan, len(found))
     handle = OffloadHandle(model=model, blocks=found, policies=policies)
-    if compile_blocks:
-        handle.compiler = BlockCompiler(CompileOptions.of(compile_blocks))
+    options = _compile_options(plan, compile_blocks)
+    if options is not None:
+        handle.compiler = BlockCompiler(options)
 
     # Validate before installing anything.
     tier_plans = _swap_tiers(plan, policies)

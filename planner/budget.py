@@ -156,7 +156,7 @@ def plan_for_budget(
             workload=workload,
             layout=layout,
             budget_bytes=budget_bytes,
-            options=MemoryOptions(optimizer_impl=optimizer_impl, cpu_kernels=cluster.device.kind == "cpu"),
+            options=MemoryOptions.on(cluster, workload, optimizer_impl=optimizer_impl),
             time_limit_s=time_limit_s,
         )
         # activation plans with and without optimizer offload: the faster predicted step wins, the first on a tie

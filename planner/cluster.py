@@ -77,6 +77,36 @@ class DeviceSpec:
     roofline: bool = False
     # achieved / peak of a fused (flash) attention kernel's forward + backward, with `roofline`; 0: `efficiency`
     attention_efficiency: float = field(default=0.0, metadata={"min": 0, "max": 1.0})
+    # what `torch.compile` with `compile_backend` changes in a block, measured by `memtier probe --compile` on a
+    # reference Llama block (compiled / eager, at torch's own partitioner budget): its saved-for-backward bytes
+    # (the partitioner recomputes cheap pointwise ops and fusion drops intermediates) and its forward + backward
+    # time. "" (not probed): a compiled plan is costed as eager, an upper bound on the saved bytes.
+    compile_backend: str = ""
+    compile_saved_ratio: float = field(default=1.0, metadata={"positive": True, "max": 4.0})
+    compile_time_ratio: float = field(default=1.0, metadata={"positive": True, "max": 4.0})
+
+    def compile_factors(self, backend: str) -> tuple[float, float]:
+        """(saved-bytes ratio, time ratio) of blocks compiled with `backend`: (1, 1) when eager or not probed
+        for that backend."""
+        if backend and backend == self.compile_backend:
+            return self.compile_saved_ratio, self.compile_time_ratio
+        return 1.0, 1.0
+
+    def compile_note(self, backend: str, budget: float | None) -> str:
+        """What a plan with blocks compiled by `backend` (at partitioner `budget`) is costed on ("" eager)."""
+        if not backend:
+            return ""
+        at = f" at partitioner budget {budget}" if budget is not None else ""
+        if backend != self.compile_backend:
+            return (
+                f"blocks compiled with {backend}{at}: costed as eager (the device was not probed for {backend}: "
+                f"`memtier probe --compile {backend}`), an upper bound on the saved bytes"
+            )
+        probed = " (probed at torch's own budget)" if budget is not None else ""
+        return (
+            f"blocks compiled with {backend}{at}: saved bytes x{self.compile_saved_ratio:.2f}, block time "
+            f"x{self.compile_time_ratio:.2f} of eager, as probed{probed}"
+        )
 
     def flops(self, dtype: str) -> float:
         if dtype in self.peak_flops:

@@ -90,6 +90,9 @@ def estimate(
     options = options or MemoryOptions()
     if cluster.device.kind == "cpu" and not options.cpu_kernels:
         options = replace(options, cpu_kernels=True)  # (the kernels the ops run on this device)
+    saved_ratio = cluster.device.compile_factors(workload.compile)[0]
+    if options.compile_saved_ratio != saved_ratio:
+        options = replace(options, compile_saved_ratio=saved_ratio)  # (what compiled blocks save here)
     mem = estimate_memory(model, workload, layout, options)
     t = estimate_step_time(model, cluster, workload, layout, options, mapping=mapping)
     return Estimate(layout=layout, memory=mem, time=t, budget_bytes=budget_bytes(cluster, workload, budget))

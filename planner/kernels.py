@@ -83,7 +83,8 @@ def block_forward_time(
 ) -> tuple[float, float]:
     """(seconds of one block's forward over `tokens` tokens split over tp x cp ranks, seconds of its
     attention core alone: what selective recompute runs again; 0 without `roofline`)."""
-    rate = device.flops(workload.dtype) * device.efficiency
+    # compiled blocks: the probed compiled/eager time of a reference block (`DeviceSpec.compile_factors`)
+    rate = device.flops(workload.dtype) * device.efficiency / device.compile_factors(workload.compile)[1]
     flops = layer_forward_flops(model, tokens, workload.seq_len) / (tp * cp)
     if not device.roofline:
         return flops / rate, 0.0

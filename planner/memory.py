@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from planner.activation_elems import TokenCoefficients as TokenCoefficients  # re-exported
 from planner.activation_elems import (
@@ -38,6 +38,7 @@ from planner.activation_elems import (
     shared_block_inputs_bytes,
     token_coefficients,
 )
+from planner.cluster import ClusterSpec
 from planner.lora import lora_block_params, lora_largest_tensor, saved_elems_change
 from planner.model import ModelSpec
 from planner.optimizer_state import FP32, optimizer_state_bytes_per_param
@@ -79,6 +80,14 @@ class MemoryOptions:
     # the ops take torch's CPU kernels (a CPU device; `planner.estimate` sets it from the cluster): dropout
     # keeps working-dtype masks and SDPA with attention dropout keeps the s x s tensors (`_with_dropout`)
     cpu_kernels: bool = False
+    compile_saved_ratio: float = 1.0  # compiled blocks: this share of eager's saved bytes (`DeviceSpec`)
+
+    @classmethod
+    def on(cls, cluster: ClusterSpec, workload: Workload, **kw: Any) -> MemoryOptions:
+        """`kw` with the device's kernels (`cpu_kernels`) and its compile factor for the workload's backend."""
+        kw.setdefault("cpu_kernels", cluster.device.kind == "cpu")
+        kw.setdefault("compile_saved_ratio", cluster.device.compile_factors(workload.compile)[0])
+        return cls(**kw)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,8 +207,10 @@ def block_saved_bytes(
     sp: bool = False,
     cp: int = 1,
     cpu_kernels: bool = False,
+    compile_saved_ratio: float = 1.0,
 ) -> int:
-    """Bytes one block saves for backward for one micro-batch on one device (no recompute)."""
+    """Bytes one block saves for backward for one micro-batch on one device (no recompute); a compiled block's
+    are `compile_saved_ratio` of them (`MemoryOptions.compile_saved_ratio`), never below its input."""
     c = token_coefficients(model, workload, cpu_kernels=cpu_kernels)
     tokens = micro_batch * workload.seq_len / cp
     lora_rep, lora_shard = saved_elems_change(model, workload)  # (frozen weights keep less; 0 without LoRA)
@@ -208,7 +219,9 @@ def block_saved_bytes(
     shard = (c.sharded + lora_shard + c.per_sequence * workload.seq_len) / tp
     # an unfused attention's s x s terms are per token x (local) sequence length
     elems = tokens * (rep + shard) + c.fixed * workload.seq_len / cp
-    return int(elems * workload.dtype_bytes + tokens * c.mask_bytes_per_token)
+    eager = int(elems * workload.dtype_bytes + tokens * c.mask_bytes_per_token)
+    inp = block_input_bytes(model, workload, micro_batch=micro_batch, tp=tp, sp=sp, cp=cp)
+    return eager if compile_saved_ratio == 1.0 else max(inp, int(eager * compile_saved_ratio))
 
 
 def block_input_bytes(
@@ -434,8 +447,9 @@ def _stage_blocks(
     counts = stage_layer_counts(model, layout.pp, layout.stage_layers)
     first = sum(counts[:stage])
     saved = block_saved_bytes(
-        model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, cpu_kernels=options.cpu_kernels
-    )
+        model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, cpu_kernels=options.cpu_kernels,
+        compile_saved_ratio=options.compile_saved_ratio,
+    )  # fmt: skip
     inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     policies = {p.layer: p for p in options.policies}
     resident: list[float] = []

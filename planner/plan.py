@@ -26,8 +26,10 @@ from planner.workload import OptimizerKind, Precision, StateBits, Workload
 # 1.3: Plan.model_state (parameters, gradients and optimizer state streamed from host tiers); Predicted.host_peak_bytes.
 # 1.4: Workload.lora_rank, lora_targets (LoRA: only the adapters train; `planner.lora`).
 # 1.5: ModelSpec.attn_dropout, hidden_dropout, embd_dropout (what dropout keeps; `planner.activation_elems`).
-# A 1.0 to 1.4 file loads with the defaults (see `upgrade`).
-SCHEMA_VERSION = "1.5"
+# 1.6: Workload.compile, compile_memory_budget (the blocks run under torch.compile); DeviceSpec.compile_backend,
+#      compile_saved_ratio, compile_time_ratio (what compile changes, probed).
+# A 1.0 to 1.5 file loads with the defaults (see `upgrade`).
+SCHEMA_VERSION = "1.6"
 SUPPORTED_MAJOR = 1
 
 TierName = Literal["device", "dram", "cxl", "nvme"]

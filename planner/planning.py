@@ -276,14 +276,12 @@ def with_buffer_offsets(
 def memory_options(plan: Plan) -> MemoryOptions:
     """The MemoryOptions a Plan's decisions stand for (to re-cost a plan with the cost models)."""
     chunk = plan.loss.chunk_size if plan.loss.kind == "chunked" else 0
-    cpu = plan.cluster.device.kind == "cpu"  # (the kernels the ops run: `MemoryOptions.cpu_kernels`)
     if plan.model_state.stream:
         eb = ElementBytes.of(plan.workload)
         params, grads, _ = resident_state_bytes(plan.model_state.groups, eb, plan.model_state.prefetch_depth)
         streamed = (params, grads)
-        return MemoryOptions(
-            policies=plan.activations, loss_chunk_tokens=chunk, stream_state_bytes=streamed, cpu_kernels=cpu
-        )
+        return MemoryOptions.on(plan.cluster, plan.workload, policies=plan.activations, loss_chunk_tokens=chunk,
+                                stream_state_bytes=streamed)  # fmt: skip
     offload = Offload()
     tier = plan.optimizer.tier
     if plan.optimizer.offload and tier != "device":
@@ -292,8 +290,8 @@ def memory_options(plan: Plan) -> MemoryOptions:
     early = bool(swapped) and swap_out_early(
         plan.model, plan.cluster, plan.workload, plan.layout, swapped[0].swap_tier
     )
-    return MemoryOptions(offload=offload, policies=plan.activations, loss_chunk_tokens=chunk,
-                         swap_out_early=early, cpu_kernels=cpu)  # fmt: skip
+    return MemoryOptions.on(plan.cluster, plan.workload, offload=offload, policies=plan.activations,
+                            loss_chunk_tokens=chunk, swap_out_early=early)  # fmt: skip
 
 
 def optimizer_settings(workload: Workload) -> dict[str, Any]:
@@ -446,6 +444,8 @@ def _assemble(
 ) -> Plan:
     """The one place a Plan is put together (search mode, budget mode, streamed and fixed plans all end
     here)."""
+    note = cluster.device.compile_note(workload.compile, workload.compile_memory_budget)
+    notes = (*notes, note) if note and note not in notes else notes
     return Plan(
         model=model,
         cluster=cluster,

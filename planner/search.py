@@ -467,8 +467,8 @@ class _Problem:
 
     def input(self, layout: Layout, **changes: object) -> StrategyInput:
         kw: dict[str, object] = {
-            "options": MemoryOptions(
-                loss_chunk_tokens=self.space.loss_chunk_tokens, cpu_kernels=self.cluster.device.kind == "cpu"
+            "options": MemoryOptions.on(
+                self.cluster, self.workload, loss_chunk_tokens=self.space.loss_chunk_tokens
             )
         }
         kw.update(changes)

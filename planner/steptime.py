@@ -292,8 +292,9 @@ def swap_out_early(
     tp, cp, sp = layout.tp, layout.cp, layout.sequence_parallel
     cpu = cluster.device.kind == "cpu"
     saved = block_saved_bytes(
-        model, workload, micro_batch=layout.micro_batch, tp=tp, sp=sp, cp=cp, cpu_kernels=cpu
-    )
+        model, workload, micro_batch=layout.micro_batch, tp=tp, sp=sp, cp=cp, cpu_kernels=cpu,
+        compile_saved_ratio=cluster.device.compile_factors(workload.compile)[0],
+    )  # fmt: skip
     write = min(cluster.device.host_link.bandwidth, spec.write_bandwidth / cluster.devices_per_node)
     fwd = block_forward_s(
         model, cluster, workload, tokens=layout.micro_batch * workload.seq_len, shard=tp * cp

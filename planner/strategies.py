@@ -290,7 +290,10 @@ def layer_costs(
     """
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
     cpu = cluster.device.kind == "cpu"
-    saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, cpu_kernels=cpu)
+    saved = block_saved_bytes(
+        model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, cpu_kernels=cpu,
+        compile_saved_ratio=cluster.device.compile_factors(workload.compile)[0],
+    )  # fmt: skip
     inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     fwd_s = block_forward_s(model, cluster, workload, tokens=mb * workload.seq_len, shard=tp * cp)
     extra = list(backward_extra_bytes) or [0.0] * len(layers)

@@ -65,6 +65,21 @@ class Workload:
     # state, no weight-gradient GEMMs for them (`planner.lora`)
     lora_rank: int = field(default=0, metadata={"min": 0})
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # the blocks run under `torch.compile` with this backend ("": eagerly); the planner costs them with the
+    # probed compile factors (`DeviceSpec.compile_*`), `offload.apply` compiles them with their decisions
+    compile: str = ""
+    # AOTAutograd's min-cut partitioner budget inside each compiled block
+    # (`torch._functorch.config.activation_memory_budget`); None: torch's own setting
+    compile_memory_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        b = self.compile_memory_budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int | float) or not 0.0 <= b <= 1.0):
+            raise SpecError(f"must be a share in [0, 1] or null, got {b!r}", field="compile_memory_budget")
+        if b is not None and not self.compile:
+            raise SpecError(
+                "a partitioner budget needs compile (a backend name)", field="compile_memory_budget"
+            )
 
     @property
     def dtype_bytes(self) -> int:
@@ -85,7 +100,8 @@ class Workload:
         prec = "fp32" if self.dtype == "fp32" else f"{self.dtype} {self.precision}"
         bits = f", {self.optimizer.state_bits}-bit states" if self.optimizer.state_bits else ""
         lora = f", LoRA r={self.lora_rank} on {','.join(self.lora_targets)}" if self.lora else ""
-        return f"{prec}{bits}{', layer-wise' if self.layerwise else ''}{lora}"
+        compiled = f", compiled ({self.compile})" if self.compile else ""
+        return f"{prec}{bits}{', layer-wise' if self.layerwise else ''}{lora}{compiled}"
 
     @property
     def lora(self) -> bool:

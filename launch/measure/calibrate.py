@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -12,44 +13,78 @@ from planner.cluster import ClusterSpec
 from planner.plan import Plan
 
 
-def calibrate(
-    cluster: ClusterSpec, rows: Sequence[dict[str, Any]], plans: dict[str, Plan | None], peak: float
-) -> tuple[ClusterSpec, dict[str, Any]]:
-    """A cluster whose device efficiency is the one measured on the baseline, and the errors before/after.
-
-    efficiency = the baseline's hardware FLOPs / (peak x the measured step time less the predicted optimizer
-    step), i.e. what the step-time model's compute term must use to reproduce the measured compute.
-    """
+def _predicted_s(plan: Plan, cluster: ClusterSpec) -> float:
+    """The step-time model's seconds for `plan` on `cluster` (the options the plan stands for)."""
     from planner.planning import memory_options
     from planner.steptime import estimate_step_time
 
+    opts = dataclasses.replace(
+        memory_options(plan), optimizer_impl="fused", loss_chunk_tokens=plan.loss.chunk_size
+    )
+    return estimate_step_time(plan.model, cluster, plan.workload, plan.layout, opts).step_s
+
+
+def _with_efficiency(cluster: ClusterSpec, efficiency: float, peak: float) -> ClusterSpec:
+    device = dataclasses.replace(
+        cluster.device, efficiency=efficiency, peak_flops={**cluster.device.peak_flops, "fp32": peak}
+    )
+    return dataclasses.replace(cluster, device=device)
+
+
+# the efficiency is searched in [EFF_MIN, 1] (bisection on its logarithm) until the predicted step is within
+# FIT_REL of the measured one; a step the model cannot reach there ends at the nearer bound, said in the record
+EFF_MIN, FIT_REL, FIT_STEPS = 0.005, 1e-4, 60
+
+
+def fit_efficiency(plan: Plan, cluster: ClusterSpec, measured_s: float, peak: float) -> tuple[float, str]:
+    """The device efficiency at which the step-time model predicts `measured_s` for `plan` (fp32 `peak`), and
+    how the fit ended ("fit", or which bound it was clamped to).
+
+    Fitted through the model itself, so it means what the device's `efficiency` means there: a whole-block
+    efficiency for a probed device, a GEMM efficiency for a `roofline` device (whose memory-bound kernels,
+    attention core, optimizer step and communication the model adds on its own; dividing the step's FLOPs by
+    its time would count those twice). The predicted step falls as the efficiency rises (only the compute
+    terms depend on it), so the bisection converges.
+    """
+    lo, hi = math.log(EFF_MIN), 0.0
+    if _predicted_s(plan, _with_efficiency(cluster, 1.0, peak)) > measured_s:
+        return 1.0, "clamped at 1.0: the model predicts a slower step than measured even at peak"
+    if _predicted_s(plan, _with_efficiency(cluster, EFF_MIN, peak)) < measured_s:
+        return (
+            EFF_MIN,
+            f"clamped at {EFF_MIN}: the measured step is slower than the model gives at that efficiency",
+        )
+    mid = 0.5 * (lo + hi)
+    for _ in range(FIT_STEPS):
+        mid = 0.5 * (lo + hi)
+        predicted = _predicted_s(plan, _with_efficiency(cluster, math.exp(mid), peak))
+        if abs(predicted / measured_s - 1) <= FIT_REL:
+            break
+        lo, hi = (mid, hi) if predicted > measured_s else (lo, mid)
+    return math.exp(mid), "fit"
+
+
+def calibrate(
+    cluster: ClusterSpec, rows: Sequence[dict[str, Any]], plans: dict[str, Plan | None], peak: float
+) -> tuple[ClusterSpec, dict[str, Any]]:
+    """A cluster whose device efficiency reproduces the baseline's measured step, and the errors before/after.
+
+    The fp32 peak becomes `peak` (the best GEMM seen in this run: the probe's figure may have been measured
+    under load); the efficiency is then fitted so that the step-time model predicts the plain-PyTorch
+    baseline's measured step (`fit_efficiency`).
+    """
     base = next((r for r in rows if r["strategy"] == "pytorch" and r.get("status") == "ok"), None)
     base_plan = plans.get("pytorch")
     if base is None or base_plan is None:
         raise RuntimeError("calibration needs a successful pytorch baseline")
-    other = base_plan.predicted.time_breakdown.get("optimizer", 0.0) + base_plan.predicted.time_breakdown.get(
-        "swap", 0.0
-    )
-    compute_s = max(1e-9, base["step_s"] - other)
-    hflops = base["achieved_tflops"] * 1e12 * base["step_s"]  # model FLOPs of the step (no recompute)
-    # the probe's GEMM figure may have been measured under load: the best seen in this run replaces it
-    eff = min(1.0, max(0.01, hflops / (peak * compute_s)))
-    new = dataclasses.replace(
-        cluster,
-        device=dataclasses.replace(
-            cluster.device, efficiency=eff, peak_flops={**cluster.device.peak_flops, "fp32": peak}
-        ),
-    )
+    eff, fit = fit_efficiency(base_plan, cluster, float(base["step_s"]), peak)
+    new = _with_efficiency(cluster, eff, peak)
     errors: dict[str, Any] = {}
     for r in rows:
         plan = plans.get(r["strategy"])
         if plan is None or r.get("status") != "ok":
             continue
-        opts = dataclasses.replace(
-            memory_options(plan), optimizer_impl="fused", loss_chunk_tokens=plan.loss.chunk_size
-        )
-        before = estimate_step_time(plan.model, cluster, plan.workload, plan.layout, opts).step_s
-        after = estimate_step_time(plan.model, new, plan.workload, plan.layout, opts).step_s
+        before, after = _predicted_s(plan, cluster), _predicted_s(plan, new)
         errors[r["strategy"]] = {
             "measured_s": r["step_s"],
             "predicted_before_s": before,
@@ -57,7 +92,16 @@ def calibrate(
             "error_before": before / r["step_s"] - 1,
             "error_after": after / r["step_s"] - 1,
         }
-    return new, {"efficiency_before": cluster.device.efficiency, "efficiency_after": eff, "errors": errors}
+    record = {
+        "efficiency_before": cluster.device.efficiency,
+        "efficiency_after": eff,
+        "efficiency_fit": fit,
+        "efficiency_means": "GEMM efficiency (roofline device)"
+        if cluster.device.roofline
+        else "whole-block efficiency",
+        "errors": errors,
+    }
+    return new, record
 
 
 def cluster_path(arg: str) -> str:

@@ -47,6 +47,7 @@ class ProbeResult:
     seconds: float
     process_memory_bytes: int = 0  # RSS of a fresh process that imported torch, transformers and memtier
     transparent_huge_pages: str = "unavailable"  # the kernel's THP mode (see transparent_huge_pages())
+    compile: Any = None  # launch.measure.compile_probe.CompileFactors (`memtier probe --compile`)
 
 
 def _log(msg: str) -> None:
@@ -97,10 +98,11 @@ def measure_adam(numel: int, reps: int) -> float:
 BLOCK_SHAPES = ((1, 256), (1, 512), (4, 512))
 
 
-def _block_step(h: int, batch: int, seq: int) -> tuple[Callable[[], None], float]:
-    """A Llama-shaped block's forward + backward written as transformers' eager Llama layer runs it
-    (RMSNorm in four element-wise ops, separate q/k/v projections, rotary embedding with rotate-half,
-    causal SDPA, gated SiLU MLP), and its FLOPs as planner.flops counts them (3 x forward)."""
+def llama_block(h: int, batch: int, seq: int) -> tuple[Callable[[Any], Any], Any, float, tuple[Any, ...]]:
+    """A Llama-shaped block written as transformers' eager Llama layer runs it (RMSNorm in four element-wise
+    ops, separate q/k/v projections, rotary embedding with rotate-half, causal SDPA, gated SiLU MLP): its
+    forward (hidden states in, out; the weights are closed over and require grad), an input that requires grad,
+    its training FLOPs as planner.flops counts them (3 x forward), and its weights."""
     import torch
     import torch.nn.functional as F
 
@@ -132,19 +134,24 @@ def _block_step(h: int, batch: int, seq: int) -> tuple[Callable[[], None], float
     def heads_of(t: torch.Tensor) -> torch.Tensor:
         return t.view(batch, seq, heads, dh).transpose(1, 2)
 
-    def step() -> None:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         y = norm(x, n1)
         q, k, v = (heads_of(F.linear(y, w[n])) for n in "qkv")
         a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
         x2 = x + F.linear(a.transpose(1, 2).reshape(batch, seq, h), w["o"])
         y2 = norm(x2, n2)
-        out = x2 + F.linear(F.silu(F.linear(y2, w["gate"])) * F.linear(y2, w["up"]), w["down"])
-        out.sum().backward()
+        return x2 + F.linear(F.silu(F.linear(y2, w["gate"])) * F.linear(y2, w["up"]), w["down"])
 
     n_tok = batch * seq
     # planner.flops.layer_forward_flops for this shape: matmuls + QK^T and AV
     fwd = 2.0 * n_tok * (4 * h * h + 3 * h * f) + 4.0 * n_tok * seq * h
-    return step, 3 * fwd
+    return forward, x, 3 * fwd, (*w.values(), n1, n2)
+
+
+def _block_step(h: int, batch: int, seq: int) -> tuple[Callable[[], None], float]:
+    """One forward + backward of `llama_block`, and its FLOPs."""
+    forward, x, flops, _ = llama_block(h, batch, seq)
+    return lambda: forward(x).sum().backward(), flops
 
 
 def fit_block_cost(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -412,6 +419,13 @@ def to_cluster(res: ProbeResult) -> ClusterSpec:
             block_overhead=res.block_overhead_s,
             host_link=Link(bandwidth=res.copy_bandwidth, latency=1e-7),
             memory_bandwidth=res.copy_bandwidth,
+        )
+    if res.compile is not None and not res.gpus:  # (measured on the CPU: it describes a CPU device only)
+        dev = dataclasses.replace(
+            dev,
+            compile_backend=res.compile.backend,
+            compile_saved_ratio=round(res.compile.saved_ratio, 4),
+            compile_time_ratio=round(res.compile.time_ratio, 4),
         )
         per_node = 1
     return ClusterSpec(

@@ -87,10 +87,29 @@ def _stream_refusals(plan: Plan) -> list[tuple[str, str]]:
     return out
 
 
+def _compile_refusals(plan: Plan) -> list[tuple[str, str]]:
+    """Compiled blocks (`offload.activations.compiled`) run in data-parallel plans on the torch engine with
+    the model state on the device: streamed blocks would run eagerly, against the plan's costs."""
+    lay, backend = plan.layout, plan.workload.compile
+    if not backend:
+        return []
+    where = []
+    if needs_parallel(lay):
+        where.append(lay.describe())
+    if lay.engine != "torch":
+        where.append(f"the {lay.engine} engine")
+    if plan.model_state.stream:
+        where.append("streamed model state (its blocks run eagerly)")
+    if not where:
+        return []
+    return [("workload.compile", f"compiled blocks ({backend}) run data-parallel on the torch engine, not with "
+             f"{' and '.join(where)}: re-plan without --compile")]  # fmt: skip
+
+
 def refusals(plan: Plan) -> list[tuple[str, str]]:
     """(field, why) of every part of the plan memtier's trainer cannot carry out; empty: it runs."""
     lay, spec = plan.layout, plan.model
-    out: list[tuple[str, str]] = _stream_refusals(plan)
+    out: list[tuple[str, str]] = _stream_refusals(plan) + _compile_refusals(plan)
     if plan.workload.lora and (needs_parallel(lay) or lay.engine != "torch" or plan.model_state.stream):
         # the trainer wraps the built model in PEFT's LoRA adapters (launch.train.apply.lora_model) for
         # data-parallel runs on the torch engine

@@ -31,6 +31,7 @@ from launch.train.metrics import (
     StepObserver,
     StepRates,
     chunked_loss_calls,
+    compiled_blocks,
     fmt_bytes,
     optimizer_tier_bytes,
     peak_flops_per_device,
@@ -247,6 +248,7 @@ class Loop:
             "optimizer_tier_bytes": optimizer_tier_bytes(self.engine.optimizer),
             "swap": swap_stats(self.handle),
             "chunked_loss_calls": chunked_loss_calls(self.handle, self.engine),
+            "compiled_blocks": compiled_blocks(self.handle),
             "losses": self.losses,
             "plan": s.plan_path,
         }

@@ -267,6 +267,15 @@ def chunked_loss_calls(handle: Any, engine: Any) -> int:
     return int(getattr(loss, "calls", 0)) + int(getattr(getattr(par, "loss_fn", None), "calls", 0))
 
 
+def compiled_blocks(handle: Any) -> dict[str, Any]:
+    """A compiled plan's blocks: per block compiled and how, or eager and why (`OffloadHandle.compiled`), and
+    the block calls run eagerly under a dispatch mode (the `--track-memory` step); empty for an eager plan."""
+    compiler = getattr(handle, "compiler", None)
+    if compiler is None:
+        return {}
+    return {"blocks": [dataclasses.asdict(b) for b in compiler.report()], "eager_calls": compiler.eager_calls}
+
+
 def swap_stats(handle: Any) -> dict[str, Any]:
     return dataclasses.asdict(handle.stats) if handle is not None and hasattr(handle, "stats") else {}
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from offload.activations.layout import _block_tokens
 from offload.activations.policy import BlockPolicy, Mode, PolicyError
@@ -69,6 +70,12 @@ class CompileOptions:
     activation_memory_budget: float | None = None
 
     def __post_init__(self) -> None:
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if self.backend not in known:
+            raise PolicyError(
+                f"unknown torch.compile backend {self.backend!r}; this torch has: {', '.join(sorted(known))}",
+                field="compile_blocks",
+            )
         b = self.activation_memory_budget
         if b is not None and not 0.0 <= b <= 1.0:
             raise PolicyError(
@@ -112,6 +119,7 @@ class BlockCompiler:
         self.options = options or CompileOptions()
         self._blocks: dict[int, CompiledBlock] = {}
         self._lock = threading.Lock()
+        self.eager_calls = 0  # block calls run eagerly under an active dispatch mode (see `compile`)
 
     def report(self) -> tuple[CompiledBlock, ...]:
         return tuple(self._blocks[k] for k in sorted(self._blocks))
@@ -133,6 +141,14 @@ class BlockCompiler:
         def call(*args: Any, **kwargs: Any) -> Any:
             current = state["fn"]
             if current is fn:
+                return fn(*args, **kwargs)
+            if _get_current_dispatch_mode() is not None:
+                # A TorchDispatchMode is active (torch's MemTracker in the trainer's tracked step, a profiler
+                # of memory): dynamo does not compile under one. This call runs the block eagerly with the same
+                # decision, and later calls compiled again; the tracked figure is then the eager block's (an
+                # upper bound: the compiled one saves less). Counted in `eager_calls`.
+                with self._lock:
+                    self.eager_calls += 1
                 return fn(*args, **kwargs)
             try:
                 # NOTE: dynamo's default on hitting the recompile limit is to run the frame eagerly without

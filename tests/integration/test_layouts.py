@@ -4,10 +4,12 @@ parallelism, pp2 x dp2 (1F1B; and with FSDP2 ZeRO-3 inside the stages), pp2 with
 (interleaved 1F1B) and tp2 x pp2 with sequence parallelism; the loss of every step and the parameters after
 the run (gathered) equal one process training the same global batch, up to fp32 reduction order.
 
-Each layout runs twice: with activation swap off (recompute inside some of them), and with swap on (block 0
-swaps half its tokens, block 3 all of them, to the DRAM tier; saved DTensors go by their local shards) plus,
-on some layouts, the chunked loss and optimizer-state offload of the shards (`WITH_SWAP`). Recompute, swap
-and offload are copies of the same values, so the reference is the same one-process run.
+Every layout runs with swap on (block 0 swaps half its tokens, block 3 all of them, to the DRAM tier; saved
+DTensors go by their local shards), beside the recompute some of them have, plus, on some layouts, the chunked
+loss and optimizer-state offload of the shards (`WITH_SWAP`). Recompute, swap and offload are copies of the
+same values, so the reference is the same one-process run. A tp and a pp layout also run with swap off
+(`SWAP_OFF`): where a swap-on run fails, they tell the layout from the swap apart. (The other layouts' swap-off
+runs gave the same figures as their swap-on runs to the last digit; dropped for CI's time.)
 """
 
 from __future__ import annotations
@@ -79,9 +81,14 @@ def reference(tmp_path_factory):
     return _result(d)
 
 
+SWAP_OFF = ("dp2_tp2", "pp2_dp2_1f1b")
+RUNS = [(name, True) for name in sorted(LAYOUTS)] + [(name, False) for name in SWAP_OFF]
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("swap", [False, True], ids=["swap_off", "swap_on"])
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize(
+    ("name", "swap"), RUNS, ids=[f"{n}-{'swap_on' if s else 'swap_off'}" for n, s in RUNS]
+)
 def test_layout_trains_like_one_process(reference, tmp_path, name, swap):
     kw = dict(LAYOUTS[name])
     if swap:

@@ -98,7 +98,19 @@ def test_debug_shows_traceback(capsys):
 def test_probe_quick_writes_loadable_yaml(tmp_path):
     out = tmp_path / "local.yaml"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "probe", "--quick", "--out", str(out), "--disk", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "probe",
+            "--quick",
+            "--out",
+            str(out),
+            "--disk",
+            str(tmp_path),
+            "--compile",
+            "aot_eager_decomp_partition",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
     )
@@ -109,6 +121,11 @@ def test_probe_quick_writes_loadable_yaml(tmp_path):
     assert cluster.tier("nvme") is not None and cluster.tier("nvme").write_bandwidth > 0
     assert not list(tmp_path.glob(".memtier-probe-*"))  # the probe file is gone
     assert "[probe] transparent huge pages: " in proc.stderr
+    # what compile changes in a block, measured: the partitioner's graph saves less than eager
+    assert "[probe] torch.compile (aot_eager_decomp_partition) of a transformer block" in proc.stderr
+    dev = cluster.device
+    assert dev.compile_backend == "aot_eager_decomp_partition" and 0.1 < dev.compile_saved_ratio < 1.0
+    assert dev.compile_time_ratio > 0
 
 
 def test_transparent_huge_pages_reads_the_bracketed_mode(tmp_path):

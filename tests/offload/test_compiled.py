@@ -243,3 +243,38 @@ def test_partitioner_budget_and_memtier_swap_add_up(tmp_path):
 def test_compile_options_refuse_a_budget_outside_zero_one():
     with pytest.raises(ValueError, match="activation_memory_budget"):
         CompileOptions(activation_memory_budget=1.5)
+
+
+def compiled_plan(acts=(), tiers=(), budget=None) -> Plan:
+    plan = make_plan(acts, tiers)
+    return plan.replace(workload=plan.workload.replace(compile=BACKEND, compile_memory_budget=budget))
+
+
+def test_a_compiled_plan_compiles_the_blocks_without_being_asked():
+    """`Workload.compile` in the plan is what compiles the blocks: `offload.apply(model, opt, plan)` with no
+    compile argument gives the compiled model's gradients, every block compiled."""
+    ref = compiled_reference(steps=1)
+    model = llama()
+    with offload.apply(model, None, compiled_plan([recompute(1)])) as handle:
+        got = train(model, steps=1)
+        report = handle.compiled
+    assert [b.compiled for b in report] == [True] * LAYERS
+    assert report[1].how.startswith("torch.compile(checkpoint")
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_a_compile_argument_that_contradicts_a_compiled_plan_is_refused():
+    from offload.activations import PolicyError
+
+    for contrary in (False, "inductor", CompileOptions(backend=BACKEND, activation_memory_budget=0.5)):
+        with pytest.raises(PolicyError, match="the plan runs the blocks compiled") as err:
+            offload.apply(llama(), None, compiled_plan(), compile_blocks=contrary)
+        assert err.value.field == "compile_blocks"
+    # the same options as the plan's are no contradiction
+    offload.apply(llama(), None, compiled_plan(), compile_blocks=BACKEND).remove()
+
+
+def test_an_unknown_backend_is_refused_naming_it():
+    with pytest.raises(ValueError, match="unknown torch.compile backend 'no_such'"):
+        CompileOptions(backend="no_such")

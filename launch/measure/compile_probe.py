@@ -1,0 +1,94 @@
+"""`memtier probe --compile`: what `torch.compile` changes in a transformer block on this machine.
+
+The planner costs a compiled plan (`Workload.compile`) with two ratios of the same reference block, compiled
+over eager (`DeviceSpec.compile_saved_ratio`, `compile_time_ratio`):
+
+- saved bytes: the storages the block's backward keeps, packed through `saved_tensors_hooks` (a compiled block's
+  AOTAutograd function saves its activations with `save_for_backward`, so the same hook sees them); the min-cut
+  partitioner recomputes cheap pointwise ops in the backward and fusion drops intermediates, so it saves less;
+- time: the fastest forward + backward of several, after the compile.
+
+The block is `probe.llama_block` (transformers' eager Llama layer, written out) at torch's own partitioner
+budget. Measured rather than assumed: how much a backend saves depends on the torch version, the device and
+the block (Issue #25: "measure it, the probe or a traced compiled block, rather than guess").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+# the reference block (hidden size, batch, sequence): one where the GEMMs do not hide the element-wise work;
+# a smaller one for `memtier probe --quick`
+BLOCK, QUICK_BLOCK = (512, 1, 512), (256, 1, 256)
+
+
+@dataclass(frozen=True)
+class CompileFactors:
+    backend: str
+    saved_ratio: float  # compiled / eager saved-for-backward bytes
+    time_ratio: float  # compiled / eager forward + backward seconds
+    eager_saved_bytes: int
+    compiled_saved_bytes: int
+    eager_s: float
+    compiled_s: float
+    compile_s: float  # the first compiled call (dynamo, AOTAutograd, the backend)
+
+
+def saved_bytes(forward: Any, x: Any, weights: tuple[Any, ...]) -> int:
+    """Bytes of the distinct storages one forward of `forward(x)` saves for its backward, the weights' own
+    storages left out (they are the model's, not activations)."""
+    import torch
+
+    skip = {w.untyped_storage().data_ptr() for w in weights}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(x)
+    out.sum().backward()
+    return sum(seen.values())
+
+
+def measure_compile(backend: str, *, quick: bool = False, log: Any = None) -> CompileFactors:
+    """Compile `probe.llama_block` with `backend` and compare it with the eager block (see the module doc)."""
+    import torch
+
+    from launch.measure.probe import _best_time, llama_block
+
+    reps = 3 if quick else 6
+    forward, x, _flops, weights = llama_block(*(QUICK_BLOCK if quick else BLOCK))
+    eager_saved = saved_bytes(forward, x, weights)
+    eager_s = _best_time(lambda: forward(x).sum().backward(), reps)
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, backend=backend, fullgraph=True)
+    t0 = time.perf_counter()
+    compiled(x).sum().backward()
+    compile_s = time.perf_counter() - t0
+    compiled_saved = saved_bytes(compiled, x, weights)
+    compiled_s = _best_time(lambda: compiled(x).sum().backward(), reps)
+    torch._dynamo.reset()
+    factors = CompileFactors(
+        backend=backend,
+        saved_ratio=compiled_saved / eager_saved,
+        time_ratio=compiled_s / eager_s,
+        eager_saved_bytes=eager_saved,
+        compiled_saved_bytes=compiled_saved,
+        eager_s=eager_s,
+        compiled_s=compiled_s,
+        compile_s=compile_s,
+    )
+    if log is not None:
+        log(
+            f"torch.compile ({backend}) of a transformer block: saves {compiled_saved / 2**20:.2f} MiB for "
+            f"backward (eager {eager_saved / 2**20:.2f}, x{factors.saved_ratio:.2f}), fwd+bwd "
+            f"{1e3 * compiled_s:.1f} ms (eager {1e3 * eager_s:.1f}, x{factors.time_ratio:.2f}); compiled in "
+            f"{compile_s:.0f} s"
+        )
+    return factors
