@@ -420,6 +420,7 @@ def to_cluster(res: ProbeResult) -> ClusterSpec:
             host_link=Link(bandwidth=res.copy_bandwidth, latency=1e-7),
             memory_bandwidth=res.copy_bandwidth,
         )
+        per_node = 1
     if res.compile is not None and not res.gpus:  # (measured on the CPU: it describes a CPU device only)
         dev = dataclasses.replace(
             dev,
@@ -427,7 +428,6 @@ def to_cluster(res: ProbeResult) -> ClusterSpec:
             compile_saved_ratio=round(res.compile.saved_ratio, 4),
             compile_time_ratio=round(res.compile.time_ratio, 4),
         )
-        per_node = 1
     return ClusterSpec(
         name="local",
         nodes=1,

@@ -108,9 +108,7 @@ def test_probe_quick_writes_loadable_yaml(tmp_path):
             str(out),
             "--disk",
             str(tmp_path),
-            "--compile",
-            "aot_eager_decomp_partition",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
     )
@@ -121,11 +119,30 @@ def test_probe_quick_writes_loadable_yaml(tmp_path):
     assert cluster.tier("nvme") is not None and cluster.tier("nvme").write_bandwidth > 0
     assert not list(tmp_path.glob(".memtier-probe-*"))  # the probe file is gone
     assert "[probe] transparent huge pages: " in proc.stderr
-    # what compile changes in a block, measured: the partitioner's graph saves less than eager
-    assert "[probe] torch.compile (aot_eager_decomp_partition) of a transformer block" in proc.stderr
-    dev = cluster.device
-    assert dev.compile_backend == "aot_eager_decomp_partition" and 0.1 < dev.compile_saved_ratio < 1.0
-    assert dev.compile_time_ratio > 0
+    assert cluster.device.compile_backend == "" and cluster.device.compile_factors("inductor") == (1.0, 1.0)
+
+
+def test_probe_compile_measures_what_compile_changes_in_a_block():
+    """`memtier probe --compile`: the partitioner's graph of the reference block saves less than eager, and
+    the factors land in the device of the cluster the probe writes."""
+    import dataclasses
+
+    from launch.measure.compile_probe import measure_compile
+    from launch.measure.probe import ProbeResult, to_cluster
+
+    factors = measure_compile("aot_eager_decomp_partition", quick=True)
+    assert 0 < factors.compiled_saved_bytes < factors.eager_saved_bytes
+    assert factors.saved_ratio == factors.compiled_saved_bytes / factors.eager_saved_bytes
+    assert factors.time_ratio > 0 and factors.compile_s > 0
+    res = ProbeResult(
+        cores=2, dram_bytes=8 << 30, gemm_flops={"fp32": 1e11, "bf16": 1e11}, block_efficiency=0.5,
+        block_overhead_s=0.0, copy_bandwidth=5e9, adam_params_per_s=1e9, disk_path="/tmp", disk_free_bytes=1 << 30,
+        disk_write_bandwidth=1e9, disk_read_bandwidth=1e9, disk_direct_io=True, numa_nodes=(), gpus=(), seconds=1.0,
+    )  # fmt: skip
+    dev = to_cluster(dataclasses.replace(res, compile=factors)).device
+    assert dev.compile_backend == "aot_eager_decomp_partition"
+    assert dev.compile_saved_ratio == round(factors.saved_ratio, 4) < 1.0
+    assert to_cluster(res).device.compile_backend == ""  # not probed: nothing claimed
 
 
 def test_transparent_huge_pages_reads_the_bracketed_mode(tmp_path):
