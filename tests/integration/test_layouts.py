@@ -25,7 +25,7 @@ import torch
 from planner.plan import ActivationPolicy
 from tests.integration.helpers import ROOT, TRAIN, memtier, small_plan
 
-STEPS = "10"
+STEPS = "6"
 RECOMPUTE = (ActivationPolicy(layer=1, keep_fraction=0.0, recompute_fraction=1.0),)
 SWAP = (
     ActivationPolicy(layer=0, keep_fraction=0.5, swap_fraction=0.5),

@@ -56,7 +56,9 @@ def test_rss_peaks_match_the_prediction(kind: str) -> None:
     # whole, its CPU backend holds fp32 copies of the whole tensor inside the op, RSS 1.7x the prediction.)
     bits = 8 if kind.endswith("-8bit") else 0
     kind = kind.removesuffix("-8bit")
-    for dtype in ("fp32",) if bits else ("fp32", "bf16"):
+    # pure bf16 for AdamW and GaLore (the other low-rank optimizers' bf16 states follow the same accounting;
+    # each case is two fresh processes: left out for CI's time)
+    for dtype in ("fp32", "bf16") if kind in ("adamw", "galore") and not bits else ("fp32",):
         for lw in (False, True):
             measured, predicted = measure_rss(kind, dtype, lw, bits), predict(kind, dtype, lw, bits)
             assert predicted == pytest.approx(measured, rel=0.10), (dtype, lw, measured, predicted)
