@@ -29,30 +29,36 @@ def workload_from_args(args: argparse.Namespace, model: ModelSpec, dp: int, defa
         raise SpecError(f"must be a finite number >= 0 (0: no clipping), got {clip}", field="--max-grad-norm")
     layerwise = getattr(args, "layerwise", "off") == "on"
     bits = getattr(args, "state_bits", "0")
-    return Workload(
-        global_batch=args.global_batch or mb * dp,
-        micro_batch=mb,
-        seq_len=seq,
-        dtype=args.dtype or default_dtype,
-        precision="pure" if getattr(args, "precision", "mixed") == "pure" else "mixed",
-        layerwise=layerwise,
-        optimizer=OptimizerSpec(kind=args.optimizer, rank=args.rank, state_bits=_STATE_BITS[bits]),
-        flash_attention=not args.no_flash,
-        max_grad_norm=0.0 if layerwise else clip,
-        **_lora_from_args(args),
-        **_compile_from_args(args),
-    )
+    try:
+        return Workload(
+            global_batch=args.global_batch or mb * dp,
+            micro_batch=mb,
+            seq_len=seq,
+            dtype=args.dtype or default_dtype,
+            precision="pure" if getattr(args, "precision", "mixed") == "pure" else "mixed",
+            layerwise=layerwise,
+            optimizer=OptimizerSpec(kind=args.optimizer, rank=args.rank, state_bits=_STATE_BITS[bits]),
+            flash_attention=not args.no_flash,
+            max_grad_norm=0.0 if layerwise else clip,
+            **_lora_from_args(args),
+            **_compile_from_args(args),
+        )
+    except SpecError as e:  # the Workload checks its fields; name the flag that set one
+        if e.field in _FLAG_OF:
+            raise SpecError(e.message, field=_FLAG_OF[e.field]) from None
+        raise
+
+
+# Workload fields set by a command-line flag of another name
+_FLAG_OF = {"compile_memory_budget": "--compile-memory-budget", "compile": "--compile"}
 
 
 def _compile_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """`--compile` / `--compile-memory-budget` as Workload fields (none when the command has no such flags)."""
+    """`--compile` / `--compile-memory-budget` as Workload fields (none when the command has no such flags);
+    the Workload checks them."""
     backend = getattr(args, "compile", "") or ""
     budget = getattr(args, "compile_memory_budget", None)
-    if budget is not None and not backend:
-        raise SpecError("a partitioner budget needs --compile", field="--compile-memory-budget")
-    if budget is not None and not (math.isfinite(budget) and 0.0 <= budget <= 1.0):
-        raise SpecError(f"must be a share in [0, 1], got {budget}", field="--compile-memory-budget")
-    return {"compile": backend, "compile_memory_budget": budget} if backend else {}
+    return {"compile": backend, "compile_memory_budget": budget} if backend or budget is not None else {}
 
 
 def _lora_from_args(args: argparse.Namespace) -> dict[str, Any]:

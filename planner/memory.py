@@ -84,10 +84,18 @@ class MemoryOptions:
 
     @classmethod
     def on(cls, cluster: ClusterSpec, workload: Workload, **kw: Any) -> MemoryOptions:
-        """`kw` with the device's kernels (`cpu_kernels`) and its compile factor for the workload's backend."""
-        kw.setdefault("cpu_kernels", cluster.device.kind == "cpu")
-        kw.setdefault("compile_saved_ratio", cluster.device.compile_factors(workload.compile)[0])
-        return cls(**kw)
+        """`kw` with what the device's kernels save (`device_kernels`) where `kw` does not say."""
+        return cls(**{**device_kernels(cluster, workload), **kw})
+
+
+def device_kernels(cluster: ClusterSpec, workload: Workload) -> dict[str, Any]:
+    """The MemoryOptions fields that follow from the device rather than the plan (the one place they are
+    derived): the ops take torch's CPU kernels on a CPU device, and compiled blocks keep the device's probed
+    share of eager's saved bytes for the workload's backend (`DeviceSpec.compile_factors`)."""
+    return {
+        "cpu_kernels": cluster.device.kind == "cpu",
+        "compile_saved_ratio": cluster.device.compile_factors(workload.compile)[0],
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,8 +228,10 @@ def block_saved_bytes(
     # an unfused attention's s x s terms are per token x (local) sequence length
     elems = tokens * (rep + shard) + c.fixed * workload.seq_len / cp
     eager = int(elems * workload.dtype_bytes + tokens * c.mask_bytes_per_token)
+    if compile_saved_ratio == 1.0:
+        return eager
     inp = block_input_bytes(model, workload, micro_batch=micro_batch, tp=tp, sp=sp, cp=cp)
-    return eager if compile_saved_ratio == 1.0 else max(inp, int(eager * compile_saved_ratio))
+    return max(inp, int(eager * compile_saved_ratio))
 
 
 def block_input_bytes(

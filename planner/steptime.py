@@ -284,17 +284,14 @@ def swap_out_early(
 ) -> bool:
     """MemoryOptions.swap_out_early for this machine: one block's swap-out to `tier` is a small part of a
     block's forward (planner.memory.swap_out_is_early)."""
-    from planner.memory import block_saved_bytes, swap_out_is_early
+    from planner.memory import block_saved_bytes, device_kernels, swap_out_is_early
 
     spec = cluster.tier(tier)
     if spec is None:
         return False
     tp, cp, sp = layout.tp, layout.cp, layout.sequence_parallel
-    cpu = cluster.device.kind == "cpu"
-    saved = block_saved_bytes(
-        model, workload, micro_batch=layout.micro_batch, tp=tp, sp=sp, cp=cp, cpu_kernels=cpu,
-        compile_saved_ratio=cluster.device.compile_factors(workload.compile)[0],
-    )  # fmt: skip
+    kernels = device_kernels(cluster, workload)
+    saved = block_saved_bytes(model, workload, micro_batch=layout.micro_batch, tp=tp, sp=sp, cp=cp, **kernels)
     write = min(cluster.device.host_link.bandwidth, spec.write_bandwidth / cluster.devices_per_node)
     fwd = block_forward_s(
         model, cluster, workload, tokens=layout.micro_batch * workload.seq_len, shard=tp * cp

@@ -37,6 +37,7 @@ from planner.memory import (
     Offload,
     block_input_bytes,
     block_saved_bytes,
+    device_kernels,
     estimate_memory,
     gradients_during_backward,
     in_flight_microbatches,
@@ -289,11 +290,8 @@ def layer_costs(
     (Narayanan et al. 2021, Sec. 3.3) and a recompute one forward.
     """
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
-    cpu = cluster.device.kind == "cpu"
-    saved = block_saved_bytes(
-        model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, cpu_kernels=cpu,
-        compile_saved_ratio=cluster.device.compile_factors(workload.compile)[0],
-    )  # fmt: skip
+    kernels = device_kernels(cluster, workload)
+    saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, **kernels)
     inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     fwd_s = block_forward_s(model, cluster, workload, tokens=mb * workload.seq_len, shard=tp * cp)
     extra = list(backward_extra_bytes) or [0.0] * len(layers)

@@ -10,17 +10,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from planner.cluster import ClusterSpec
+from planner.memory import MemoryOptions
 from planner.plan import Plan
 
 
-def _predicted_s(plan: Plan, cluster: ClusterSpec) -> float:
-    """The step-time model's seconds for `plan` on `cluster` (the options the plan stands for)."""
+def _step_options(plan: Plan) -> MemoryOptions:
+    """The memory options `plan` stands for, as the bench's runs carry them out."""
     from planner.planning import memory_options
-    from planner.steptime import estimate_step_time
 
-    opts = dataclasses.replace(
+    return dataclasses.replace(
         memory_options(plan), optimizer_impl="fused", loss_chunk_tokens=plan.loss.chunk_size
     )
+
+
+def _predicted_s(plan: Plan, cluster: ClusterSpec, options: MemoryOptions | None = None) -> float:
+    """The step-time model's seconds for `plan` on `cluster` (`options`: `_step_options(plan)`, built once by
+    callers that predict the same plan many times)."""
+    from planner.steptime import estimate_step_time
+
+    opts = options or _step_options(plan)
     return estimate_step_time(plan.model, cluster, plan.workload, plan.layout, opts).step_s
 
 
@@ -46,10 +54,15 @@ def fit_efficiency(plan: Plan, cluster: ClusterSpec, measured_s: float, peak: fl
     its time would count those twice). The predicted step falls as the efficiency rises (only the compute
     terms depend on it), so the bisection converges.
     """
+    opts = _step_options(plan)
+
+    def predicted(efficiency: float) -> float:
+        return _predicted_s(plan, _with_efficiency(cluster, efficiency, peak), opts)
+
     lo, hi = math.log(EFF_MIN), 0.0
-    if _predicted_s(plan, _with_efficiency(cluster, 1.0, peak)) > measured_s:
+    if predicted(1.0) > measured_s:
         return 1.0, "clamped at 1.0: the model predicts a slower step than measured even at peak"
-    if _predicted_s(plan, _with_efficiency(cluster, EFF_MIN, peak)) < measured_s:
+    if predicted(EFF_MIN) < measured_s:
         return (
             EFF_MIN,
             f"clamped at {EFF_MIN}: the measured step is slower than the model gives at that efficiency",
@@ -57,10 +70,10 @@ def fit_efficiency(plan: Plan, cluster: ClusterSpec, measured_s: float, peak: fl
     mid = 0.5 * (lo + hi)
     for _ in range(FIT_STEPS):
         mid = 0.5 * (lo + hi)
-        predicted = _predicted_s(plan, _with_efficiency(cluster, math.exp(mid), peak))
-        if abs(predicted / measured_s - 1) <= FIT_REL:
+        step_s = predicted(math.exp(mid))
+        if abs(step_s / measured_s - 1) <= FIT_REL:
             break
-        lo, hi = (mid, hi) if predicted > measured_s else (lo, mid)
+        lo, hi = (mid, hi) if step_s > measured_s else (lo, mid)
     return math.exp(mid), "fit"
 
 
@@ -84,7 +97,8 @@ def calibrate(
         plan = plans.get(r["strategy"])
         if plan is None or r.get("status") != "ok":
             continue
-        before, after = _predicted_s(plan, cluster), _predicted_s(plan, new)
+        opts = _step_options(plan)
+        before, after = _predicted_s(plan, cluster, opts), _predicted_s(plan, new, opts)
         errors[r["strategy"]] = {
             "measured_s": r["step_s"],
             "predicted_before_s": before,

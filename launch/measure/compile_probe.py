@@ -37,23 +37,17 @@ class CompileFactors:
 
 
 def saved_bytes(forward: Any, x: Any, weights: tuple[Any, ...]) -> int:
-    """Bytes of the distinct storages one forward of `forward(x)` saves for its backward, the weights' own
-    storages left out (they are the model's, not activations)."""
+    """Bytes of the distinct storages one forward of `forward(x)` saves for its backward, counted as the
+    offloader's profile counts them (`offload.activations.profile.SavedCollector`): the weights left out."""
     import torch
 
-    skip = {w.untyped_storage().data_ptr() for w in weights}
-    seen: dict[int, int] = {}
+    from offload.activations.profile import SavedCollector, distinct_storage_bytes
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward(x)
+    collect = SavedCollector(weights)
+    with torch.autograd.graph.saved_tensors_hooks(collect.pack, lambda t: t):
+        out = forward(x.clone())  # a non-leaf input, as inside a model (the collector skips user leaves)
     out.sum().backward()
-    return sum(seen.values())
+    return distinct_storage_bytes(collect.saved)
 
 
 def measure_compile(backend: str, *, quick: bool = False, log: Any = None) -> CompileFactors:

@@ -108,8 +108,10 @@ class SavedCollector:
     """A saved-tensor pack hook that counts every pack and keeps the swappable ones (what swap would move):
     not the block's parameters or buffers, nor casts or views of them."""
 
-    def __init__(self, block: nn.Module) -> None:
-        self.ptrs = frozenset(storage_ptr(p) for p in [*block.parameters(), *block.buffers()])
+    def __init__(self, block: nn.Module | Iterable[torch.Tensor]) -> None:
+        """`block`: the module, or the tensors that are its weights (a block written as a function)."""
+        weights = [*block.parameters(), *block.buffers()] if isinstance(block, nn.Module) else list(block)
+        self.ptrs = frozenset(storage_ptr(p) for p in weights)
         self.saved: list[torch.Tensor] = []
         self.num_saved = 0
 
@@ -127,17 +129,20 @@ def _saved_summary(
     distinct: dict[tuple[Any, ...], torch.Tensor] = {}
     for t in saved:
         distinct.setdefault(_storage_key(t), t)
-    storages: dict[tuple[Any, int], int] = {}
     views = []
     for t in distinct.values():
-        st = t.untyped_storage()
-        storages[(t.device, st.data_ptr())] = st.nbytes()
         if not _non_overlapping(t.shape, t.stride()):
             views.append((_extent(t.shape, t.stride()) * t.element_size(), 0))
             continue
         dim = _token_dim(t.shape, tokens, seq_dim)
         views.append((_tensor_bytes(t), int(t.shape[dim]) if dim is not None else 0))
-    return sum(storages.values()), tuple(views)
+    return distinct_storage_bytes(distinct.values()), tuple(views)
+
+
+def distinct_storage_bytes(saved: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `saved` (views of one storage count once)."""
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in saved}
+    return sum(storages.values())
 
 
 def profile_block(
