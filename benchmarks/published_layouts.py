@@ -291,10 +291,13 @@ def main() -> None:
             "where Megatron's constraints allow) chosen by the model (fastest that fits), as the paper tuned them.",
             "korthikanti2022: MFU/HFU from the Megatron-LM README table (data-parallel size one); selective "
             "recompute and sequence parallelism.",
-            "llama3_2024: BF16 MFU; activation policy chosen by the planner (fewest recompute that fits), ZeRO-1.",
+            "llama3_2024: BF16 MFU; activation policy chosen by the planner (fewest recompute that fits), ZeRO-1. "
+            "The paper cites PaLM (Chowdhery et al.) for MFU, whose model FLOPs count attention over the full s x s "
+            "(as torchtitan's get_num_flop_per_token does): planner.flops counts it so.",
             "compute: the presets' roofline (planner.kernels): GEMMs at one GEMM efficiency per device (A100 0.65, "
             "H100 0.6), a fused causal attention kernel at half its counted FLOPs and FlashAttention-2's published "
-            "efficiency, the memory-bound operators (norms, GeLU, dropout, residual adds, unfused s x s scores) at "
+            "efficiency, its backward 2.5x its forward (it recomputes the scores; Dao 2023, Sec. 4.1), the "
+            "memory-bound operators (norms, GeLU, dropout, residual adds, unfused s x s scores) at "
             "HBM bandwidth; Megatron-LM's gradient all-reduce after the last backward (no overlap).",
             "llama3_2024: stages 7 + 14 x 8 + 7 blocks (Sec. 3.3.2), interleaved chunks dividing the 8 slots.",
         ],

@@ -9,8 +9,12 @@ at the compute rate or its bytes at the memory bandwidth):
               2.04 TB/s and an H100's 295).
   attention   the score and context matmuls (`planner.flops.layer_forward_flops`, full s x s). A fused kernel
               under the causal mask skips the key blocks wholly above the diagonal: half the FLOPs it is
-              counted with (Dao 2023, FlashAttention-2, Sec. 3.1.1). Unfused, the two batched GEMMs run all
-              s x s (the mask is applied after) and their s x s output is counted below, with the softmax.
+              counted with (Dao 2023, FlashAttention-2, Sec. 3.1.1). Its backward recomputes the scores and
+              probabilities from the saved row statistics instead of reading them: 5 matmuls against the
+              forward's 2, 2.5x the forward's FLOPs (Dao 2023, Sec. 4.1, which counts FLOP/s that way), so a
+              fused kernel's forward + backward is 3.5x its forward where the other kernels' is 3x
+              (`fused_attention_backward_extra`). Unfused, the two batched GEMMs run all s x s (the mask is
+              applied after) and their s x s output is counted below, with the softmax.
   memory-bound operators  norms, bias + activation, residual adds, dropout masks, rotary, and without a fused
               attention the s x s scores (written by QK^T, read and written by the softmax and the dropout,
               read by the context GEMM): bytes / memory bandwidth. Per token of the forward, in elements:
@@ -90,10 +94,31 @@ def block_forward_time(
         return flops / rate, 0.0
     attn = attention_core_flops(model, tokens, workload.seq_len) / (tp * cp)
     fused = fused_attention(model, workload)
-    # a fused causal kernel runs half the counted score/context FLOPs at its own efficiency (module docstring)
-    fused_rate = device.flops(workload.dtype) * (device.attention_efficiency or device.efficiency)
+    fused_rate = _fused_attention_rate(device, workload)
     attn_s = 0.5 * attn / fused_rate if fused else attn / rate
     bw = device.memory_bandwidth
     attn_s += memory_bound_bytes(model, workload, tokens // cp, tp=tp, sp=sp, attention_only=True) / bw
     rest = (flops - attn) / rate + memory_bound_bytes(model, workload, tokens // cp, tp=tp, sp=sp) / bw
     return rest + (0.5 * attn / fused_rate if fused else attn / rate), attn_s
+
+
+def _fused_attention_rate(device: DeviceSpec, workload: Workload) -> float:
+    # a fused causal kernel runs half the counted score/context FLOPs at its own efficiency (module docstring)
+    return device.flops(workload.dtype) * (device.attention_efficiency or device.efficiency)
+
+
+def fused_attention_backward_extra(
+    model: ModelSpec, device: DeviceSpec, workload: Workload, tokens: int, *, tp: int = 1, cp: int = 1
+) -> float:
+    """Seconds one block's fused attention backward takes beyond twice its forward over `tokens` tokens split
+    over tp x cp ranks: it recomputes the scores (2.5x the forward's FLOPs, Dao 2023, Sec. 4.1, where the step
+    model charges 2x). 0 without `roofline` (a probed block's time has it) or without a fused kernel."""
+    if not device.roofline or not fused_attention(model, workload):
+        return 0.0
+    forward_s = (
+        0.5
+        * attention_core_flops(model, tokens, workload.seq_len)
+        / (tp * cp)
+        / _fused_attention_rate(device, workload)
+    )
+    return (2.5 - 2.0) * forward_s

@@ -6,8 +6,9 @@ compute   = FLOPs / (device peak for the dtype x efficiency) + blocks x block_ov
             probe fits from blocks of several sizes; `memtier bench --calibrate` refines
             the efficiency. On a device with `roofline` (the GPU presets) a block is costed as its
             kernels instead (`planner.kernels`): GEMMs at the GEMM efficiency, the attention core
-            (half its counted FLOPs in a fused causal kernel), the memory-bound operators at the
-            memory bandwidth; selective recompute runs the attention core again.
+            (half its counted FLOPs in a fused causal kernel, whose backward recomputes the scores:
+            2.5x its forward, not 2x), the memory-bound operators at the memory bandwidth; selective
+            recompute runs the attention core again.
 tensor parallel: 2 all-reduces of the block's b*s*h activations in forward and 2 in
             backward (Shoeybi et al. 2019, Sec. 3); with sequence parallelism the same
             volume as all-gather + reduce-scatter (Korthikanti et al. 2022, Sec. 4.2.2).
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from planner.cluster import ClusterSpec
 from planner.comm import GroupLink, allgather_time, allreduce_time, p2p_time, worst_group_links
 from planner.flops import head_forward_flops, layer_forward_flops, model_flops_per_step
-from planner.kernels import block_forward_time
+from planner.kernels import block_forward_time, fused_attention_backward_extra
 from planner.lora import frozen_weight_grad_flops
 from planner.memory import (
     MemoryOptions,
@@ -118,6 +119,8 @@ def estimate_step_time(
     tokens = mb * seq
     sp = layout.sequence_parallel
     layer_s, attn_s = block_forward_time(model, dev, workload, tokens, tp=tp, cp=cp, sp=sp)
+    # a fused attention kernel's backward recomputes its scores: more than twice its forward (planner.kernels)
+    flash_bwd_s = fused_attention_backward_extra(model, dev, workload, tokens, tp=tp, cp=cp)
     # the head is whole on every tp rank unless vocab-parallel (memtier's trainer keeps it whole)
     head_f = head_forward_flops(model, tokens) / (layout.vocab_shards * cp)
     recompute_layers = _recomputed_layers(model, options)
@@ -134,7 +137,10 @@ def estimate_step_time(
     for s, n in enumerate(counts):
         share = n / model.num_layers
         head = (3 * head_f - frozen_head_f) / rate if s == pp - 1 else 0.0
-        work = (3 * n + recompute_layers * share) * layer_s + n * (again_s - frozen_layer_f / rate) + head
+        work = (3 * n + recompute_layers * share) * layer_s + n * (
+            again_s + flash_bwd_s - frozen_layer_f / rate
+        )
+        work += head
         # the fixed cost: every block runs forward and backward once, a recomputed one
         # its forward again (a third of the block's operators, as of its FLOPs)
         overhead = (n + recompute_layers * share / 3) * dev.block_overhead
