@@ -17,8 +17,10 @@ budgets of 25/50/75% of the no-offload activation peak, all in one process, side
 - ``memtier_compile``: memtier on compiled blocks (`offload.apply(..., compile_blocks=CompileOptions(...))`,
   `offload.activations.compiled`): the same MIP, margin and checks, fed with costs measured under compile
   (the compiled blocks' saved tensors, forward times and no-offload step, `activations_compile.compiled_costs`)
-  at each partitioner budget the ``compile_budget`` strategy uses and at 1.0; the plan with the lowest predicted
-  step wins, so the partitioner's cheap-op recompute inside each block and memtier's swap/recompute across
+  at each partitioner budget the ``compile_budget`` strategy uses, at 1.0, and at the budget whose measured
+  no-offload peak lands on the planning line (interpolated between the measured budgets that bracket it:
+  `refined_share`, since a share of the eager saved bytes lands well under it); the plan with the lowest
+  predicted step wins, so the partitioner's cheap-op recompute inside each block and memtier's swap/recompute across
   blocks add up. Its gradients are compared with the compiled model's without memtier (`grad_check`:
   `torch.allclose` at atol = rtol = 1e-4, `torch._dynamo.utils.same`'s default);
 - ``recompute_all``: every block under a non-reentrant `torch.utils.checkpoint` (budget-independent: measured

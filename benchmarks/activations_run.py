@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 import traceback
@@ -53,6 +54,7 @@ class Bench:
     sac: tuple[Any, dict[str, Any]] | None = None  # (SACStats of one block, ModuleInfo), built on first use
     # partitioner budget -> (block profiles, no-offload Baseline) measured under compile, on first use
     compiled_costs: dict[float, tuple[list[Any], Baseline]] = dataclasses.field(default_factory=dict)
+    start_params: list[torch.Tensor] = dataclasses.field(default_factory=list)  # see `attempt`
 
     @property
     def base_s(self) -> float:
@@ -113,17 +115,30 @@ class Bench:
                 act_peak_bytes=measured["act_peak_bytes"],
                 peak_over_budget=measured["act_peak_bytes"] / budget,
                 fits=measured["act_peak_bytes"] <= budget,
+                losses=measured["step"]["losses"],
             )
+            if not all(math.isfinite(x) for x in measured["step"]["losses"]):
+                # a strategy whose steps break the training is not a result: the row says so, never a ratio
+                row.update(status="error", error="non-finite loss in its timed steps", fits=False)
         row.setdefault("status", "not_run")
         return row
 
     def attempt(self, strategy: str, fracs: Sequence[float], fn: Callable[[], list[dict[str, Any]]]):
-        """`fn()`'s rows, or one error row per budget when it raises (a failed strategy is a visible row)."""
+        """`fn()`'s rows, or one error row per budget when it raises (a failed strategy is a visible row).
+        Every strategy starts from the parameters the baseline ended with (`start_params`), so one that breaks
+        them (non-finite values) is caught in its own row and never carried into the next."""
+        with torch.no_grad():
+            for p, p0 in zip(self.tr.model.parameters(), self.start_params, strict=True):
+                p.copy_(p0)
         try:
             rows = fn()
         except Exception as exc:  # noqa: BLE001 - recorded with its message, the run goes on
             rows = [self.row(strategy, f, None, status="error", error=_error(exc)) for f in fracs]
+        finite = all(bool(torch.isfinite(p).all()) for p in self.tr.model.parameters())
         for r in rows:
+            r["params_finite_after"] = finite
+            if not finite and r.get("status") == "ok":
+                r.update(status="error", error="non-finite parameters after its steps", fits=False)
             progress(_summary(r))
         return rows
 
@@ -145,25 +160,56 @@ class Bench:
 
     def memtier_compile(self, frac: float) -> list[dict[str, Any]]:
         """memtier's plan on compiled blocks: per block keep / swap a token share / recompute, on top of the
-        partitioner's own budget inside every block, chosen among the compile_budget strategy's shares and 1.0
-        (each measured: saved tensors, forward times, step), by the MIP's predicted step time."""
-        from benchmarks.activations_compile import compiled_costs
+        partitioner's own budget inside every block, chosen among the compile_budget strategy's shares, 1.0
+        and the share refined for this budget (`refined_share`), each measured (saved tensors, forward times,
+        step), by the MIP's predicted step time."""
         from offload.activations import CompileOptions
 
         shares = sorted({1.0, *(round(self.compile_share(f), 4) for f in self.cfg.budgets)}, reverse=True)
+        for share in shares:
+            self._compiled_costs(share)
+        refined = self.refined_share(frac)
+        if refined is not None:
+            self._compiled_costs(refined)
+            shares.append(refined)
         candidates = []
         for share in shares:
             options = CompileOptions(backend=self.cfg.compile_backend, activation_memory_budget=share)
-            if share not in self.compiled_costs:
-                costs = compiled_costs(self.tr, self.spec, self.cfg, self.base, self.profiles, options)
-                self.compiled_costs[share] = costs
-                progress(
-                    f"under compile (partitioner budget {share:.2f}): blocks save "
-                    f"{sum(p.saved_bytes for p in costs[0]) / 2**20:.1f} MiB (eager {self.saved_total / 2**20:.1f}), "
-                    f"no-offload peak {costs[1].act_peak_bytes / 2**20:.1f} MiB, {costs[1].step['median_s']:.3f} s/step"
-                )
             candidates.append((options, *self.compiled_costs[share]))
         return self._memtier("memtier_compile", frac, candidates)
+
+    def _compiled_costs(self, share: float) -> None:
+        """Measure the compiled blocks' costs at partitioner budget `share` once (`compiled_costs`)."""
+        from benchmarks.activations_compile import compiled_costs
+        from offload.activations import CompileOptions
+
+        if share in self.compiled_costs:
+            return
+        options = CompileOptions(backend=self.cfg.compile_backend, activation_memory_budget=share)
+        costs = compiled_costs(self.tr, self.spec, self.cfg, self.base, self.profiles, options)
+        self.compiled_costs[share] = costs
+        progress(
+            f"under compile (partitioner budget {share:.2f}): blocks save "
+            f"{sum(p.saved_bytes for p in costs[0]) / 2**20:.1f} MiB (eager {self.saved_total / 2**20:.1f}), "
+            f"no-offload peak {costs[1].act_peak_bytes / 2**20:.1f} MiB, {costs[1].step['median_s']:.3f} s/step"
+        )
+
+    def refined_share(self, frac: float) -> float | None:
+        """The partitioner budget whose compiled no-offload peak would land on the planning line, interpolated
+        linearly between the two measured budgets whose peaks bracket it; None when none do or it was measured.
+
+        A budget given as a share of the eager saved bytes (`compile_share`) can land far under the line:
+        the min-cut saves less than eager does even at 1.0 (fusion), so the share recomputes more than the
+        budget asks. memtier measures the budget it plans on rather than trusting that mapping."""
+        line = self.planning_budget(frac)
+        peaks = sorted(
+            (share, base.act_peak_bytes) for share, (_profiles, base) in self.compiled_costs.items()
+        )
+        for (lo, p_lo), (hi, p_hi) in zip(peaks, peaks[1:], strict=False):
+            if p_lo <= line < p_hi:
+                share = round(lo + (line - p_lo) / (p_hi - p_lo) * (hi - lo), 4)
+                return None if share in self.compiled_costs else share
+        return None
 
     def _best_plan(self, budget_bytes: int, candidates: Sequence[tuple[Any, Any, Baseline]]):
         """The fastest (by the MIP's predicted step) fitting plan over the candidates, or the last infeasible
@@ -348,6 +394,7 @@ def run(cfg: Config) -> dict[str, Any]:
             block_call=block_call_of(tr),
             param_bytes=param_bytes,
             tier_bps=(tier_w, tier_r) if cfg.bandwidth == "tier" else (disk_w, disk_r),
+            start_params=[p.detach().clone() for p in tr.model.parameters()],
         )
         fracs = cfg.budgets
         baseline_m = {"step": base.step, "act_peak_bytes": base.act_peak_bytes}

@@ -79,6 +79,7 @@ class Trainer:
         self.ids = torch.randint(0, spec.vocab_size, (cfg.batch, cfg.seq_len), generator=g)
         self.fwd_s: list[float] = []  # forward (incl. loss) seconds of the last timed steps
         self.bwd_s: list[float] = []
+        self.losses: list[float] = []  # the last timed steps' losses (a strategy that breaks them is caught)
 
     def step(self) -> float:
         t0 = time.perf_counter()
@@ -92,14 +93,21 @@ class Trainer:
         t3 = time.perf_counter()
         self.fwd_s.append(t1 - t0)
         self.bwd_s.append(t2 - t1)
+        self.losses.append(float(loss.detach()))
         return t3 - t0
 
     def timed(self, steps: int, warmup: int) -> dict[str, Any]:
         first = [self.step() for _ in range(warmup)]
         self.fwd_s.clear()
         self.bwd_s.clear()
+        self.losses.clear()
         times = [self.step() for _ in range(steps)]
-        return {"median_s": statistics.median(times), "times_s": times, "warmup_s": first}
+        return {
+            "median_s": statistics.median(times),
+            "times_s": times,
+            "warmup_s": first,
+            "losses": self.losses[:],
+        }
 
     def activation_peak(self) -> int:
         """Bytes allocated above the step's starting point at its peak (profiler allocator accounting)."""

@@ -43,7 +43,13 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from offload.activations.layout import _block_tokens
 from offload.activations.policy import BlockPolicy, Mode, PolicyError
-from offload.activations.profile import BlockProfile, SavedCollector, _saved_summary, profile_blocks
+from offload.activations.profile import (
+    BlockProfile,
+    SavedCollector,
+    _saved_summary,
+    profile_blocks,
+    scratch_grads,
+)
 
 __all__ = ["BlockCompiler", "CompileOptions", "CompiledBlock", "profile_compiled_blocks"]
 
@@ -262,8 +268,7 @@ def _compiled_saved(
     collect = SavedCollector(block)
     saved, pack = collect.saved, collect.pack
     compiled = torch.compile(block.forward, backend=options.backend, fullgraph=True)
-    grads_before = {p: p.grad for p in block.parameters()}
-    try:
+    with scratch_grads(block.parameters()):
         with options.config(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = compiled(*args, **kwargs)
         saved_bytes, views = _saved_summary(saved, tokens, seq_dim) if tokens else (0, ())
@@ -271,7 +276,4 @@ def _compiled_saved(
         outs = [o for o in torch.utils._pytree.tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         outs = [o for o in outs if o.requires_grad]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-    finally:
-        for p, g in grads_before.items():
-            p.grad = g
     return replace(eager, saved_bytes=saved_bytes, saved_tensors=views, num_saved=collect.num_saved)

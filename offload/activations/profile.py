@@ -6,8 +6,9 @@ the measurements under a list of `BlockPolicy` with the runtime's semantics.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,10 +172,9 @@ def profile_block(
         raise PolicyError(
             "profile_block needs a tensor input with a sequence dimension", field="example_input"
         )
-    grads_before = {p: p.grad for p in block.parameters()}
     collect = SavedCollector(block)
     saved, pack = collect.saved, collect.pack
-    try:
+    with scratch_grads(block.parameters()):
         fwd_tracker = MemTracker()
         fwd_tracker.track_external(block, *_tensors(args), *_tensors(kwargs))
         with fwd_tracker:
@@ -207,8 +207,22 @@ def profile_block(
             forward_peak_bytes=forward_peak,
             backward_transient_bytes=backward_transient,
         )
+
+
+@contextlib.contextmanager
+def scratch_grads(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """While a profiling backward runs, every allocated `.grad` is swapped for a zeroed scratch tensor of its
+    shape; after it, the original tensors are put back untouched. (Backward accumulates into an existing
+    `.grad` in place: putting the same object back alone would keep what the profile added, and the next
+    optimizer step would apply it.)"""
+    before = {p: p.grad for p in params}
+    for p, g in before.items():
+        if g is not None:
+            p.grad = torch.zeros_like(g)
+    try:
+        yield
     finally:
-        for p, g in grads_before.items():
+        for p, g in before.items():
             p.grad = g
 
 

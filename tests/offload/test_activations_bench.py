@@ -96,3 +96,27 @@ def test_json_records_config_environment_and_definitions(result):
     assert result["environment"]["torch"] == torch.__version__
     assert "act_peak_bytes" in result["definitions"]
     assert result["nvme"]["tier_write_bps"] > 0 and result["nvme"]["tier_read_bps"] > 0
+
+
+def test_refined_partitioner_budget_lands_between_the_measured_budgets_that_bracket_the_line():
+    """memtier_compile measures one more partitioner budget per activation budget: the one whose compiled
+    no-offload peak would land on the planning line, interpolated between the measured budgets around it."""
+    from types import SimpleNamespace
+
+    from benchmarks.activations_run import Bench
+
+    mib = 2**20
+
+    def costs(peak):
+        return ([], SimpleNamespace(act_peak_bytes=peak))
+
+    fake = SimpleNamespace(
+        planning_budget=lambda frac: int(frac * 140 * mib),
+        compiled_costs={1.0: costs(116 * mib), 0.7: costs(88 * mib), 0.4: costs(60 * mib)},
+    )
+    # the line 105 MiB sits between 0.7 (88) and 1.0 (116): 0.7 + 17/28 x 0.3
+    assert Bench.refined_share(fake, 0.75) == pytest.approx(0.7 + 17 / 28 * 0.3, abs=1e-4)
+    assert Bench.refined_share(fake, 0.9) is None  # 126 MiB: 1.0 keeps everything under the line
+    assert Bench.refined_share(fake, 0.3) is None  # 42 MiB: below every measured budget's peak
+    fake.compiled_costs[round(0.7 + 17 / 28 * 0.3, 4)] = costs(105 * mib)
+    assert Bench.refined_share(fake, 0.75) is None  # measured already

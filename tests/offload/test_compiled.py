@@ -278,3 +278,18 @@ def test_a_compile_argument_that_contradicts_a_compiled_plan_is_refused():
 def test_an_unknown_backend_is_refused_naming_it():
     with pytest.raises(ValueError, match="unknown torch.compile backend 'no_such'"):
         CompileOptions(backend="no_such")
+
+
+def test_profiling_leaves_allocated_gradients_as_they_were():
+    """Profiling runs a backward through each block. With the gradients allocated (a training loop that zeroes
+    them in place), that backward must not add into them: the next optimizer step would apply it. Eager and
+    compiled profiles both leave every `.grad` the same tensor with the same values."""
+    torch.manual_seed(0)
+    model = llama()
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    model(ids, labels=ids).loss.backward()
+    before = {p: (p.grad, p.grad.clone()) for p in model.parameters()}
+    eager = profile_blocks(model, ids)
+    profile_compiled_blocks(model, ids, options=CompileOptions(backend=BACKEND), eager=eager)
+    for p, (obj, values) in before.items():
+        assert p.grad is obj and torch.equal(p.grad, values)
