@@ -12,7 +12,8 @@ budgets of 25/50/75% of the no-offload activation peak, all in one process, side
   target would be host DRAM; this script runs the CPU case); its plan is checked with `offload.activations.predict_activation_peak_bytes` plus the forward-time
   peaks with the runtime's pinned swap sources (`pinned_peak_bytes`), and the MIP's budget tightened by any
   excess (up to 6 times); the plan's activation peak is then measured once and, while above the budget less
-  half the margin, re-planned for the budget less the excess (up to 3 times; `calibration` in the JSON); a
+  half the margin, re-planned for the budget less the excess or less the measured-over-predicted gap,
+  whichever is more (up to 4 times; `calibration` in the JSON); a
   budget no plan meets is reported with its floor (`floor_bytes`); then `offload.apply` carries it out;
 - ``memtier_compile``: memtier on compiled blocks (`offload.apply(..., compile_blocks=CompileOptions(...))`,
   `offload.activations.compiled`): the same MIP, margin and checks, fed with costs measured under compile

@@ -92,6 +92,12 @@ class DeviceSpec:
             return self.compile_saved_ratio, self.compile_time_ratio
         return 1.0, 1.0
 
+    def kernel_options(self, backend: str) -> dict[str, Any]:
+        """The MemoryOptions fields that follow from the device rather than the plan (the one place they are
+        derived): the ops take torch's CPU kernels on a CPU device, and blocks compiled with `backend` keep
+        the probed share of eager's saved bytes (`compile_factors`)."""
+        return {"cpu_kernels": self.kind == "cpu", "compile_saved_ratio": self.compile_factors(backend)[0]}
+
     def compile_note(self, backend: str, budget: float | None) -> str:
         """What a plan with blocks compiled by `backend` (at partitioner `budget`) is costed on ("" eager)."""
         if not backend:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from planner.cluster import ClusterSpec
 from planner.errors import LayoutError
 from planner.lora import check_lora
-from planner.memory import MemoryBreakdown, MemoryOptions, device_kernels, estimate_memory
+from planner.memory import MemoryBreakdown, MemoryOptions, estimate_memory
 from planner.model import ModelSpec
 from planner.plan import Layout
 from planner.steptime import StepTime, estimate_step_time
@@ -88,7 +88,7 @@ def estimate(
     if check:
         validate_layout(model, cluster, workload, layout)
     # the kernels this device runs decide what the ops save, whatever the caller's options assumed
-    options = replace(options or MemoryOptions(), **device_kernels(cluster, workload))
+    options = replace(options or MemoryOptions(), **cluster.device.kernel_options(workload.compile))
     mem = estimate_memory(model, workload, layout, options)
     t = estimate_step_time(model, cluster, workload, layout, options, mapping=mapping)
     return Estimate(layout=layout, memory=mem, time=t, budget_bytes=budget_bytes(cluster, workload, budget))

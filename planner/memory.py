@@ -84,18 +84,8 @@ class MemoryOptions:
 
     @classmethod
     def on(cls, cluster: ClusterSpec, workload: Workload, **kw: Any) -> MemoryOptions:
-        """`kw` with what the device's kernels save (`device_kernels`) where `kw` does not say."""
-        return cls(**{**device_kernels(cluster, workload), **kw})
-
-
-def device_kernels(cluster: ClusterSpec, workload: Workload) -> dict[str, Any]:
-    """The MemoryOptions fields that follow from the device rather than the plan (the one place they are
-    derived): the ops take torch's CPU kernels on a CPU device, and compiled blocks keep the device's probed
-    share of eager's saved bytes for the workload's backend (`DeviceSpec.compile_factors`)."""
-    return {
-        "cpu_kernels": cluster.device.kind == "cpu",
-        "compile_saved_ratio": cluster.device.compile_factors(workload.compile)[0],
-    }
+        """`kw` with what the device's kernels save (`DeviceSpec.kernel_options`) where `kw` does not say."""
+        return cls(**{**cluster.device.kernel_options(workload.compile), **kw})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -119,13 +119,13 @@ def estimate_step_time(
     tokens = mb * seq
     sp = layout.sequence_parallel
     layer_s, attn_s = block_forward_time(model, dev, workload, tokens, tp=tp, cp=cp, sp=sp)
-    # a fused attention kernel's backward recomputes its scores: more than twice its forward (planner.kernels)
-    flash_bwd_s = fused_attention_backward_extra(model, dev, workload, tokens, tp=tp, cp=cp)
     # the head is whole on every tp rank unless vocab-parallel (memtier's trainer keeps it whole)
     head_f = head_forward_flops(model, tokens) / (layout.vocab_shards * cp)
     recompute_layers = _recomputed_layers(model, options)
     # selective recompute runs every block's attention core again (Korthikanti et al. 2022, Sec. 4.3)
     again_s = attn_s if options.recompute == "selective" and not options.policies else 0.0
+    # a fused attention kernel's backward recomputes its scores: more than twice its forward (planner.kernels)
+    again_s += fused_attention_backward_extra(model, dev, workload, tokens, tp=tp, cp=cp)
     # LoRA: the weight-gradient GEMMs the frozen blocks and head skip
     frozen_layer_f = frozen_weight_grad_flops(model, workload, tokens) / (tp * cp)
     frozen_head_f = head_f if workload.lora else 0.0
@@ -137,10 +137,7 @@ def estimate_step_time(
     for s, n in enumerate(counts):
         share = n / model.num_layers
         head = (3 * head_f - frozen_head_f) / rate if s == pp - 1 else 0.0
-        work = (3 * n + recompute_layers * share) * layer_s + n * (
-            again_s + flash_bwd_s - frozen_layer_f / rate
-        )
-        work += head
+        work = (3 * n + recompute_layers * share) * layer_s + n * (again_s - frozen_layer_f / rate) + head
         # the fixed cost: every block runs forward and backward once, a recomputed one
         # its forward again (a third of the block's operators, as of its FLOPs)
         overhead = (n + recompute_layers * share / 3) * dev.block_overhead
@@ -290,13 +287,13 @@ def swap_out_early(
 ) -> bool:
     """MemoryOptions.swap_out_early for this machine: one block's swap-out to `tier` is a small part of a
     block's forward (planner.memory.swap_out_is_early)."""
-    from planner.memory import block_saved_bytes, device_kernels, swap_out_is_early
+    from planner.memory import block_saved_bytes, swap_out_is_early
 
     spec = cluster.tier(tier)
     if spec is None:
         return False
     tp, cp, sp = layout.tp, layout.cp, layout.sequence_parallel
-    kernels = device_kernels(cluster, workload)
+    kernels = cluster.device.kernel_options(workload.compile)
     saved = block_saved_bytes(model, workload, micro_batch=layout.micro_batch, tp=tp, sp=sp, cp=cp, **kernels)
     write = min(cluster.device.host_link.bandwidth, spec.write_bandwidth / cluster.devices_per_node)
     fwd = block_forward_s(

@@ -37,7 +37,6 @@ from planner.memory import (
     Offload,
     block_input_bytes,
     block_saved_bytes,
-    device_kernels,
     estimate_memory,
     gradients_during_backward,
     in_flight_microbatches,
@@ -290,7 +289,7 @@ def layer_costs(
     (Narayanan et al. 2021, Sec. 3.3) and a recompute one forward.
     """
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
-    kernels = device_kernels(cluster, workload)
+    kernels = cluster.device.kernel_options(workload.compile)
     saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, **kernels)
     inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     fwd_s = block_forward_s(model, cluster, workload, tokens=mb * workload.seq_len, shard=tp * cp)
