@@ -49,7 +49,7 @@ from typing import Any
 
 from launch.measure.calibrate import write_calibration
 from launch.measure.jobs import Job, finish_job, start_job, step_job, stop_jobs
-from launch.measure.report import plot, render, summarize
+from launch.measure.report import plot, render, steadiness, steadiness_line, summarize
 from launch.measure.strategies import (
     PLAN_MARGIN,
     STRATEGIES,
@@ -202,6 +202,9 @@ def run(cfg: BenchConfig, *, progress: Progress = log) -> dict[str, Any]:
     peak = max(peak, *gemm_seen)
     rows = summarize(results, plans, peak)
     _log_rows(rows, progress)
+    # the GEMM measured after each timed round (gemm_rounds[i] follows step i + 1)
+    steady = steadiness(rows, gemm_rounds[cfg.warmup : cfg.warmup + cfg.steps])
+    progress(steadiness_line(steady))
     payload: dict[str, Any] = {
         "config": dataclasses.asdict(cfg),
         "model": model.summary(),
@@ -212,6 +215,7 @@ def run(cfg: BenchConfig, *, progress: Progress = log) -> dict[str, Any]:
         "model FLOPs only, HFU adds recompute (Korthikanti et al. 2022, Appendix A)",
         "baseline_peak_bytes": base_measured,
         "rows": rows,
+        "steadiness": steady,
         "load_average_end": os.getloadavg(),
         "seconds": time.perf_counter() - started,
     }

@@ -185,3 +185,41 @@ def render_calibration(cal: dict[str, Any]) -> str:
             f"{e['predicted_after_s']:>8.2f}s {_pct(e['error_after']):>6}"
         )
     return "\n".join(lines)
+
+
+# issue 21: on a quiet machine the plain-PyTorch baseline's timed steps stay within this of their median
+SPREAD_TARGET = 0.05
+
+
+def steadiness(rows: Sequence[dict[str, Any]], gemm_timed: Sequence[float]) -> dict[str, Any]:
+    """Whether the baseline's timed steps met the ±SPREAD_TARGET spread, and whether this machine could:
+    the GEMM peak measured between the timed rounds (nothing else of the bench running) moves with the
+    machine's own speed, so where it swings by more than the target the steps cannot be steadier."""
+    base = next((r for r in rows if r.get("strategy") == "pytorch" and r.get("step_times_s")), None)
+    out: dict[str, Any] = {"target": SPREAD_TARGET}
+    if base is not None:
+        times = base["step_times_s"]
+        med = statistics.median(times)
+        out.update(baseline_low=min(times) / med - 1, baseline_high=max(times) / med - 1)
+        out["baseline_met"] = max(-out["baseline_low"], out["baseline_high"]) <= SPREAD_TARGET
+    if gemm_timed:
+        med = statistics.median(gemm_timed)
+        out.update(gemm_low=min(gemm_timed) / med - 1, gemm_high=max(gemm_timed) / med - 1)
+        out["machine_steady"] = max(-out["gemm_low"], out["gemm_high"]) <= SPREAD_TARGET
+    return out
+
+
+def steadiness_line(st: dict[str, Any]) -> str:
+    """One line for the log: the baseline's spread and the machine's, against the target."""
+    if "baseline_low" not in st:
+        return "no baseline steps to judge the spread by"
+    line = (
+        f"baseline steps {100 * st['baseline_low']:+.0f}% / {100 * st['baseline_high']:+.0f}% around their median "
+        f"(target ±{100 * st['target']:.0f}%: {'met' if st['baseline_met'] else 'not met'})"
+    )
+    if "gemm_low" in st:
+        line += (
+            f"; the GEMM peak between timed rounds {100 * st['gemm_low']:+.0f}% / {100 * st['gemm_high']:+.0f}%"
+            + ("" if st["machine_steady"] else ": this machine's own speed swings more than the target")
+        )
+    return line

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from launch.measure.report import summarize
+from launch.measure.report import steadiness, steadiness_line, summarize
 from launch.measure.strategies import fixed_plan
 from planner.cluster import cluster_to_yaml, load_cluster
 from planner.flops import hardware_flops_per_step, model_flops_per_step
@@ -72,3 +72,21 @@ def test_quick_bench_writes_json_png_and_calibrates(tmp_path):
     err = cal["errors"]["pytorch"]
     assert abs(err["error_after"]) < abs(err["error_before"])
     assert "pytorch" in out.stdout and "calibration" in out.stdout
+    st = result["steadiness"]  # the two timed steps and the GEMMs after them, judged against ±5%
+    assert st["target"] == 0.05 and st["baseline_low"] <= 0 <= st["baseline_high"] and "gemm_low" in st
+    assert "baseline steps" in out.stderr
+
+
+def test_steadiness_tells_a_noisy_machine_from_a_noisy_run():
+    """The bench judges the baseline's spread against ±5%, and the GEMM peak measured between its timed rounds
+    says whether the machine itself was steady enough for that."""
+    rows = [{"strategy": "pytorch", "step_times_s": [2.0, 2.02, 1.98, 2.3]}]
+    noisy_run = steadiness(rows, [300e9, 301e9, 299e9, 300e9])
+    assert not noisy_run["baseline_met"] and noisy_run["machine_steady"]
+    assert noisy_run["baseline_high"] == pytest.approx(2.3 / 2.01 - 1)
+    noisy_machine = steadiness(rows, [250e9, 300e9, 340e9])
+    assert not noisy_machine["machine_steady"]
+    assert "swings more than the target" in steadiness_line(noisy_machine)
+    steady = steadiness([{"strategy": "pytorch", "step_times_s": [2.0, 2.02, 1.98]}], [300e9, 302e9])
+    assert steady["baseline_met"] and steady["machine_steady"] and "met" in steadiness_line(steady)
+    assert "no baseline" in steadiness_line(steadiness([], []))
