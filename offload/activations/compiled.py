@@ -115,26 +115,6 @@ class CompiledBlock:
     fallback: str | None = None  # why the block is not compiled
 
 
-# the partitioner budget blocks were last compiled at by a BlockCompiler in this process (see below)
-_last_budget: list[float | None] = []
-
-
-def _fresh_graphs_for(budget: float | None) -> None:
-    """Make the next compiles honour `budget`: dynamo's cache of compiled frames does not key on the
-    partitioner's budget, so blocks compiled at another one earlier in this process would run that one's
-    graphs. Then `torch._dynamo.reset()` is called (every compiled function in the process compiles again on
-    its next call), with a warning; never a plan run silently at another budget."""
-    if _last_budget and _last_budget[0] != budget:
-        warnings.warn(
-            f"memtier: blocks were compiled in this process at partitioner budget {_last_budget[0]}; dynamo "
-            f"would reuse those graphs for budget {budget}, so torch._dynamo.reset() is called",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        torch._dynamo.reset()
-    _last_budget[:] = [budget]
-
-
 class BlockCompiler:
     """Compiles block forwards for `install_block_hooks` and records how each block ended up running.
 
@@ -143,7 +123,6 @@ class BlockCompiler:
 
     def __init__(self, options: CompileOptions | None = None) -> None:
         self.options = options or CompileOptions()
-        _fresh_graphs_for(self.options.activation_memory_budget)
         self._blocks: dict[int, CompiledBlock] = {}
         self._lock = threading.Lock()
         self.eager_calls = 0  # block calls run eagerly under an active dispatch mode (see `compile`)
@@ -238,7 +217,6 @@ def profile_compiled_blocks(
     """
     from offload.blocks import find_blocks
 
-    _fresh_graphs_for((options or CompileOptions()).activation_memory_budget)
     found = find_blocks(model, blocks=blocks)
     eager = (
         list(eager)

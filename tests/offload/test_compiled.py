@@ -293,35 +293,3 @@ def test_profiling_leaves_allocated_gradients_as_they_were():
     profile_compiled_blocks(model, ids, options=CompileOptions(backend=BACKEND), eager=eager)
     for p, (obj, values) in before.items():
         assert p.grad is obj and torch.equal(p.grad, values)
-
-
-def test_a_second_plan_at_another_partitioner_budget_gets_its_own_graphs(tmp_path):
-    """dynamo's cache does not key on the partitioner's budget: a plan applied after blocks were compiled at a
-    different budget (a profile, another plan), with no reset in between, would run those graphs. offload.apply
-    resets dynamo (and warns), so each plan's swap moves its own budget's saved set."""
-    torch.manual_seed(0)
-    model = llama()
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
-    eager = profile_blocks(model, ids)
-    torch._dynamo.reset()
-    tight = profile_compiled_blocks(
-        model, ids, options=CompileOptions(backend="aot_eager_decomp_partition", activation_memory_budget=0.1),
-        eager=eager,
-    )[0]  # fmt: skip
-    swapped = []
-    for b in (1.0, 0.1):  # no torch._dynamo.reset() between the two plans
-        options = CompileOptions(backend="aot_eager_decomp_partition", activation_memory_budget=b)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            handle = offload.apply(
-                model, None, make_plan([swap(0, 1.0)], [nvme(tmp_path)]), compile_blocks=options
-            )
-        with handle:
-            model(input_ids=ids, labels=ids).loss.backward()
-            swapped.append(handle.stats.bytes_swapped)
-        resets = [w for w in caught if "torch._dynamo.reset() is called" in str(w.message)]
-        assert len(resets) == 1, [str(w.message) for w in caught]  # each follows another budget's compile
-    assert swapped[1] == tight.swap_bytes(
-        offload.activations.BlockPolicy(layer=0, mode="swap", swap_fraction=1.0)
-    )
-    assert swapped[1] < swapped[0]
