@@ -29,7 +29,7 @@ from benchmarks.activations_trainer import (
     bench_plan,
     block_call_of,
     measure_baseline,
-    model_spec,
+    prepared,
     progress,
 )
 from planner.model import ModelSpec
@@ -360,15 +360,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from offload.activations import profile_blocks
 
     started = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.swap_dir, exist_ok=True)
-    spec = model_spec(cfg)
-    tr = Trainer(cfg, spec)
-    loss_handle = None
-    if cfg.loss == "chunked":
-        from offload.loss import install_chunked_loss
-
-        loss_handle = install_chunked_loss(tr.model, chunk_size=cfg.loss_chunk)
+    spec, tr, loss_handle = prepared(cfg)
     param_bytes = sum(p.numel() * p.element_size() for p in tr.model.parameters())
     progress(
         f"{spec.name} x{spec.num_layers} layers, {param_bytes / 2**20:.0f} MiB params, batch {cfg.batch}x"

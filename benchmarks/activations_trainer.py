@@ -133,6 +133,19 @@ class Trainer:
         return int(max(a["Total Allocated"] for a in mem) - start)
 
 
+def prepared(cfg: Config) -> tuple[ModelSpec, Trainer, Any]:
+    """The bench's setting made ready: torch's threads set, the model and trainer built, and the chunked loss
+    installed when `cfg.loss` says so. Returns (spec, trainer, the chunked loss's handle or None)."""
+    torch.set_num_threads(cfg.threads)
+    spec = model_spec(cfg)
+    tr = Trainer(cfg, spec)
+    if cfg.loss != "chunked":
+        return spec, tr, None
+    from offload.loss import install_chunked_loss
+
+    return spec, tr, install_chunked_loss(tr.model, chunk_size=cfg.loss_chunk)
+
+
 # ---------------------------------------------------------------------------------------------- baseline
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Baseline:

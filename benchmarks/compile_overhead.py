@@ -21,6 +21,7 @@ Reported: per configuration the median and fastest step, and per round the ratio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import torch  # noqa: E402
 
 from benchmarks.activations import RESULTS, parse_args  # noqa: E402
-from benchmarks.activations_trainer import Trainer, bench_plan, model_spec, progress  # noqa: E402
+from benchmarks.activations_trainer import bench_plan, prepared, progress  # noqa: E402
 from launch.measure.record import savefig, write_json  # noqa: E402
 
 CONFIGS = ("memtier", "compile", "eager")
@@ -42,14 +43,10 @@ def run(budget: float, rounds: int, steps: int, backend: str) -> dict[str, Any]:
     from benchmarks.activations_compile import compiled_plan
     from benchmarks.activations_torch import compiled_blocks
     from offload.activations import CompileOptions
-    from offload.loss import install_chunked_loss
     from planner.plan import ActivationPolicy
 
     cfg = parse_args(["--out", os.path.join(RESULTS, "compile_overhead")])
-    torch.set_num_threads(cfg.threads)
-    spec = model_spec(cfg)
-    tr = Trainer(cfg, spec)
-    install_chunked_loss(tr.model, chunk_size=cfg.loss_chunk)
+    spec, tr, _loss = prepared(cfg)
     plan = compiled_plan(
         bench_plan(spec, cfg, tuple(ActivationPolicy(layer=i) for i in range(len(tr.blocks)))),
         CompileOptions(backend=backend, activation_memory_budget=budget),
@@ -61,7 +58,7 @@ def run(budget: float, rounds: int, steps: int, backend: str) -> dict[str, Any]:
             return offload.apply(tr.model, None, plan)
         if name == "compile":
             return compiled_blocks(list(tr.blocks), backend=backend, budget=budget)
-        return _Nothing()
+        return contextlib.nullcontext()
 
     times: dict[str, list[list[float]]] = {c: [] for c in CONFIGS}
     for r in range(rounds):
@@ -96,14 +93,6 @@ def run(budget: float, rounds: int, steps: int, backend: str) -> dict[str, Any]:
         "memtier_over_compile_per_round": ratios,
         "memtier_over_compile": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
     }
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def plot(result: dict[str, Any], path: str) -> None:

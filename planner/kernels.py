@@ -13,7 +13,7 @@ at the compute rate or its bytes at the memory bandwidth):
               probabilities from the saved row statistics instead of reading them: 5 matmuls against the
               forward's 2, 2.5x the forward's FLOPs (Dao 2023, Sec. 4.1, which counts FLOP/s that way), so a
               fused kernel's forward + backward is 3.5x its forward where the other kernels' is 3x
-              (`fused_attention_backward_extra`). Unfused, the two batched GEMMs run all s x s (the mask is
+              (`BlockTime.backward_extra_s`). Unfused, the two batched GEMMs run all s x s (the mask is
               applied after) and their s x s output is counted below, with the softmax.
   memory-bound operators  norms, bias + activation, residual adds, dropout masks, rotary, and without a fused
               attention the s x s scores (written by QK^T, read and written by the softmax and the dropout,
@@ -35,6 +35,8 @@ included: `launch.measure.probe`), a block's forward is its FLOPs / (peak x effi
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from planner.activation_elems import fused_attention
 from planner.cluster import DeviceSpec
@@ -75,6 +77,17 @@ def memory_bound_bytes(
     return tokens * (replicated / (tp if sp else 1) + (sharded + scores) / tp)
 
 
+class BlockTime(NamedTuple):
+    """One block's modelled seconds (`block_forward_time`)."""
+
+    forward_s: float  # its forward
+    attention_s: float  # its attention core alone: what selective recompute runs again (0 without roofline)
+    # what its backward takes beyond twice the forward: a fused attention kernel's backward recomputes the
+    # scores, 2.5x its forward's FLOPs (Dao 2023, FlashAttention-2, Sec. 4.1); 0 without a fused kernel or
+    # without `roofline` (a probed block's time has it)
+    backward_extra_s: float
+
+
 def block_forward_time(
     model: ModelSpec,
     device: DeviceSpec,
@@ -84,41 +97,27 @@ def block_forward_time(
     tp: int = 1,
     cp: int = 1,
     sp: bool = True,
-) -> tuple[float, float]:
-    """(seconds of one block's forward over `tokens` tokens split over tp x cp ranks, seconds of its
-    attention core alone: what selective recompute runs again; 0 without `roofline`)."""
+) -> BlockTime:
+    """One block's forward over `tokens` tokens split over tp x cp ranks, its attention core alone, and what
+    its backward takes beyond twice the forward (`BlockTime`)."""
     # compiled blocks: the probed compiled/eager time of a reference block (`DeviceSpec.compile_factors`)
     rate = device.flops(workload.dtype) * device.efficiency / device.compile_factors(workload.compile)[1]
     flops = layer_forward_flops(model, tokens, workload.seq_len) / (tp * cp)
     if not device.roofline:
-        return flops / rate, 0.0
+        return BlockTime(flops / rate, 0.0, 0.0)
     attn = attention_core_flops(model, tokens, workload.seq_len) / (tp * cp)
     fused = fused_attention(model, workload)
-    fused_rate = _fused_attention_rate(device, workload)
-    attn_s = 0.5 * attn / fused_rate if fused else attn / rate
+    # a fused causal kernel runs half the counted score/context FLOPs at its own efficiency (module docstring)
+    fused_s = 0.5 * attn / _fused_attention_rate(device, workload)
+    core_s = fused_s if fused else attn / rate
     bw = device.memory_bandwidth
-    attn_s += memory_bound_bytes(model, workload, tokens // cp, tp=tp, sp=sp, attention_only=True) / bw
+    attn_s = (
+        core_s + memory_bound_bytes(model, workload, tokens // cp, tp=tp, sp=sp, attention_only=True) / bw
+    )
     rest = (flops - attn) / rate + memory_bound_bytes(model, workload, tokens // cp, tp=tp, sp=sp) / bw
-    return rest + (0.5 * attn / fused_rate if fused else attn / rate), attn_s
+    return BlockTime(rest + core_s, attn_s, (2.5 - 2.0) * fused_s if fused else 0.0)
 
 
 def _fused_attention_rate(device: DeviceSpec, workload: Workload) -> float:
     # a fused causal kernel runs half the counted score/context FLOPs at its own efficiency (module docstring)
     return device.flops(workload.dtype) * (device.attention_efficiency or device.efficiency)
-
-
-def fused_attention_backward_extra(
-    model: ModelSpec, device: DeviceSpec, workload: Workload, tokens: int, *, tp: int = 1, cp: int = 1
-) -> float:
-    """Seconds one block's fused attention backward takes beyond twice its forward over `tokens` tokens split
-    over tp x cp ranks: it recomputes the scores (2.5x the forward's FLOPs, Dao 2023, Sec. 4.1, where the step
-    model charges 2x). 0 without `roofline` (a probed block's time has it) or without a fused kernel."""
-    if not device.roofline or not fused_attention(model, workload):
-        return 0.0
-    forward_s = (
-        0.5
-        * attention_core_flops(model, tokens, workload.seq_len)
-        / (tp * cp)
-        / _fused_attention_rate(device, workload)
-    )
-    return (2.5 - 2.0) * forward_s

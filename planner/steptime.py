@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from planner.cluster import ClusterSpec
 from planner.comm import GroupLink, allgather_time, allreduce_time, p2p_time, worst_group_links
 from planner.flops import head_forward_flops, layer_forward_flops, model_flops_per_step
-from planner.kernels import block_forward_time, fused_attention_backward_extra
+from planner.kernels import BlockTime, block_forward_time
 from planner.lora import frozen_weight_grad_flops
 from planner.memory import (
     MemoryOptions,
@@ -118,14 +118,15 @@ def estimate_step_time(
     counts = stage_layer_counts(model, pp, layout.stage_layers)
     tokens = mb * seq
     sp = layout.sequence_parallel
-    layer_s, attn_s = block_forward_time(model, dev, workload, tokens, tp=tp, cp=cp, sp=sp)
+    layer_s, attn_s, flash_bwd_s = block_forward_time(model, dev, workload, tokens, tp=tp, cp=cp, sp=sp)
     # the head is whole on every tp rank unless vocab-parallel (memtier's trainer keeps it whole)
     head_f = head_forward_flops(model, tokens) / (layout.vocab_shards * cp)
     recompute_layers = _recomputed_layers(model, options)
     # selective recompute runs every block's attention core again (Korthikanti et al. 2022, Sec. 4.3)
     again_s = attn_s if options.recompute == "selective" and not options.policies else 0.0
-    # a fused attention kernel's backward recomputes its scores: more than twice its forward (planner.kernels)
-    again_s += fused_attention_backward_extra(model, dev, workload, tokens, tp=tp, cp=cp)
+    # per block beyond 3x its forward: selective recompute, and a fused attention kernel's backward, which
+    # recomputes its scores (more than twice its forward, planner.kernels.BlockTime)
+    beyond_s = again_s + flash_bwd_s
     # LoRA: the weight-gradient GEMMs the frozen blocks and head skip
     frozen_layer_f = frozen_weight_grad_flops(model, workload, tokens) / (tp * cp)
     frozen_head_f = head_f if workload.lora else 0.0
@@ -137,7 +138,7 @@ def estimate_step_time(
     for s, n in enumerate(counts):
         share = n / model.num_layers
         head = (3 * head_f - frozen_head_f) / rate if s == pp - 1 else 0.0
-        work = (3 * n + recompute_layers * share) * layer_s + n * (again_s - frozen_layer_f / rate) + head
+        work = (3 * n + recompute_layers * share) * layer_s + n * (beyond_s - frozen_layer_f / rate) + head
         # the fixed cost: every block runs forward and backward once, a recomputed one
         # its forward again (a third of the block's operators, as of its FLOPs)
         overhead = (n + recompute_layers * share / 3) * dev.block_overhead
@@ -273,13 +274,21 @@ def _optimizer_s(
     return optimizer
 
 
+def block_times(
+    model: ModelSpec, cluster: ClusterSpec, workload: Workload, *, tokens: int, shard: int = 1
+) -> BlockTime:
+    """One block's `BlockTime` over `tokens` tokens (split `shard` ways by tp x cp), its forward with its share
+    of the fixed per-block cost: the recompute cost and the overlap window the activation MIP uses."""
+    dev = cluster.device
+    t = block_forward_time(model, dev, workload, tokens, tp=shard)
+    return t._replace(forward_s=t.forward_s + dev.block_overhead / 3)
+
+
 def block_forward_s(
     model: ModelSpec, cluster: ClusterSpec, workload: Workload, *, tokens: int, shard: int = 1
 ) -> float:
-    """Seconds of one block's forward over `tokens` tokens (split `shard` ways by tp x cp), with its share
-    of the fixed per-block cost: the recompute cost and the overlap window the activation MIP uses."""
-    dev = cluster.device
-    return block_forward_time(model, dev, workload, tokens, tp=shard)[0] + dev.block_overhead / 3
+    """`block_times(...).forward_s`."""
+    return block_times(model, cluster, workload, tokens=tokens, shard=shard).forward_s
 
 
 def swap_out_early(

@@ -57,7 +57,7 @@ from planner.mip.common import MipSettings
 from planner.model import ModelSpec
 from planner.optimizer_placement import OptimizerInterleaved
 from planner.plan import ActivationPolicy, Layout
-from planner.steptime import block_forward_s, swap_out_early
+from planner.steptime import block_times, swap_out_early
 from planner.strategy import (
     HostTier,
     Strategy,
@@ -285,14 +285,16 @@ def layer_costs(
     """Per-block inputs of the activation MIP from the memory and FLOP models.
 
     Saved and input bytes of the `in_flight` micro-batches a pipeline stage holds (planner.memory), the
-    forward time from the FLOP model (planner.steptime.block_forward_s), backward twice the forward
-    (Narayanan et al. 2021, Sec. 3.3) and a recompute one forward.
+    forward time from the FLOP model (planner.steptime.block_times), backward twice the forward
+    (Narayanan et al. 2021, Sec. 3.3) plus what a fused attention kernel's backward adds (planner.kernels) and
+    a recompute one forward.
     """
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
     kernels = cluster.device.kernel_options(workload.compile)
     saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, **kernels)
     inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
-    fwd_s = block_forward_s(model, cluster, workload, tokens=mb * workload.seq_len, shard=tp * cp)
+    times = block_times(model, cluster, workload, tokens=mb * workload.seq_len, shard=tp * cp)
+    fwd_s = times.forward_s
     extra = list(backward_extra_bytes) or [0.0] * len(layers)
     return [
         LayerCost(
@@ -300,7 +302,7 @@ def layer_costs(
             act_bytes=int(saved * in_flight),
             input_bytes=int(inp * in_flight),
             fwd_time_s=fwd_s,
-            bwd_time_s=2 * fwd_s,
+            bwd_time_s=2 * fwd_s + times.backward_extra_s,
             recompute_time_s=fwd_s,
             backward_extra_bytes=int(x),
         )

@@ -191,6 +191,12 @@ def render_calibration(cal: dict[str, Any]) -> str:
 SPREAD_TARGET = 0.05
 
 
+def _around_median(values: Sequence[float]) -> tuple[float, float]:
+    """(lowest, highest) of `values` relative to their median, as signed shares (-0.04, +0.06)."""
+    med = statistics.median(values)
+    return min(values) / med - 1, max(values) / med - 1
+
+
 def steadiness(rows: Sequence[dict[str, Any]], gemm_timed: Sequence[float]) -> dict[str, Any]:
     """Whether the baseline's timed steps met the ±SPREAD_TARGET spread, and whether this machine could:
     the GEMM peak measured between the timed rounds (nothing else of the bench running) moves with the
@@ -198,14 +204,11 @@ def steadiness(rows: Sequence[dict[str, Any]], gemm_timed: Sequence[float]) -> d
     base = next((r for r in rows if r.get("strategy") == "pytorch" and r.get("step_times_s")), None)
     out: dict[str, Any] = {"target": SPREAD_TARGET}
     if base is not None:
-        times = base["step_times_s"]
-        med = statistics.median(times)
-        out.update(baseline_low=min(times) / med - 1, baseline_high=max(times) / med - 1)
-        out["baseline_met"] = max(-out["baseline_low"], out["baseline_high"]) <= SPREAD_TARGET
+        low, high = _around_median(base["step_times_s"])
+        out.update(baseline_low=low, baseline_high=high, baseline_met=max(-low, high) <= SPREAD_TARGET)
     if gemm_timed:
-        med = statistics.median(gemm_timed)
-        out.update(gemm_low=min(gemm_timed) / med - 1, gemm_high=max(gemm_timed) / med - 1)
-        out["machine_steady"] = max(-out["gemm_low"], out["gemm_high"]) <= SPREAD_TARGET
+        low, high = _around_median(gemm_timed)
+        out.update(gemm_low=low, gemm_high=high, machine_steady=max(-low, high) <= SPREAD_TARGET)
     return out
 
 

@@ -32,7 +32,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -68,8 +70,9 @@ class CompileOptions:
     bytes, `torch._functorch.config.activation_memory_budget`; None: torch's own setting), applied to every
     compiled block: the partitioner's cheap-op recompute inside each block, memtier's whole-block recompute and
     token-share swap across blocks, planned together from costs measured at that setting.
-    NOTE: dynamo's cache of compiled frames does not key on the partitioner's budget: graphs compiled earlier
-    for the same block class at another budget are reused until `torch._dynamo.reset()`.
+    NOTE: dynamo's cache of compiled frames does not key on the partitioner's budget: where graphs of the same
+    block class were compiled at another budget earlier in the process, memtier resets dynamo (with a warning,
+    `BlockCompiler.resets`) rather than run them.
     """
 
     backend: str = "inductor"
@@ -115,6 +118,72 @@ class CompiledBlock:
     fallback: str | None = None  # why the block is not compiled
 
 
+# the partitioner budget memtier compiled each of dynamo's cached graphs at, keyed by the graph's code (a
+# `CacheEntry.code`): `_claim_graphs` tells a cached graph of another budget from one of this budget by it
+_entry_budgets: weakref.WeakKeyDictionary[types.CodeType, float] = weakref.WeakKeyDictionary()
+# per compiled function's code, the budget memtier last compiled it at: what is known where this torch cannot
+# list a code's cache entries
+_last_budget: dict[types.CodeType, float] = {}
+
+
+def _code_of(fn: Callable[..., Any]) -> types.CodeType | None:
+    return getattr(getattr(fn, "__func__", fn), "__code__", None)
+
+
+def _effective(budget: float | None) -> float:
+    """The budget a graph compiled now at `budget` is partitioned with (None: torch's own setting)."""
+    import torch._functorch.config as functorch_config
+
+    return float(functorch_config.activation_memory_budget if budget is None else budget)
+
+
+def _cached(code: types.CodeType) -> list[types.CodeType] | None:
+    """The codes of dynamo's cached graphs for `code` (None where this torch cannot list them)."""
+    entries = getattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list", None)
+    return None if entries is None else [e.code for e in entries(code)]
+
+
+def _note_compiled(fn: Callable[..., Any], budget: float | None) -> None:
+    """Record that `fn`'s cached graphs were compiled (or found valid by `_claim_graphs`) at `budget`."""
+    code = _code_of(fn)
+    for graph in (_cached(code) or []) if code is not None else []:
+        _entry_budgets.setdefault(graph, _effective(budget))
+
+
+def _claim_graphs(fn: Callable[..., Any], budget: float | None) -> str | None:
+    """Make `fn`'s next compile honour the partitioner `budget`; the reason when dynamo had to be reset.
+
+    dynamo's cache of compiled frames is keyed on the code object (every block of a class shares its forward's)
+    and does not key on `activation_memory_budget`: graphs compiled for the same code at another budget earlier
+    in this process (a profile, an earlier plan) would be run as they are (checked: a plan at 1.0 applied after
+    a profile at 0.1 saved 0.1's set). Where such a graph is cached (one memtier compiled at another budget, or
+    one compiled outside memtier, taken to be at torch's own setting), `torch._dynamo.reset()` is called (every
+    compiled function in the process compiles again on its next call) with a warning; never a plan run
+    silently at another budget.
+    """
+    code = _code_of(fn)
+    if code is None:
+        return None
+    want = _effective(budget)
+    cached = _cached(code)
+    if cached is None:  # this torch cannot list them: the budget memtier last compiled this code at
+        others = {_last_budget[code]} - {want} if code in _last_budget else set()
+    else:
+        others = {_entry_budgets.get(graph, _effective(None)) for graph in cached} - {want}
+    _last_budget[code] = want
+    if not others:
+        return None
+    reason = (
+        f"{getattr(code, 'co_qualname', code.co_name)} has graphs compiled in this process at partitioner "
+        f"budget {', '.join(map(str, sorted(others)))}; dynamo would reuse them at {want}, so "
+        "torch._dynamo.reset() was called"
+    )
+    warnings.warn(f"memtier: {reason}", RuntimeWarning, stacklevel=3)
+    torch._dynamo.reset()
+    _entry_budgets.clear()
+    return reason
+
+
 class BlockCompiler:
     """Compiles block forwards for `install_block_hooks` and records how each block ended up running.
 
@@ -126,6 +195,7 @@ class BlockCompiler:
         self._blocks: dict[int, CompiledBlock] = {}
         self._lock = threading.Lock()
         self.eager_calls = 0  # block calls run eagerly under an active dispatch mode (see `compile`)
+        self.resets: list[str] = []  # why dynamo was reset for this plan's budget (`_claim_graphs`)
 
     def report(self) -> tuple[CompiledBlock, ...]:
         return tuple(self._blocks[k] for k in sorted(self._blocks))
@@ -139,9 +209,12 @@ class BlockCompiler:
 
         `fn` is the block's forward (keep, swap) or the checkpointed forward (recompute).
         """
+        reset = _claim_graphs(fn, self.options.activation_memory_budget)
+        if reset is not None:
+            self.resets.append(reset)
         compiled = torch.compile(fn, backend=self.options.backend, fullgraph=True)
         self._record(policy, compiled=True)
-        state = {"fn": compiled}
+        state = {"fn": compiled, "noted": False}
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -171,7 +244,11 @@ class BlockCompiler:
                         skip_fwd_side_effects_in_bwd_under_checkpoint=policy.mode == "recompute",
                     ),
                 ):
-                    return current(*args, **kwargs)
+                    out = current(*args, **kwargs)
+                if not state["noted"]:  # the graph this call compiled (or reused) is at this budget
+                    state["noted"] = True
+                    _note_compiled(fn, self.options.activation_memory_budget)
+                return out
             except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
                 state["fn"] = fn
                 self._record(policy, compiled=False, reason=f"{type(exc).__name__}: {str(exc)[:3000]}")
@@ -267,10 +344,12 @@ def _compiled_saved(
     tokens = _block_tokens(args, kwargs, seq_dim)
     collect = SavedCollector(block)
     saved, pack = collect.saved, collect.pack
+    _claim_graphs(block.forward, options.activation_memory_budget)
     compiled = torch.compile(block.forward, backend=options.backend, fullgraph=True)
     with scratch_grads(block.parameters()):
         with options.config(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = compiled(*args, **kwargs)
+        _note_compiled(block.forward, options.activation_memory_budget)
         saved_bytes, views = _saved_summary(saved, tokens, seq_dim) if tokens else (0, ())
         saved.clear()
         outs = [o for o in torch.utils._pytree.tree_flatten(out)[0] if isinstance(o, torch.Tensor)]

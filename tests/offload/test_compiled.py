@@ -293,3 +293,45 @@ def test_profiling_leaves_allocated_gradients_as_they_were():
     profile_compiled_blocks(model, ids, options=CompileOptions(backend=BACKEND), eager=eager)
     for p, (obj, values) in before.items():
         assert p.grad is obj and torch.equal(p.grad, values)
+
+
+def test_a_second_plan_at_another_partitioner_budget_gets_its_own_graphs(tmp_path):
+    """dynamo's cache does not key on the partitioner's budget: a plan applied after blocks were compiled at a
+    different budget (a profile, another plan), with no reset in between, would run those graphs. offload.apply
+    resets dynamo then (and warns, and says so in `handle.compiler.resets`), so each plan's swap moves its own
+    budget's saved set; where nothing compiled at another budget is cached, nothing is reset."""
+    torch.manual_seed(0)
+    model = llama()
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    eager = profile_blocks(model, ids)
+
+    def options(budget: float) -> CompileOptions:
+        return CompileOptions(backend="aot_eager_decomp_partition", activation_memory_budget=budget)
+
+    tight = profile_compiled_blocks(model, ids, options=options(0.1), eager=eager)[0]
+    swapped, resets = [], []
+    for b in (1.0, 0.1, 0.1):  # no torch._dynamo.reset() between the plans
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            handle = offload.apply(
+                model, None, make_plan([swap(0, 1.0)], [nvme(tmp_path)]), compile_blocks=options(b)
+            )
+            with handle:
+                model(input_ids=ids, labels=ids).loss.backward()
+                swapped.append(handle.stats.bytes_swapped)
+        warned = [str(w.message) for w in caught if "torch._dynamo.reset() was called" in str(w.message)]
+        resets.append(len(handle.compiler.resets))
+        assert len(warned) == resets[-1], [str(w.message) for w in caught]
+    # 1.0 follows the profile's 0.1, 0.1 follows 1.0, the second 0.1 reuses the first one's graphs
+    assert resets == [1, 1, 0]
+    one_block = offload.activations.BlockPolicy(layer=0, mode="swap", swap_fraction=1.0)
+    assert swapped[1] == swapped[2] == tight.swap_bytes(one_block) < swapped[0]
+    # after a reset by anyone, compiling at another budget needs none
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with offload.apply(
+            model, None, make_plan([swap(0, 1.0)], [nvme(tmp_path)]), compile_blocks=options(1.0)
+        ) as h:
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert h.compiler.resets == [] and h.stats.bytes_swapped == swapped[0]

@@ -173,7 +173,7 @@ def test_roofline_costs_memory_bound_operators_and_the_causal_half_of_fused_atte
     at the HBM bandwidth (a larger share in narrow models), and a fused causal attention kernel runs half the
     counted score/context FLOPs; without it, a block is FLOPs / (peak x efficiency) as the probe fits it."""
     from planner.flops import layer_forward_flops
-    from planner.kernels import block_forward_time, fused_attention_backward_extra, memory_bound_bytes
+    from planner.kernels import block_forward_time, memory_bound_bytes
     from planner.model import ModelSpec
 
     dev = resolve_cluster("dgx-a100-8x80g").device
@@ -187,7 +187,7 @@ def test_roofline_costs_memory_bound_operators_and_the_causal_half_of_fused_atte
                          position="learned", attn_dropout=0.1, hidden_dropout=0.1)  # fmt: skip
 
     def slowdown(m: ModelSpec, wl: Workload) -> float:
-        return block_forward_time(m, dev, wl, 2048)[0] / (layer_forward_flops(m, 2048, 2048) / rate)
+        return block_forward_time(m, dev, wl, 2048).forward_s / (layer_forward_flops(m, 2048, 2048) / rate)
 
     narrow, wide = gpt(2304, 24), gpt(20480, 128)
     assert slowdown(narrow, w) > slowdown(wide, w) > 1.0  # the memory-bound share falls as h grows
@@ -199,21 +199,21 @@ def test_roofline_costs_memory_bound_operators_and_the_causal_half_of_fused_atte
     flash = w.replace(flash_attention=True)
     plain = dataclasses.replace(dev, attention_efficiency=0.0)
     attn = 4.0 * 2048 * 2048 * wide.q_size
-    fused_s, _ = block_forward_time(wide, plain, flash, 2048)
-    unfused_s, _ = block_forward_time(wide, plain, flash.replace(flash_attention=False), 2048)
+    fused_s, _, flash_extra_s = block_forward_time(wide, plain, flash, 2048)
+    unfused_s, _, unfused_extra_s = block_forward_time(
+        wide, plain, flash.replace(flash_attention=False), 2048
+    )
     moved = (memory_bound_bytes(wide, w, 2048) - memory_bound_bytes(wide, flash, 2048)) / dev.memory_bandwidth
     assert unfused_s - fused_s == pytest.approx(0.5 * attn / rate + moved, rel=1e-9)
     # its backward recomputes the scores: 2.5x its forward (FlashAttention-2, Sec. 4.1), 0.5x more than 2x
-    assert fused_attention_backward_extra(wide, plain, flash, 2048) == pytest.approx(
-        0.25 * attn / rate, rel=1e-9
-    )
-    assert fused_attention_backward_extra(wide, plain, w, 2048) == 0.0  # unfused: the s x s are read back
+    assert flash_extra_s == pytest.approx(0.25 * attn / rate, rel=1e-9)
+    assert unfused_extra_s == 0.0  # unfused: the s x s are read back
     # without roofline: FLOPs / (peak x efficiency), nothing else
     off = dataclasses.replace(dev, roofline=False)
-    assert block_forward_time(narrow, off, w, 2048)[0] == pytest.approx(
+    assert block_forward_time(narrow, off, w, 2048).forward_s == pytest.approx(
         layer_forward_flops(narrow, 2048, 2048) / rate
     )
-    assert fused_attention_backward_extra(wide, off, flash, 2048) == 0.0  # a probed block's time has it
+    assert block_forward_time(wide, off, flash, 2048).backward_extra_s == 0.0  # a probed block's time has it
 
 
 def test_selective_recompute_runs_the_attention_core_again_and_dp_overlap_hides_the_reduction():
