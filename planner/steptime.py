@@ -122,11 +122,9 @@ def estimate_step_time(
     # the head is whole on every tp rank unless vocab-parallel (memtier's trainer keeps it whole)
     head_f = head_forward_flops(model, tokens) / (layout.vocab_shards * cp)
     recompute_layers = _recomputed_layers(model, options)
-    # selective recompute runs every block's attention core again (Korthikanti et al. 2022, Sec. 4.3)
-    again_s = attn_s if options.recompute == "selective" and not options.policies else 0.0
-    # per block beyond 3x its forward: selective recompute, and a fused attention kernel's backward, which
-    # recomputes its scores (more than twice its forward, planner.kernels.BlockTime)
-    beyond_s = again_s + flash_bwd_s
+    # per block beyond 3x its forward: selective recompute runs the attention core again (Korthikanti et al.
+    # 2022, Sec. 4.3); a fused attention backward recomputes its scores (planner.kernels.BlockTime)
+    beyond_s = (attn_s if options.recompute == "selective" and not options.policies else 0.0) + flash_bwd_s
     # LoRA: the weight-gradient GEMMs the frozen blocks and head skip
     frozen_layer_f = frozen_weight_grad_flops(model, workload, tokens) / (tp * cp)
     frozen_head_f = head_f if workload.lora else 0.0

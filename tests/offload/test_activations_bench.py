@@ -14,7 +14,8 @@ from benchmarks import activations as bench
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def bench_out(tmp_path_factory):
+    """The folder the bench wrote activations.json/.png (and its NVMe tier's swap directory) to."""
     before = torch.get_num_threads()
     out = tmp_path_factory.mktemp("bench")
     try:
@@ -29,6 +30,7 @@ def result(tmp_path_factory):
                 "memtier",
                 "memtier_compile",
                 "sac_milp",
+                "compile_budget",
                 "--budgets",  # 25% is below what any strategy reaches on a 4-layer model
                 "0.4",
                 "0.5",
@@ -43,7 +45,12 @@ def result(tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     assert (out / "activations.png").stat().st_size > 0
-    with open(out / "activations.json") as f:
+    return out
+
+
+@pytest.fixture(scope="module")
+def result(bench_out):
+    with open(bench_out / "activations.json") as f:
         return json.load(f)
 
 
@@ -120,3 +127,31 @@ def test_refined_partitioner_budget_lands_between_the_measured_budgets_that_brac
     assert Bench.refined_share(fake, 0.3) is None  # 42 MiB: below every measured budget's peak
     fake.compiled_costs[round(0.7 + 17 / 28 * 0.3, 4)] = costs(105 * mib)
     assert Bench.refined_share(fake, 0.75) is None  # measured already
+
+
+def test_compile_paired_replays_the_benchs_plans_in_alternating_rounds(bench_out, result):
+    """benchmarks/compile_paired.py steps the activations result's memtier + compile plan and compile's
+    partitioner setting turn about: the plan replayed is the row's (same modes, same measured peak), and every
+    round times both."""
+    from benchmarks import compile_paired
+
+    before = torch.get_num_threads()
+    try:
+        compile_paired.main(
+            ["--from", str(bench_out / "activations.json"), "--budgets", "0.5", "--rounds", "2", "--steps", "1",
+             "--out", str(bench_out / "paired")]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert (bench_out / "paired.png").stat().st_size > 0
+    pair = json.loads((bench_out / "paired.json").read_text())["pairs"][0]
+    row = _rows(result, "memtier_compile")[0.5]
+    assert pair["memtier_plan"]["modes"] == row["modes"]
+    assert pair["partitioner_budget"] == _rows(result, "compile_budget")[0.5]["compile_budget_fraction"]
+    assert pair["fits"]["memtier"] and pair["act_peak_bytes"]["memtier"] == pytest.approx(
+        row["act_peak_bytes"], rel=0.02
+    )
+    assert all(len(pair["step_times_s"][n]) == 2 for n in ("memtier", "partitioner"))
+    assert len(pair["memtier_over_partitioner_per_round"]) == 2 and 0 <= pair["rounds_memtier_faster"] <= 2
+    with pytest.raises(SystemExit, match="no memtier_compile row at budget 0.3"):
+        compile_paired.main(["--from", str(bench_out / "activations.json"), "--budgets", "0.3"])
