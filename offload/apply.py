@@ -93,6 +93,7 @@ class OffloadHandle:
         self.removed = True
         errors: list[BaseException] = []
         for undo in (
+            *([self.compiler.note_graphs] if self.compiler is not None else []),
             *(h.remove for h in reversed(self._block_hooks)),
             *([self._model_hook.remove] if self._model_hook is not None else []),
             *([self._loss_handle.remove] if self._loss_handle is not None else []),

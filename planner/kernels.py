@@ -119,5 +119,5 @@ def block_forward_time(
 
 
 def _fused_attention_rate(device: DeviceSpec, workload: Workload) -> float:
-    # a fused causal kernel runs half the counted score/context FLOPs at its own efficiency (module docstring)
+    # a fused attention kernel runs at its own efficiency (module docstring)
     return device.flops(workload.dtype) * (device.attention_efficiency or device.efficiency)

@@ -196,9 +196,17 @@ class BlockCompiler:
         self._lock = threading.Lock()
         self.eager_calls = 0  # block calls run eagerly under an active dispatch mode (see `compile`)
         self.resets: list[str] = []  # why dynamo was reset for this plan's budget (`_claim_graphs`)
+        self._compiled_fns: list[Callable[..., Any]] = []  # what `compile` compiled, for `note_graphs`
 
     def report(self) -> tuple[CompiledBlock, ...]:
         return tuple(self._blocks[k] for k in sorted(self._blocks))
+
+    def note_graphs(self) -> None:
+        """Record every graph dynamo holds for the compiled blocks as compiled at this budget (when the plan is
+        removed: recompiles during its life ran under its budget too), so a later plan at the same budget
+        reuses them rather than resetting dynamo."""
+        for fn in self._compiled_fns:
+            _note_compiled(fn, self.options.activation_memory_budget)
 
     def eager(self, policy: BlockPolicy, reason: str) -> None:
         """Record (and warn) that `policy.layer` runs eagerly for `reason`."""
@@ -213,6 +221,7 @@ class BlockCompiler:
         if reset is not None:
             self.resets.append(reset)
         compiled = torch.compile(fn, backend=self.options.backend, fullgraph=True)
+        self._compiled_fns.append(fn)
         self._record(policy, compiled=True)
         state = {"fn": compiled, "noted": False}
 

@@ -319,10 +319,14 @@ def test_a_second_plan_at_another_partitioner_budget_gets_its_own_graphs(tmp_pat
             with handle:
                 model(input_ids=ids, labels=ids).loss.backward()
                 swapped.append(handle.stats.bytes_swapped)
+                # a shorter batch: dynamo recompiles the blocks under this plan's budget (another cached graph)
+                short = ids[:, : SEQ // 2]
+                model(input_ids=short, labels=short).loss.backward()
         warned = [str(w.message) for w in caught if "torch._dynamo.reset() was called" in str(w.message)]
         resets.append(len(handle.compiler.resets))
         assert len(warned) == resets[-1], [str(w.message) for w in caught]
-    # 1.0 follows the profile's 0.1, 0.1 follows 1.0, the second 0.1 reuses the first one's graphs
+    # 1.0 follows the profile's 0.1, 0.1 follows 1.0, the second 0.1 reuses the first one's graphs (the
+    # recompiled ones too)
     assert resets == [1, 1, 0]
     one_block = offload.activations.BlockPolicy(layer=0, mode="swap", swap_fraction=1.0)
     assert swapped[1] == swapped[2] == tight.swap_bytes(one_block) < swapped[0]
