@@ -49,11 +49,11 @@ MODELS = {
 def measure(
     spec: ModelSpec, b: int, s: int, recompute: str, steps: int, family: str = ""
 ) -> tuple[int, float]:
-    from tests.helpers import default_family_model, hf_model, measure_step_peak
+    from tests.helpers import default_family_model, full_recompute, hf_model, measure_step_peak
 
     model = default_family_model(family)[1] if family else hf_model(spec)
     if recompute == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_recompute(model)
     # torch's fused CPU AdamW: the update the probe times and memtier's runtime uses (the default on
     # CPU is the per-tensor loop, several times slower on small tensors)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

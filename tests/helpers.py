@@ -101,3 +101,13 @@ def default_family_model(family: str, *, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.train()
     return config, model
+
+
+def full_recompute(model: torch.nn.Module) -> None:
+    """HF's whole-block activation checkpointing, non-reentrant: `activation_checkpointing_enable` where this
+    transformers has it (it deprecates `gradient_checkpointing_enable`, to be removed in v6), else the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -12,7 +12,7 @@ from planner.memory import MemoryOptions, block_saved_bytes, estimate_memory
 from planner.model import from_hf_config
 from planner.plan import Layout
 from planner.workload import Workload
-from tests.helpers import DEFAULT_FAMILY_CONFIGS, default_family_model, measure_step_peak
+from tests.helpers import DEFAULT_FAMILY_CONFIGS, default_family_model, full_recompute, measure_step_peak
 
 CASES = [(f, rc) for f in ("gpt2", "qwen2", "gemma2", "qwen2_moe") for rc in ("none", "full")]
 
@@ -22,7 +22,7 @@ def test_default_config_peak_within_10_percent_never_5_under(family, recompute):
     torch.set_num_threads(1)
     config, model = default_family_model(family)
     if recompute == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_recompute(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     b, s = 2, 384
     measured = measure_step_peak(model, opt, torch.randint(0, config.vocab_size, (b, s)))["Total"]

@@ -19,7 +19,7 @@ from planner.model import from_hf_config, load_hf_config, to_hf_config_dict
 from planner.plan import Layout
 from planner.trace import model_spec_of, trace_module
 from planner.workload import Workload
-from tests.helpers import measure_step_peak
+from tests.helpers import full_recompute, measure_step_peak
 
 _IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # inside the small vocabularies
 _T = transformers
@@ -192,7 +192,7 @@ def test_peak_within_10_percent(name, recompute):
     model = transformers.AutoModelForCausalLM.from_config(config)  # default dropout, attention, experts
     model.train()
     if recompute == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_recompute(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     b, s = 2, 128
     measured = measure_step_peak(model, opt, torch.randint(0, spec.vocab_size, (b, s)))["Total"]

@@ -20,7 +20,7 @@ from planner.model import ModelSpec
 from planner.plan import ActivationPolicy, Layout
 from planner.presets import MODEL_PRESETS, resolve_cluster
 from planner.workload import OptimizerSpec, Workload
-from tests.helpers import hf_model, measure_step_peak
+from tests.helpers import full_recompute, hf_model, measure_step_peak
 
 MIXED = Workload(global_batch=8, seq_len=512, dtype="bf16")
 
@@ -125,7 +125,7 @@ RESULTS: list[dict] = []
 def test_peak_within_10_percent(spec, b, s, rc):
     model = hf_model(spec)
     if rc == "full":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        full_recompute(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, spec.vocab_size, (b, s))
     measured = measure_step_peak(model, opt, ids)["Total"]
