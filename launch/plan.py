@@ -14,7 +14,7 @@ from planner.errors import InfeasibleError, SpecError
 from planner.planning import PlanResult, make_plan
 from planner.search import Candidate, SearchSpace
 from planner.units import UnitError, fmt_bytes, parse_bytes
-from planner.workload import Workload
+from planner.workload import Workload, partitioner_modes
 
 
 def _budget(text: str | None) -> int | None:
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     budget = _budget(args.budget)
     result = _fastest_mode(
-        [(w, s) for w in modes_from_args(args, workload, cluster.device.kind)
+        [(w, s) for m in modes_from_args(args, workload, cluster.device.kind)
+         for w in partitioner_modes(m, cluster.device.partitioner_budgets(m.compile))
          for s in _mode_spaces(w, space, cluster.world_size)],
         lambda w, s: make_plan(
             model, cluster, w, budget=budget, space=s, seed=args.seed,
@@ -84,6 +85,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
     )  # fmt: skip
     plan, workload = result.plan, result.plan.workload
+    probed = cluster.device.partitioner_budgets(workload.compile)
+    if (
+        probed and getattr(args, "compile_memory_budget", None) is None
+    ):  # the planner chose the partitioner's budget
+        plan = plan.replace(notes=(*plan.notes, _partitioner_note(workload, probed)))
     if getattr(args, "no_checksum", False):
         plan = plan.replace(tiers=tuple(dataclasses.replace(t, checksum=False) for t in plan.tiers))
     search = result.search
@@ -113,6 +119,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _partitioner_note(workload: Workload, probed: tuple[float, ...]) -> str:
+    return (
+        f"partitioner budget {workload.compile_memory_budget:g} (compile's activation_memory_budget in every "
+        f"block): the fastest plan that fits among the budgets `memtier probe --compile` measured, "
+        f"{', '.join(f'{b:g}' for b in probed)}"
+    )
+
+
 def _mode_spaces(workload: Workload, space: SearchSpace, world: int) -> list[SearchSpace]:
     """The search space, and for layer-wise updates also the micro-batch without accumulation.
 
@@ -129,8 +143,9 @@ def _mode_spaces(workload: Workload, space: SearchSpace, world: int) -> list[Sea
 def _fastest_mode(
     modes: list[tuple[Workload, SearchSpace]], plan_for: Callable[[Workload, SearchSpace], PlanResult]
 ) -> PlanResult:
-    """The fastest plan over the memory modes (`planner.workload.memory_modes`); a tie goes to the earlier,
-    more exact mode. When no mode fits, the error names what each mode's leanest layout needs."""
+    """The fastest plan over the memory modes (`planner.workload.memory_modes`) and, for a compiled plan that
+    leaves it open, the probed partitioner budgets (`partitioner_modes`); a tie goes to the earlier, more exact
+    mode (the higher budget). When no mode fits, the error names what each mode's leanest layout needs."""
     best: PlanResult | None = None
     misses: list[tuple[str, InfeasibleError]] = []
     for w, space in modes:

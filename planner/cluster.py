@@ -13,11 +13,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from planner.errors import SpecError
+
+if TYPE_CHECKING:
+    from planner.workload import Workload
 
 MAX_NODES = 100_000
 _POS = {"positive": True}
@@ -57,6 +60,15 @@ class Links:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CompileAtBudget:
+    """What compile changes in the probe's reference block at one partitioner budget (compiled / eager)."""
+
+    budget: float = field(metadata={"min": 0, "max": 1.0})  # AOTAutograd's `activation_memory_budget`
+    saved_ratio: float = field(metadata={"positive": True, "max": 4.0})
+    time_ratio: float = field(metadata={"positive": True, "max": 4.0})
+
+
+@dataclass(frozen=True, kw_only=True)
 class DeviceSpec:
     kind: str
     memory: int = field(metadata={"unit": "bytes", "positive": True})  # bytes per device
@@ -84,19 +96,36 @@ class DeviceSpec:
     compile_backend: str = ""
     compile_saved_ratio: float = field(default=1.0, metadata={"positive": True, "max": 4.0})
     compile_time_ratio: float = field(default=1.0, metadata={"positive": True, "max": 4.0})
+    # the same, probed at several partitioner budgets: the planner picks one where the plan leaves it open
+    compile_budgets: tuple[CompileAtBudget, ...] = ()
 
-    def compile_factors(self, backend: str) -> tuple[float, float]:
-        """(saved-bytes ratio, time ratio) of blocks compiled with `backend`: (1, 1) when eager or not probed
-        for that backend."""
-        if backend and backend == self.compile_backend:
-            return self.compile_saved_ratio, self.compile_time_ratio
-        return 1.0, 1.0
+    def _at_budget(self, budget: float | None) -> CompileAtBudget | None:
+        return next(
+            (r for r in self.compile_budgets if budget is not None and abs(r.budget - budget) < 1e-6), None
+        )
 
-    def kernel_options(self, backend: str) -> dict[str, Any]:
+    def compile_factors(self, backend: str, budget: float | None = None) -> tuple[float, float]:
+        """(saved-bytes ratio, time ratio) of blocks compiled with `backend` at partitioner `budget`: as probed
+        at that budget, else at torch's own; (1, 1) when eager or not probed for that backend."""
+        if not backend or backend != self.compile_backend:
+            return 1.0, 1.0
+        row = self._at_budget(budget)
+        return (
+            (row.saved_ratio, row.time_ratio) if row else (self.compile_saved_ratio, self.compile_time_ratio)
+        )
+
+    def partitioner_budgets(self, backend: str) -> tuple[float, ...]:
+        """The partitioner budgets probed for `backend`, highest first (none when not probed for it)."""
+        if not backend or backend != self.compile_backend:
+            return ()
+        return tuple(sorted((r.budget for r in self.compile_budgets), reverse=True))
+
+    def kernel_options(self, workload: Workload) -> dict[str, Any]:
         """The MemoryOptions fields that follow from the device rather than the plan (the one place they are
-        derived): the ops take torch's CPU kernels on a CPU device, and blocks compiled with `backend` keep
-        the probed share of eager's saved bytes (`compile_factors`)."""
-        return {"cpu_kernels": self.kind == "cpu", "compile_saved_ratio": self.compile_factors(backend)[0]}
+        derived): the ops take torch's CPU kernels on a CPU device, and blocks compiled as `workload` says
+        (backend, partitioner budget) keep the probed share of eager's saved bytes (`compile_factors`)."""
+        saved = self.compile_factors(workload.compile, workload.compile_memory_budget)[0]
+        return {"cpu_kernels": self.kind == "cpu", "compile_saved_ratio": saved}
 
     def compile_note(self, backend: str, budget: float | None) -> str:
         """What a plan with blocks compiled by `backend` (at partitioner `budget`) is costed on ("" eager)."""
@@ -108,11 +137,9 @@ class DeviceSpec:
                 f"blocks compiled with {backend}{at}: costed as eager (the device was not probed for {backend}: "
                 f"`memtier probe --compile {backend}`), an upper bound on the saved bytes"
             )
-        probed = " (probed at torch's own budget)" if budget is not None else ""
-        return (
-            f"blocks compiled with {backend}{at}: saved bytes x{self.compile_saved_ratio:.2f}, block time "
-            f"x{self.compile_time_ratio:.2f} of eager, as probed{probed}"
-        )
+        saved, time = self.compile_factors(backend, budget)
+        probed = "" if budget is None or self._at_budget(budget) else " (probed at torch's own budget)"
+        return f"blocks compiled with {backend}{at}: saved bytes x{saved:.2f}, block time x{time:.2f} of eager, as probed{probed}"
 
     def flops(self, dtype: str) -> float:
         if dtype in self.peak_flops:

@@ -88,7 +88,7 @@ def estimate(
     if check:
         validate_layout(model, cluster, workload, layout)
     # the kernels this device runs decide what the ops save, whatever the caller's options assumed
-    options = replace(options or MemoryOptions(), **cluster.device.kernel_options(workload.compile))
+    options = replace(options or MemoryOptions(), **cluster.device.kernel_options(workload))
     mem = estimate_memory(model, workload, layout, options)
     t = estimate_step_time(model, cluster, workload, layout, options, mapping=mapping)
     return Estimate(layout=layout, memory=mem, time=t, budget_bytes=budget_bytes(cluster, workload, budget))

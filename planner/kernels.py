@@ -101,7 +101,11 @@ def block_forward_time(
     """One block's forward over `tokens` tokens split over tp x cp ranks, its attention core alone, and what
     its backward takes beyond twice the forward (`BlockTime`)."""
     # compiled blocks: the probed compiled/eager time of a reference block (`DeviceSpec.compile_factors`)
-    rate = device.flops(workload.dtype) * device.efficiency / device.compile_factors(workload.compile)[1]
+    rate = (
+        device.flops(workload.dtype)
+        * device.efficiency
+        / device.compile_factors(workload.compile, workload.compile_memory_budget)[1]
+    )
     flops = layer_forward_flops(model, tokens, workload.seq_len) / (tp * cp)
     if not device.roofline:
         return BlockTime(flops / rate, 0.0, 0.0)

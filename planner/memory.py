@@ -85,7 +85,7 @@ class MemoryOptions:
     @classmethod
     def on(cls, cluster: ClusterSpec, workload: Workload, **kw: Any) -> MemoryOptions:
         """`kw` with what the device's kernels save (`DeviceSpec.kernel_options`) where `kw` does not say."""
-        return cls(**{**cluster.device.kernel_options(workload.compile), **kw})
+        return cls(**{**cluster.device.kernel_options(workload), **kw})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,8 +28,10 @@ from planner.workload import OptimizerKind, Precision, StateBits, Workload
 # 1.5: ModelSpec.attn_dropout, hidden_dropout, embd_dropout (what dropout keeps; `planner.activation_elems`).
 # 1.6: Workload.compile, compile_memory_budget (the blocks run under torch.compile); DeviceSpec.compile_backend,
 #      compile_saved_ratio, compile_time_ratio (what compile changes, probed).
-# A 1.0 to 1.5 file loads with the defaults (see `upgrade`).
-SCHEMA_VERSION = "1.6"
+# 1.7: DeviceSpec.compile_budgets (what compile changes, probed at several partitioner budgets: `memtier plan
+#      --compile` picks Workload.compile_memory_budget among them).
+# A 1.0 to 1.6 file loads with the defaults (see `upgrade`).
+SCHEMA_VERSION = "1.7"
 SUPPORTED_MAJOR = 1
 
 TierName = Literal["device", "dram", "cxl", "nvme"]

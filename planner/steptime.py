@@ -300,7 +300,7 @@ def swap_out_early(
     if spec is None:
         return False
     tp, cp, sp = layout.tp, layout.cp, layout.sequence_parallel
-    kernels = cluster.device.kernel_options(workload.compile)
+    kernels = cluster.device.kernel_options(workload)
     saved = block_saved_bytes(model, workload, micro_batch=layout.micro_batch, tp=tp, sp=sp, cp=cp, **kernels)
     write = min(cluster.device.host_link.bandwidth, spec.write_bandwidth / cluster.devices_per_node)
     fwd = block_forward_s(

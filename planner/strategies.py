@@ -290,7 +290,7 @@ def layer_costs(
     a recompute one forward.
     """
     mb, tp, cp, sp = layout.micro_batch, layout.tp, layout.cp, layout.sequence_parallel
-    kernels = cluster.device.kernel_options(workload.compile)
+    kernels = cluster.device.kernel_options(workload)
     saved = block_saved_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp, **kernels)
     inp = block_input_bytes(model, workload, micro_batch=mb, tp=tp, sp=sp, cp=cp)
     times = block_times(model, cluster, workload, tokens=mb * workload.seq_len, shard=tp * cp)

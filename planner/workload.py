@@ -100,7 +100,12 @@ class Workload:
         prec = "fp32" if self.dtype == "fp32" else f"{self.dtype} {self.precision}"
         bits = f", {self.optimizer.state_bits}-bit states" if self.optimizer.state_bits else ""
         lora = f", LoRA r={self.lora_rank} on {','.join(self.lora_targets)}" if self.lora else ""
-        compiled = f", compiled ({self.compile})" if self.compile else ""
+        b = self.compile_memory_budget
+        compiled = (
+            f", compiled ({self.compile}{f', partitioner {b:g}' if b is not None else ''})"
+            if self.compile
+            else ""
+        )
         return f"{prec}{bits}{', layer-wise' if self.layerwise else ''}{lora}{compiled}"
 
     @property
@@ -163,3 +168,11 @@ def memory_modes(
                 if w not in out:
                     out.append(w)
     return tuple(out)
+
+
+def partitioner_modes(workload: Workload, probed: tuple[float, ...]) -> tuple[Workload, ...]:
+    """`workload` at each `probed` partitioner budget (highest first: least recompute wins a tie) where it is
+    compiled and leaves the budget open; else `workload` alone. `probed`: `DeviceSpec.partitioner_budgets`."""
+    if not workload.compile or workload.compile_memory_budget is not None or not probed:
+        return (workload,)
+    return tuple(workload.replace(compile_memory_budget=b) for b in sorted(probed, reverse=True))

@@ -8,8 +8,9 @@ over eager (`DeviceSpec.compile_saved_ratio`, `compile_time_ratio`):
   partitioner recomputes cheap pointwise ops in the backward and fusion drops intermediates, so it saves less;
 - time: the fastest forward + backward of several, after the compile.
 
-The block is `probe.llama_block` (transformers' eager Llama layer, written out) at torch's own partitioner
-budget. Measured rather than assumed: how much a backend saves depends on the torch version, the device and
+The block is `probe.llama_block` (transformers' eager Llama layer, written out), at torch's own partitioner
+budget and at each of `PARTITIONER_BUDGETS` (AOTAutograd's `activation_memory_budget`): the planner picks one
+of those for a compiled plan that leaves the budget open (`planner.partitioner`). Measured rather than assumed: how much a backend saves depends on the torch version, the device and
 the block (Issue #25: "measure it, the probe or a traced compiled block, rather than guess").
 """
 
@@ -22,6 +23,9 @@ from typing import Any
 # the reference block (hidden size, batch, sequence): one where the GEMMs do not hide the element-wise work;
 # a smaller one for `memtier probe --quick`
 BLOCK, QUICK_BLOCK = (512, 1, 512), (256, 1, 256)
+# the partitioner budgets probed: the min-cut's saved set falls in steps as the budget does (on this block,
+# inductor: x0.78 of eager at 1.0, x0.56 at 0.8, x0.46 at 0.6, x0.33 at 0.4, x0.19 at 0.2)
+PARTITIONER_BUDGETS = (1.0, 0.8, 0.6, 0.4, 0.2)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class CompileFactors:
     eager_s: float
     compiled_s: float
     compile_s: float  # the first compiled call (dynamo, AOTAutograd, the backend)
+    # (partitioner budget, saved ratio, time ratio) at each of PARTITIONER_BUDGETS; the time ratios made
+    # monotone: a lower budget recomputes more, never less (a faster reading there is the timing's noise)
+    at_budgets: tuple[tuple[float, float, float], ...] = ()
 
 
 def saved_bytes(forward: Any, x: Any, weights: tuple[Any, ...]) -> int:
@@ -68,6 +75,11 @@ def measure_compile(backend: str, *, quick: bool = False, log: Any = None) -> Co
     compiled_saved = saved_bytes(compiled, x, weights)
     compiled_s = _best_time(lambda: compiled(x).sum().backward(), reps)
     torch._dynamo.reset()
+    at_budgets, slowest = [], 0.0
+    for budget in PARTITIONER_BUDGETS:
+        saved, seconds = _at_budget(forward, x, weights, backend, budget, reps)
+        slowest = max(slowest, seconds / eager_s)
+        at_budgets.append((budget, round(saved / eager_saved, 4), round(slowest, 4)))
     factors = CompileFactors(
         backend=backend,
         saved_ratio=compiled_saved / eager_saved,
@@ -77,6 +89,7 @@ def measure_compile(backend: str, *, quick: bool = False, log: Any = None) -> Co
         eager_s=eager_s,
         compiled_s=compiled_s,
         compile_s=compile_s,
+        at_budgets=tuple(at_budgets),
     )
     if log is not None:
         log(
@@ -85,4 +98,28 @@ def measure_compile(backend: str, *, quick: bool = False, log: Any = None) -> Co
             f"{1e3 * compiled_s:.1f} ms (eager {1e3 * eager_s:.1f}, x{factors.time_ratio:.2f}); compiled in "
             f"{compile_s:.0f} s"
         )
+        log(
+            "  at partitioner budgets: "
+            + ", ".join(f"{b:g}: saves x{sr:.2f}, time x{tr:.2f}" for b, sr, tr in factors.at_budgets)
+        )
     return factors
+
+
+def _at_budget(
+    forward: Any, x: Any, weights: Any, backend: str, budget: float, reps: int
+) -> tuple[int, float]:
+    """(saved bytes, fastest forward + backward seconds) of the block compiled at partitioner `budget`."""
+    import torch
+    import torch._functorch.config as functorch_config
+
+    from launch.measure.probe import _best_time
+
+    torch._dynamo.reset()  # dynamo's cache does not key on the partitioner's budget
+    try:
+        # Ordering: the partitioner reads the budget when the graph is compiled (the first call)
+        with functorch_config.patch(activation_memory_budget=budget):
+            compiled = torch.compile(forward, backend=backend, fullgraph=True)
+            compiled(x).sum().backward()
+        return saved_bytes(compiled, x, weights), _best_time(lambda: compiled(x).sum().backward(), reps)
+    finally:
+        torch._dynamo.reset()

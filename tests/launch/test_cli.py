@@ -143,6 +143,17 @@ def test_probe_compile_measures_what_compile_changes_in_a_block():
     assert dev.compile_backend == "aot_eager_decomp_partition"
     assert dev.compile_saved_ratio == round(factors.saved_ratio, 4) < 1.0
     assert to_cluster(res).device.compile_backend == ""  # not probed: nothing claimed
+    # probed at each partitioner budget: the saved set falls with the budget, the time never does
+    rows = dev.compile_budgets
+    assert (
+        [r.budget for r in rows]
+        == [1.0, 0.8, 0.6, 0.4, 0.2]
+        == list(dev.partitioner_budgets(dev.compile_backend))
+    )
+    assert rows[-1].saved_ratio < rows[0].saved_ratio
+    assert all(a.time_ratio <= b.time_ratio for a, b in zip(rows, rows[1:]))
+    assert dev.compile_factors(dev.compile_backend, 0.4) == (rows[3].saved_ratio, rows[3].time_ratio)
+    assert dev.partitioner_budgets("inductor") == ()  # another backend: not probed
 
 
 def test_transparent_huge_pages_reads_the_bracketed_mode(tmp_path):

@@ -116,3 +116,48 @@ def test_cli_plan_compile_flags(capsys, tmp_path):
     assert "--compile-memory-budget" in capsys.readouterr().err
     assert main([*argv, "--compile", "aot_eager", "--compile-memory-budget", "2"]) == 2
     assert "share in [0, 1]" in capsys.readouterr().err
+
+
+def test_memtier_plan_picks_the_partitioner_budget_among_the_probed_ones(capsys, tmp_path):
+    """`memtier plan --compile` without `--compile-memory-budget` plans at each partitioner budget the probe
+    measured and keeps the fastest plan that fits: with room, the highest (the least recompute); under a
+    budget where the highest must swap, a lower one whose blocks save less, when that is faster. The plan
+    carries the budget it chose, and says so; a budget given on the command line is kept as given."""
+    import json
+
+    from launch.cli import main
+    from planner.cluster import CompileAtBudget, cluster_to_yaml
+    from planner.planning import make_plan
+    from planner.search import SearchSpace
+
+    rows = (
+        CompileAtBudget(budget=1.0, saved_ratio=0.8, time_ratio=0.6),
+        CompileAtBudget(budget=0.6, saved_ratio=0.45, time_ratio=0.605),
+        CompileAtBudget(budget=0.2, saved_ratio=0.2, time_ratio=0.7),
+    )
+    cluster = probed(saved=0.8, time=0.6)
+    cluster = dataclasses.replace(cluster, device=dataclasses.replace(cluster.device, compile_budgets=rows))
+    path = tmp_path / "cluster.yaml"
+    path.write_text(cluster_to_yaml(cluster))
+    argv = ["plan", "--model", "llama-20m", "--cluster", str(path), "--global-batch", "4", "--micro-batch", "4",
+            "--seq", "256", "--compile", "--time-limit", "5"]  # fmt: skip
+
+    def planned(budget: str, *extra: str) -> dict:
+        out = tmp_path / f"plan-{budget}{'-'.join(extra)}"
+        assert main([*argv, "--budget", budget, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        return json.loads((out / "plan.json").read_text())
+
+    roomy, tight = planned("600MiB"), planned("260MiB")
+    assert roomy["workload"]["compile_memory_budget"] == 1.0
+    assert tight["workload"]["compile_memory_budget"] == 0.6
+    assert any("partitioner budget 0.6" in n and "1, 0.6, 0.2" in n for n in tight["notes"])
+    # the choice is the fastest of the plans at each probed budget
+    steps = {
+        b: make_plan(MODEL, cluster, COMPILED.replace(compile_memory_budget=b), budget=260 << 20,
+                     space=SearchSpace(micro_batch=4), time_limit_s=5).chosen.step_s
+        for b in (1.0, 0.6, 0.2)
+    }  # fmt: skip
+    assert min(steps, key=steps.get) == 0.6 and tight["predicted"]["step_time_s"] == pytest.approx(steps[0.6])
+    given = planned("260MiB", "--compile-memory-budget", "0.2")
+    assert given["workload"]["compile_memory_budget"] == 0.2
+    assert not any("among the budgets" in n for n in given["notes"])

@@ -31,7 +31,7 @@ def test_round_trip(tmp_path):
     plan.save(path)
     again = Plan.load(path)
     assert again == plan
-    assert json.loads(path.read_text())["schema_version"] == "1.6"
+    assert json.loads(path.read_text())["schema_version"] == "1.7"
     assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left behind
 
 
