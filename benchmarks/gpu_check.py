@@ -17,8 +17,9 @@ leaves what it measured):
 4. ``optimizer_offload``: memtier's interleaved optimizer offload against DeepSpeed ZeRO-Offload (CPU Adam)
    on the same model: tokens/s and device peak (DeepSpeed only where it is importable and its CPU Adam
    op is built or can be built within the time left).
-5. ``ssd_offload``: the model state streamed from SSD, once that capability exists (recorded as absent
-   until then).
+5. ``ssd_offload``: the model state streamed from the NVMe tier per block (`offload.state`) against the
+   same model resident: a streamed plan for a device budget of a quarter of the resident peak; step time,
+   device peak and losses, against the plan's predictions.
 
 Measured: step times (median of the timed steps after warm-up), device peaks. Predicted: the plan's peak
 and step time. Everything is a ratio against a baseline measured in the same run. On a bare GPU machine the
@@ -79,6 +80,9 @@ class Config:
     steps: int  # timed steps after one warm-up
     copy_bytes: int
     disk: str | None
+    # ssd_offload: the streamed run's device budget, a share of the resident run's measured peak (the dry run's
+    # tiny model needs more: one streamed block's buffers are a larger share of its peak)
+    ssd_device_share: float
 
 
 def config(args: argparse.Namespace) -> Config:
@@ -88,10 +92,11 @@ def config(args: argparse.Namespace) -> Config:
         return Config(
             dry_run=True, budget_s=args.budget_s, out_dir=args.out, spec=MODEL_PRESETS["tiny-llama"],
             dtype=torch.float32, micro_batch=2, seq=64, steps=1, copy_bytes=4 << 20, disk=args.disk,
+            ssd_device_share=0.6,
         )  # fmt: skip
     return Config(
         dry_run=False, budget_s=args.budget_s, out_dir=args.out, spec=LLAMA_1B, dtype=torch.bfloat16,
-        micro_batch=4, seq=2048, steps=4, copy_bytes=1 << 30, disk=args.disk,
+        micro_batch=4, seq=2048, steps=4, copy_bytes=1 << 30, disk=args.disk, ssd_device_share=0.25,
     )  # fmt: skip
 
 
@@ -505,8 +510,63 @@ def optimizer_offload(cfg: Config, budget: Budget) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def nvme_cluster(cluster: Any, disk: str, probe_bytes: int) -> Any:
+    """`cluster` with its host tiers replaced by one NVMe tier at `disk` (its write and read bandwidth measured
+    here, 90% of the free space): the streamed state goes to the SSD, not to DRAM."""
+    import dataclasses
+    import shutil
+
+    from launch.measure.probe import measure_disk
+    from planner.cluster import TierSpec
+
+    write_bps, read_bps, _direct = measure_disk(disk, probe_bytes)
+    nvme = TierSpec(kind="nvme", capacity=int(0.9 * shutil.disk_usage(disk).free), read_bandwidth=read_bps,
+                    write_bandwidth=write_bps, path=disk)  # fmt: skip
+    return dataclasses.replace(cluster, host=(nvme,))
+
+
 def ssd_offload(cfg: Config, budget: Budget) -> dict[str, Any]:
-    return {"status": "absent: model state on SSD (issue 18) has not landed in the runtime"}
+    """The model state (parameters, gradients, optimizer state) streamed from the NVMe tier per block
+    (`offload.state`) on this device, against the same model resident: a streamed plan
+    (`planner.planning.streamed_plan`, every group streamed) for a device budget of `Config.ssd_device_share` of
+    the resident run's measured peak. Measured: step time, device peak, losses step by step; predicted: the plan's
+    peak and step."""
+    import dataclasses
+
+    import offload
+    from planner.errors import InfeasibleError
+    from planner.planning import streamed_plan
+
+    if cfg.disk is None:
+        return {"status": "skipped: no --disk for the NVMe tier"}
+    ids = torch.randint(0, cfg.spec.vocab_size, (cfg.micro_batch, cfg.seq), device=device())
+    torch.manual_seed(0)
+    base = _run(cfg, ids, lambda m, o: None)
+    target = int(cfg.ssd_device_share * base.peak_bytes)
+    cluster = nvme_cluster(this_cluster(), cfg.disk, cfg.copy_bytes)
+    rows: dict[str, Any] = {
+        "pytorch": {"step_s": base.step_s, "peak_bytes": base.peak_bytes, "losses": base.losses}
+    }
+    try:
+        plan = streamed_plan(cfg.spec, cluster, workload(cfg), budget=target, micro_batch=cfg.micro_batch,
+                             stream_all=True)  # fmt: skip
+    except InfeasibleError as exc:
+        rows["memtier_ssd"] = {"status": f"no plan: {exc}", "budget_bytes": target}
+        return {"model": cfg.spec.name, "rows": rows}
+    torch.manual_seed(0)
+    # every streamed step moves the whole state through the SSD (seconds for 1B parameters): 2 timed steps
+    r = _run(dataclasses.replace(cfg, steps=min(cfg.steps, 2)), ids, lambda m, o: offload.apply(m, o, plan))
+    rows["memtier_ssd"] = {
+        "budget_bytes": target, "step_s": r.step_s, "peak_bytes": r.peak_bytes, "fits": r.peak_bytes <= target,
+        "predicted_peak_bytes": plan.predicted.peak_bytes, "predicted_step_s": plan.predicted.step_time_s,
+        "peak_error": r.peak_bytes / max(1, plan.predicted.peak_bytes) - 1,
+        "step_error": r.step_s / max(1e-9, plan.predicted.step_time_s) - 1,
+        "speed_vs_pytorch": base.step_s / r.step_s, "peak_vs_pytorch": r.peak_bytes / max(1, base.peak_bytes),
+        "losses": r.losses,
+        "max_loss_diff": max((abs(a - b) for a, b in zip(r.losses, base.losses)), default=None),
+        "bytes_by_tier": {t: n for t, n in plan.predicted.bytes_by_tier.items() if n},
+    }  # fmt: skip
+    return {"model": cfg.spec.name, "device_share": cfg.ssd_device_share, "rows": rows}
 
 
 SECTION_FNS: dict[str, Callable[[Config, Budget], dict[str, Any]]] = {
@@ -521,7 +581,7 @@ MIN_SECONDS = {
     "bandwidth": 20,
     "activations": 90,
     "optimizer_offload": 60,
-    "ssd_offload": 0,
+    "ssd_offload": 60,
 }
 
 
