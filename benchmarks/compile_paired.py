@@ -16,7 +16,7 @@ Reported per budget: each configuration's median and fastest step and its activa
 against the budget), the per-round ratio memtier / partitioner (median of the round's steps) with its
 median and min–max, and in how many rounds memtier was the faster.
 
-    .venv/bin/python benchmarks/compile_paired.py            # the 50% and 75% plans of activations.json
+    .venv/bin/python benchmarks/compile_paired.py     # activations.json's 25/50/75% plans, 12 rounds of 5 steps
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def run(source: str, budgets: list[float], rounds: int, steps: int) -> dict[str,
         _pair(tr, cfg, spec, c["compile_backend"], mine, theirs, rounds=rounds, steps=steps)
         for mine, theirs in rows
     ]
-    return {"source": source, "config": {**c, "rounds": rounds, "steps_per_round": steps}, "pairs": pairs}
+    config = {**c, "paired_budgets": budgets, "rounds": rounds, "steps_per_round": steps}
+    return {"source": source, "config": config, "pairs": pairs}
 
 
 def _pair(
@@ -188,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--from", dest="source", default=os.path.join(RESULTS, "activations.json"),
                     help="an activations bench result with memtier_compile and compile_budget rows")  # fmt: skip
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.75])
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per configuration per round")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration per round")
     ap.add_argument("--out", default=os.path.join(RESULTS, "compile_paired"))
     args = ap.parse_args(argv)
     result = run(args.source, args.budgets, args.rounds, args.steps)

@@ -52,9 +52,13 @@ def _configs(
             else ActivationPolicy(layer=i)
             for i in range(n)
         )
-        stores = (TierPlan(kind=tier, capacity_bytes=1 << 30, path=cfg.swap_dir if tier == "nvme" else None),)
+        stores = (
+            (TierPlan(kind=tier, capacity_bytes=1 << 30, path=cfg.swap_dir if tier == "nvme" else None),)
+            if tier
+            else ()
+        )
         return compiled_plan(
-            bench_plan(spec, cfg, acts, stores if tier else ()),
+            bench_plan(spec, cfg, acts, stores),
             CompileOptions(backend=cfg.compile_backend, activation_memory_budget=1.0),
         )
 
@@ -153,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, default=2, help="blocks whose saved sets are swapped whole")
     ap.add_argument("--tiers", nargs="+", default=["nvme", "dram"], choices=["nvme", "dram"])
     ap.add_argument(
-        "--partitioner", type=float, default=0.4145, help="the partitioner's activation_memory_budget"
+        "--partitioner",
+        type=float,
+        default=0.4145,
+        help="the partitioner's activation_memory_budget (default: the one benchmarks/activations.py gave it at "
+        "the 50%% budget, its compile_budget_fraction)",
     )
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(RESULTS, "compile_swap_cost"))
     args = ap.parse_args(argv)

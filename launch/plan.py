@@ -148,12 +148,21 @@ def _fastest_mode(
     mode (the higher budget). When no mode fits, the error names what each mode's leanest layout needs."""
     best: PlanResult | None = None
     misses: list[tuple[str, InfeasibleError]] = []
+    settled: set[tuple[Workload, SearchSpace]] = set()
     for w, space in modes:
+        # a plan at a higher partitioner budget that adds nothing (no swap, recompute or offload) is the
+        # fastest of its mode: a lower budget's blocks take at least as long (the probe's time ratios are
+        # monotone), so the lower budgets are not planned
+        key = (w.replace(compile_memory_budget=None), space)
+        if key in settled:
+            continue
         try:
             r = plan_for(w, space)
         except InfeasibleError as e:
             misses.append((w.mode() + (f", micro-batch {space.micro_batch}" if space.micro_batch else ""), e))
             continue
+        if w.compile_memory_budget is not None and r.chosen.added_time_s == 0:
+            settled.add(key)
         if best is None or r.chosen.time.step_s < best.chosen.time.step_s:
             best = r
     if best is not None:

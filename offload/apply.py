@@ -93,7 +93,6 @@ class OffloadHandle:
         self.removed = True
         errors: list[BaseException] = []
         for undo in (
-            *([self.compiler.note_graphs] if self.compiler is not None else []),
             *(h.remove for h in reversed(self._block_hooks)),
             *([self._model_hook.remove] if self._model_hook is not None else []),
             *([self._loss_handle.remove] if self._loss_handle is not None else []),
@@ -220,6 +219,8 @@ def _compile_options(plan: Plan, compile_blocks: bool | str | CompileOptions | N
     if compile_blocks is None:
         return planned
     asked = CompileOptions.of(compile_blocks) if compile_blocks is not False else None
+    if planned is not None and asked is not None and asked.same_as(planned):
+        return planned  # e.g. compile_blocks=True on a plan at partitioner budget 1.0, torch's own
     if planned is not None and asked != planned:
         raise PolicyError(
             f"the plan runs the blocks compiled ({planned.backend}, partitioner budget "

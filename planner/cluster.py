@@ -99,7 +99,7 @@ class DeviceSpec:
     # the same, probed at several partitioner budgets: the planner picks one where the plan leaves it open
     compile_budgets: tuple[CompileAtBudget, ...] = ()
 
-    def _at_budget(self, budget: float | None) -> CompileAtBudget | None:
+    def _probed_row(self, budget: float | None) -> CompileAtBudget | None:
         return next(
             (r for r in self.compile_budgets if budget is not None and abs(r.budget - budget) < 1e-6), None
         )
@@ -109,7 +109,7 @@ class DeviceSpec:
         at that budget, else at torch's own; (1, 1) when eager or not probed for that backend."""
         if not backend or backend != self.compile_backend:
             return 1.0, 1.0
-        row = self._at_budget(budget)
+        row = self._probed_row(budget)
         return (
             (row.saved_ratio, row.time_ratio) if row else (self.compile_saved_ratio, self.compile_time_ratio)
         )
@@ -138,7 +138,7 @@ class DeviceSpec:
                 f"`memtier probe --compile {backend}`), an upper bound on the saved bytes"
             )
         saved, time = self.compile_factors(backend, budget)
-        probed = "" if budget is None or self._at_budget(budget) else " (probed at torch's own budget)"
+        probed = "" if budget is None or self._probed_row(budget) else " (probed at torch's own budget)"
         return f"blocks compiled with {backend}{at}: saved bytes x{saved:.2f}, block time x{time:.2f} of eager, as probed{probed}"
 
     def flops(self, dtype: str) -> float:

@@ -118,13 +118,13 @@ def estimate_step_time(
     counts = stage_layer_counts(model, pp, layout.stage_layers)
     tokens = mb * seq
     sp = layout.sequence_parallel
-    layer_s, attn_s, flash_bwd_s = block_forward_time(model, dev, workload, tokens, tp=tp, cp=cp, sp=sp)
+    layer_s, attn_s, bwd_extra_s = block_forward_time(model, dev, workload, tokens, tp=tp, cp=cp, sp=sp)
     # the head is whole on every tp rank unless vocab-parallel (memtier's trainer keeps it whole)
     head_f = head_forward_flops(model, tokens) / (layout.vocab_shards * cp)
     recompute_layers = _recomputed_layers(model, options)
     # per block beyond 3x its forward: selective recompute runs the attention core again (Korthikanti et al.
     # 2022, Sec. 4.3); a fused attention backward recomputes its scores (planner.kernels.BlockTime)
-    beyond_s = (attn_s if options.recompute == "selective" and not options.policies else 0.0) + flash_bwd_s
+    beyond_s = (attn_s if options.recompute == "selective" and not options.policies else 0.0) + bwd_extra_s
     # LoRA: the weight-gradient GEMMs the frozen blocks and head skip
     frozen_layer_f = frozen_weight_grad_flops(model, workload, tokens) / (tp * cp)
     frozen_head_f = head_f if workload.lora else 0.0

@@ -10,7 +10,8 @@ over eager (`DeviceSpec.compile_saved_ratio`, `compile_time_ratio`):
 
 The block is `probe.llama_block` (transformers' eager Llama layer, written out), at torch's own partitioner
 budget and at each of `PARTITIONER_BUDGETS` (AOTAutograd's `activation_memory_budget`): the planner picks one
-of those for a compiled plan that leaves the budget open (`planner.partitioner`). Measured rather than assumed: how much a backend saves depends on the torch version, the device and
+of those for a compiled plan that leaves the budget open (`planner.workload.partitioner_modes`, in
+`memtier plan`). Measured rather than assumed: how much a backend saves depends on the torch version, the device and
 the block (Issue #25: "measure it, the probe or a traced compiled block, rather than guess").
 """
 
@@ -20,11 +21,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from planner.cluster import CompileAtBudget
+
 # the reference block (hidden size, batch, sequence): one where the GEMMs do not hide the element-wise work;
 # a smaller one for `memtier probe --quick`
 BLOCK, QUICK_BLOCK = (512, 1, 512), (256, 1, 256)
 # the partitioner budgets probed: the min-cut's saved set falls in steps as the budget does (on this block,
-# inductor: x0.78 of eager at 1.0, x0.56 at 0.8, x0.46 at 0.6, x0.33 at 0.4, x0.19 at 0.2)
+# inductor on the 2-core dev machine, 2026-12-07: x0.78 of eager at 1.0, x0.55 at 0.8, x0.46 at 0.6, x0.33 at
+# 0.4, x0.19 at 0.2)
 PARTITIONER_BUDGETS = (1.0, 0.8, 0.6, 0.4, 0.2)
 
 
@@ -38,9 +42,9 @@ class CompileFactors:
     eager_s: float
     compiled_s: float
     compile_s: float  # the first compiled call (dynamo, AOTAutograd, the backend)
-    # (partitioner budget, saved ratio, time ratio) at each of PARTITIONER_BUDGETS; the time ratios made
-    # monotone: a lower budget recomputes more, never less (a faster reading there is the timing's noise)
-    at_budgets: tuple[tuple[float, float, float], ...] = ()
+    # the same at each of PARTITIONER_BUDGETS, the time ratios made monotone: a lower budget recomputes more,
+    # never less, so a faster reading there is taken as the timing's noise
+    at_budgets: tuple[CompileAtBudget, ...] = ()
 
 
 def saved_bytes(forward: Any, x: Any, weights: tuple[Any, ...]) -> int:
@@ -60,6 +64,7 @@ def saved_bytes(forward: Any, x: Any, weights: tuple[Any, ...]) -> int:
 def measure_compile(backend: str, *, quick: bool = False, log: Any = None) -> CompileFactors:
     """Compile `probe.llama_block` with `backend` and compare it with the eager block (see the module doc)."""
     import torch
+    import torch._functorch.config as functorch_config
 
     from launch.measure.probe import _best_time, llama_block
 
@@ -77,9 +82,12 @@ def measure_compile(backend: str, *, quick: bool = False, log: Any = None) -> Co
     torch._dynamo.reset()
     at_budgets, slowest = [], 0.0
     for budget in PARTITIONER_BUDGETS:
-        saved, seconds = _at_budget(forward, x, weights, backend, budget, reps)
+        if budget == functorch_config.activation_memory_budget:  # torch's own: measured above
+            saved, seconds = compiled_saved, compiled_s
+        else:
+            saved, seconds = _measured_at(forward, x, weights, backend, budget, reps)
         slowest = max(slowest, seconds / eager_s)
-        at_budgets.append((budget, round(saved / eager_saved, 4), round(slowest, 4)))
+        at_budgets.append(_row(budget, saved / eager_saved, slowest))
     factors = CompileFactors(
         backend=backend,
         saved_ratio=compiled_saved / eager_saved,
@@ -100,12 +108,22 @@ def measure_compile(backend: str, *, quick: bool = False, log: Any = None) -> Co
         )
         log(
             "  at partitioner budgets: "
-            + ", ".join(f"{b:g}: saves x{sr:.2f}, time x{tr:.2f}" for b, sr, tr in factors.at_budgets)
+            + ", ".join(
+                f"{r.budget:g}: saves x{r.saved_ratio:.2f}, time x{r.time_ratio:.2f}"
+                for r in factors.at_budgets
+            )
         )
     return factors
 
 
-def _at_budget(
+def _row(budget: float, saved_ratio: float, time_ratio: float) -> CompileAtBudget:
+    """A probed row, its ratios rounded and held within what a cluster file accepts (`CompileAtBudget`)."""
+    return CompileAtBudget(
+        budget=budget, saved_ratio=round(min(saved_ratio, 4.0), 4), time_ratio=round(min(time_ratio, 4.0), 4)
+    )
+
+
+def _measured_at(
     forward: Any, x: Any, weights: Any, backend: str, budget: float, reps: int
 ) -> tuple[int, float]:
     """(saved bytes, fastest forward + backward seconds) of the block compiled at partitioner `budget`."""
@@ -116,10 +134,11 @@ def _at_budget(
 
     torch._dynamo.reset()  # dynamo's cache does not key on the partitioner's budget
     try:
-        # Ordering: the partitioner reads the budget when the graph is compiled (the first call)
+        # Ordering: the partitioner reads the budget when a graph is compiled (the first call, or a
+        # recompile), so every call runs with it patched
         with functorch_config.patch(activation_memory_budget=budget):
             compiled = torch.compile(forward, backend=backend, fullgraph=True)
             compiled(x).sum().backward()
-        return saved_bytes(compiled, x, weights), _best_time(lambda: compiled(x).sum().backward(), reps)
+            return saved_bytes(compiled, x, weights), _best_time(lambda: compiled(x).sum().backward(), reps)
     finally:
         torch._dynamo.reset()

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from planner.cluster import ClusterSpec, CompileAtBudget, CpuSpec, DeviceSpec, Link, Links, TierSpec
+from planner.cluster import ClusterSpec, CpuSpec, DeviceSpec, Link, Links, TierSpec
 from planner.errors import SpecError
 
 CACHE_PATH = os.path.join(os.path.expanduser("~"), ".cache", "memtier", "local.yaml")
@@ -427,10 +427,7 @@ def to_cluster(res: ProbeResult) -> ClusterSpec:
             compile_backend=res.compile.backend,
             compile_saved_ratio=round(res.compile.saved_ratio, 4),
             compile_time_ratio=round(res.compile.time_ratio, 4),
-            compile_budgets=tuple(
-                CompileAtBudget(budget=b, saved_ratio=sr, time_ratio=tr)
-                for b, sr, tr in res.compile.at_budgets
-            ),
+            compile_budgets=res.compile.at_budgets,
         )
     return ClusterSpec(
         name="local",

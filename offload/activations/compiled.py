@@ -98,6 +98,12 @@ class CompileOptions:
             return value
         return cls() if value is True else cls(backend=str(value))
 
+    def same_as(self, other: CompileOptions) -> bool:
+        """The same backend and the same partitioner budget in effect (None: torch's own setting)."""
+        return self.backend == other.backend and _effective(self.activation_memory_budget) == _effective(
+            other.activation_memory_budget
+        )
+
     def config(self) -> Any:
         """The context the blocks are compiled (and run) in: the partitioner's budget patched, if set."""
         import torch._functorch.config as functorch_config
@@ -196,17 +202,9 @@ class BlockCompiler:
         self._lock = threading.Lock()
         self.eager_calls = 0  # block calls run eagerly under an active dispatch mode (see `compile`)
         self.resets: list[str] = []  # why dynamo was reset for this plan's budget (`_claim_graphs`)
-        self._compiled_fns: list[Callable[..., Any]] = []  # what `compile` compiled, for `note_graphs`
 
     def report(self) -> tuple[CompiledBlock, ...]:
         return tuple(self._blocks[k] for k in sorted(self._blocks))
-
-    def note_graphs(self) -> None:
-        """Record every graph dynamo holds for the compiled blocks as compiled at this budget (when the plan is
-        removed: recompiles during its life ran under its budget too), so a later plan at the same budget
-        reuses them rather than resetting dynamo."""
-        for fn in self._compiled_fns:
-            _note_compiled(fn, self.options.activation_memory_budget)
 
     def eager(self, policy: BlockPolicy, reason: str) -> None:
         """Record (and warn) that `policy.layer` runs eagerly for `reason`."""
@@ -217,13 +215,11 @@ class BlockCompiler:
 
         `fn` is the block's forward (keep, swap) or the checkpointed forward (recompute).
         """
-        reset = _claim_graphs(fn, self.options.activation_memory_budget)
-        if reset is not None:
-            self.resets.append(reset)
+        budget = self.options.activation_memory_budget
+        self._claim(fn)
         compiled = torch.compile(fn, backend=self.options.backend, fullgraph=True)
-        self._compiled_fns.append(fn)
         self._record(policy, compiled=True)
-        state = {"fn": compiled, "noted": False}
+        state = {"fn": compiled}
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -245,7 +241,10 @@ class BlockCompiler:
                 # ContextVar around attention) are not replayed by the compiled backward's recompute, as eager
                 # checkpoint would; the graph it recomputes is the forward's, so the gradients are the same.
                 # Ordering: the partitioner reads its budget when the graph is compiled, i.e. inside this call
-                # (the first one, or a recompile).
+                # (the first one, or a recompile). Before it, what dynamo holds for this code is checked (a
+                # graph of another budget, compiled since the last call by anyone, resets dynamo); after it,
+                # the graphs it compiled are recorded at this budget (a few microseconds each way).
+                self._claim(fn)
                 with (
                     self.options.config(),
                     torch._dynamo.config.patch(
@@ -254,9 +253,7 @@ class BlockCompiler:
                     ),
                 ):
                     out = current(*args, **kwargs)
-                if not state["noted"]:  # the graph this call compiled (or reused) is at this budget
-                    state["noted"] = True
-                    _note_compiled(fn, self.options.activation_memory_budget)
+                _note_compiled(fn, budget)
                 return out
             except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
                 state["fn"] = fn
@@ -266,6 +263,12 @@ class BlockCompiler:
                 return fn(*args, **kwargs)
 
         return call
+
+    def _claim(self, fn: Callable[..., Any]) -> None:
+        reset = _claim_graphs(fn, self.options.activation_memory_budget)
+        if reset is not None:
+            with self._lock:
+                self.resets.append(reset)
 
     def _record(self, policy: BlockPolicy, *, compiled: bool, reason: str | None = None) -> None:
         if not compiled:

@@ -271,8 +271,10 @@ def test_a_compile_argument_that_contradicts_a_compiled_plan_is_refused():
         with pytest.raises(PolicyError, match="the plan runs the blocks compiled") as err:
             offload.apply(llama(), None, compiled_plan(), compile_blocks=contrary)
         assert err.value.field == "compile_blocks"
-    # the same options as the plan's are no contradiction
+    # the same options as the plan's are no contradiction, nor torch's own budget (1.0) spelled out by the plan
+    # (as `memtier plan --compile` writes the budget it chose)
     offload.apply(llama(), None, compiled_plan(), compile_blocks=BACKEND).remove()
+    offload.apply(llama(), None, compiled_plan(budget=1.0), compile_blocks=BACKEND).remove()
 
 
 def test_an_unknown_backend_is_refused_naming_it():
@@ -339,3 +341,40 @@ def test_a_second_plan_at_another_partitioner_budget_gets_its_own_graphs(tmp_pat
         ) as h:
             model(input_ids=ids, labels=ids).loss.backward()
     assert h.compiler.resets == [] and h.stats.bytes_swapped == swapped[0]
+
+
+def test_two_live_plans_at_two_budgets_each_run_their_own_graphs(tmp_path):
+    """Two models of one class, each with a live compiled plan at its own partitioner budget, stepped in turn:
+    the blocks share one code object, so each call finds the other plan's graphs cached. Every call checks what
+    dynamo holds before it runs, so each plan swaps its own budget's saved set every step (with a reset and a
+    warning at each switch), never the other's."""
+    torch.manual_seed(0)
+    models = [llama(), llama()]
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+
+    def options(budget: float) -> CompileOptions:
+        return CompileOptions(backend="aot_eager_decomp_partition", activation_memory_budget=budget)
+
+    for b in (0.1, 1.0):
+        (tmp_path / str(b)).mkdir()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        handles = [
+            offload.apply(
+                m, None, make_plan([swap(0, 1.0)], [nvme(tmp_path / str(b))]), compile_blocks=options(b)
+            )
+            for m, b in zip(models, (0.1, 1.0))
+        ]
+        per_step: list[list[int]] = [[], []]
+        try:
+            for _ in range(2):
+                for i, (m, h) in enumerate(zip(models, handles)):
+                    before = h.stats.bytes_swapped
+                    m(input_ids=ids, labels=ids).loss.backward()
+                    per_step[i].append(h.stats.bytes_swapped - before)
+        finally:
+            for h in handles:
+                h.remove()
+    tight, loose = per_step
+    assert tight[0] == tight[1] < loose[0] == loose[1]
+    assert all(h.compiler.resets for h in handles)  # each found the other's graphs at least once

@@ -152,11 +152,13 @@ def test_memtier_plan_picks_the_partitioner_budget_among_the_probed_ones(capsys,
     assert tight["workload"]["compile_memory_budget"] == 0.6
     assert any("partitioner budget 0.6" in n and "1, 0.6, 0.2" in n for n in tight["notes"])
     # the choice is the fastest of the plans at each probed budget
-    steps = {
+    chosen = {
         b: make_plan(MODEL, cluster, COMPILED.replace(compile_memory_budget=b), budget=260 << 20,
-                     space=SearchSpace(micro_batch=4), time_limit_s=5).chosen.step_s
+                     space=SearchSpace(micro_batch=4), time_limit_s=5).chosen
         for b in (1.0, 0.6, 0.2)
     }  # fmt: skip
+    assert chosen[1.0].added_time_s > 0  # the premise: at 1.0 the plan must swap (or offload) to fit
+    steps = {b: c.step_s for b, c in chosen.items()}
     assert min(steps, key=steps.get) == 0.6 and tight["predicted"]["step_time_s"] == pytest.approx(steps[0.6])
     given = planned("260MiB", "--compile-memory-budget", "0.2")
     assert given["workload"]["compile_memory_budget"] == 0.2
