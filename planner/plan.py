@@ -344,7 +344,18 @@ class Plan:
                 field="schema_version",
                 source=source,
             )
-        return build(cls, upgrade(data), source=source)
+        try:
+            return build(cls, upgrade(data), source=source)
+        except SpecError as e:
+            if _minor(version) > _minor(SCHEMA_VERSION) and e.message.startswith("unknown key"):
+                # a newer memtier's plan: its new fields are what this one does not know
+                raise SpecError(
+                    f"{e.message}. The plan is schema {version}, newer than this memtier's {SCHEMA_VERSION}: "
+                    "upgrade memtier, or re-run `memtier plan` with this one",
+                    field=e.field,
+                    source=source,
+                ) from None
+            raise
 
     def save(self, path: str | os.PathLike[str]) -> None:
         atomic_write_text(path, self.to_json())
@@ -355,6 +366,11 @@ class Plan:
 
         p = os.fspath(path)
         return cls.from_dict(load_mapping(p), source=p)
+
+
+def _minor(version: str) -> int:
+    parts = version.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
 def upgrade(data: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,16 @@ import json
 import pytest
 
 from planner.errors import SpecError
-from planner.plan import ActivationPolicy, Layout, LossPlan, Plan, Predicted, SolverReport, TierPlan
+from planner.plan import (
+    SCHEMA_VERSION,
+    ActivationPolicy,
+    Layout,
+    LossPlan,
+    Plan,
+    Predicted,
+    SolverReport,
+    TierPlan,
+)
 from planner.presets import MODEL_PRESETS, resolve_cluster
 from planner.workload import OptimizerSpec, Workload
 
@@ -53,6 +62,21 @@ def test_minor_version_accepted():
     data = _plan().to_dict()
     data["schema_version"] = "1.99"  # a newer minor of the same major
     assert Plan.from_dict(data).layout.tp == 8
+
+
+def test_a_newer_plans_unknown_field_says_the_plan_is_newer():
+    """A plan from a newer memtier (schema 1.99) with a field this one does not know: the error names the field
+    and says the file is newer, not merely that the key is unknown."""
+    data = _plan().to_dict()
+    data["schema_version"] = "1.99"
+    data["workload"]["some_future_field"] = 1
+    with pytest.raises(SpecError, match=r"newer than this memtier's") as err:
+        Plan.from_dict(data)
+    assert err.value.field == "workload.some_future_field" and "unknown key" in err.value.message
+    data["schema_version"] = SCHEMA_VERSION  # the same schema: just an unknown key
+    with pytest.raises(SpecError) as err:
+        Plan.from_dict(data)
+    assert "newer" not in err.value.message
 
 
 def test_fractions_must_sum_to_one():
