@@ -146,6 +146,51 @@ def prepared(cfg: Config) -> tuple[ModelSpec, Trainer, Any]:
     return spec, tr, install_chunked_loss(tr.model, chunk_size=cfg.loss_chunk)
 
 
+@dataclasses.dataclass(frozen=True)
+class Round:
+    """One configuration's turn in `alternating_rounds`: its timed steps, their forward and backward seconds,
+    and the bytes its swap engine wrote during them (0 without one)."""
+
+    times_s: list[float]
+    fwd_s: list[float]
+    bwd_s: list[float]
+    bytes_swapped: int
+
+
+def _bytes_swapped(handle: Any) -> int:
+    return int(getattr(getattr(handle, "stats", None), "bytes_swapped", 0))
+
+
+def alternating_rounds(
+    tr: Trainer, installs: dict[str, Any], *, rounds: int, steps: int, warmup: int, label: str = ""
+) -> tuple[dict[str, list[Round]], dict[str, int]]:
+    """Configurations taking turns on one trainer, so load drifting on a shared machine hits them alike.
+
+    Each round installs each configuration (`installs[name]()`: a context manager; dynamo is reset first, so
+    each compiles its own graphs), runs `warmup` untimed steps (the compile), measures its activation peak in
+    the first round, then `steps` timed steps; the order flips every round. Returns ({name: a Round per
+    round}, {name: activation peak bytes})."""
+    names = list(installs)
+    out: dict[str, list[Round]] = {n: [] for n in names}
+    peaks: dict[str, int] = {}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            torch._dynamo.reset()
+            with installs[name]() as handle:
+                for _ in range(warmup):
+                    tr.step()
+                if name not in peaks:
+                    peaks[name] = tr.activation_peak()
+                before = _bytes_swapped(handle)
+                tr.fwd_s.clear()
+                tr.bwd_s.clear()
+                times = [tr.step() for _ in range(steps)]
+                out[name].append(Round(times, tr.fwd_s[:], tr.bwd_s[:], _bytes_swapped(handle) - before))
+            progress(f"{label}round {r + 1}/{rounds} {name}: {statistics.median(times):.3f} s/step")
+    torch._dynamo.reset()
+    return out, peaks
+
+
 # ---------------------------------------------------------------------------------------------- baseline
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Baseline:

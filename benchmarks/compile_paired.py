@@ -30,10 +30,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-import torch  # noqa: E402
 
 from benchmarks.activations import RESULTS, parse_args  # noqa: E402
-from benchmarks.activations_trainer import bench_plan, prepared, progress  # noqa: E402
+from benchmarks.activations_trainer import alternating_rounds, bench_plan, prepared, progress  # noqa: E402
 from launch.measure.record import savefig, write_json  # noqa: E402
 
 CONFIGS = ("memtier", "partitioner")
@@ -114,25 +113,14 @@ def _pair(
     )
     share = float(theirs["compile_budget_fraction"])
 
-    def installed(name: str) -> Any:
-        torch._dynamo.reset()  # each configuration compiles its own graphs
-        if name == "memtier":
-            return offload.apply(tr.model, None, plan)
-        return compiled_blocks(list(tr.blocks), backend=backend, budget=share)
-
-    times: dict[str, list[list[float]]] = {n: [] for n in CONFIGS}
-    peaks: dict[str, int] = {}
-    for r in range(rounds):
-        for name in CONFIGS if r % 2 == 0 else CONFIGS[::-1]:
-            with installed(name):
-                tr.step()  # warm-up (compiles)
-                if name not in peaks:
-                    peaks[name] = tr.activation_peak()
-                times[name].append([tr.step() for _ in range(steps)])
-            progress(
-                f"{frac:.0%} round {r + 1}/{rounds} {name}: {statistics.median(times[name][-1]):.3f} s/step"
-            )
-    torch._dynamo.reset()
+    installs = {
+        "memtier": lambda: offload.apply(tr.model, None, plan),
+        "partitioner": lambda: compiled_blocks(list(tr.blocks), backend=backend, budget=share),
+    }
+    rounds_of, peaks = alternating_rounds(
+        tr, installs, rounds=rounds, steps=steps, warmup=1, label=f"{frac:.0%} "
+    )
+    times = {n: [r.times_s for r in rs] for n, rs in rounds_of.items()}
     ratios = [
         statistics.median(m) / statistics.median(p)
         for m, p in zip(times["memtier"], times["partitioner"], strict=True)

@@ -25,10 +25,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-import torch  # noqa: E402
 
 from benchmarks.activations import RESULTS, parse_args  # noqa: E402
-from benchmarks.activations_trainer import bench_plan, prepared, progress  # noqa: E402
+from benchmarks.activations_trainer import alternating_rounds, bench_plan, prepared, progress  # noqa: E402
 from launch.measure.record import savefig, write_json  # noqa: E402
 
 
@@ -77,27 +76,14 @@ def run(*, blocks: int, tiers: list[str], partitioner: float, rounds: int, steps
     spec, tr, _loss = prepared(cfg)
     configs = _configs(tr, spec, cfg, blocks=blocks, tiers=tiers, partitioner=partitioner)
     names = list(configs)
-    per: dict[str, dict[str, list[float]]] = {c: {"step": [], "fwd": [], "bwd": []} for c in names}
-    swapped: dict[str, int] = {}
-    peaks: dict[str, int] = {}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            torch._dynamo.reset()  # each configuration compiles its own graphs
-            with configs[name]() as handle:
-                tr.step()
-                tr.step()
-                if name not in peaks:
-                    peaks[name] = tr.activation_peak()
-                before = getattr(getattr(handle, "stats", None), "bytes_swapped", 0)
-                tr.fwd_s.clear()
-                tr.bwd_s.clear()
-                times = [tr.step() for _ in range(steps)]
-                after = getattr(getattr(handle, "stats", None), "bytes_swapped", 0)
-            swapped[name] = (after - before) // steps
-            for key, v in (("step", times), ("fwd", tr.fwd_s), ("bwd", tr.bwd_s)):
-                per[name][key].append(statistics.median(v))
-            progress(f"round {r + 1}/{rounds} {name}: {per[name]['step'][-1]:.3f} s/step")
-    torch._dynamo.reset()
+    rounds_of, peaks = alternating_rounds(tr, configs, rounds=rounds, steps=steps, warmup=2)
+    per = {
+        c: {k: [statistics.median(getattr(r, attr)) for r in rs] for k, attr in
+            (("step", "times_s"), ("fwd", "fwd_s"), ("bwd", "bwd_s"))}
+        for c, rs in rounds_of.items()
+    }  # fmt: skip
+    # per step, from the last round
+    swapped = {c: rs[-1].bytes_swapped // steps for c, rs in rounds_of.items()}
     median = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in per.items()}
     keep = median["keep"]["step"]
     return {
